@@ -1,0 +1,296 @@
+"""Datasets, loaders and mixup exactly as timm's train.py builds them, plus the checks timm leaves out.
+
+Everything is timm's own (``create_dataset``, ``create_loader``, ``create_naflex_loader``, ``Mixup``,
+``FastCollateMixup``, ``AugMixDataset``). What we add is up-front validation (a missing or empty data
+folder, train and val resolving to the same folder, an odd batch with mixup) and a dataset wrapper that
+stops on an unreadable image naming the file, where timm would skip it with a warning.
+"""
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.utils.data
+from timm import utils
+from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader
+from timm.data.dataset import ImageDataset
+
+from .errors import UsageError
+
+_logger = logging.getLogger('train')
+
+# timm's split-folder synonyms (timm.data.dataset_factory): the folder reader tries the exact split name
+# first, then these, then silently falls back to the root itself
+_SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+
+
+def split_folder(root: str, split: str) -> str:
+    """The folder timm's folder reader will read for ``split`` under ``root``."""
+    name = split.split('[')[0]
+    if os.path.exists(os.path.join(root, name)):
+        return os.path.join(root, name)
+    for synonyms in _SPLIT_SYNONYMS:
+        if name in synonyms:
+            for s in synonyms:
+                if os.path.exists(os.path.join(root, s)):
+                    return os.path.join(root, s)
+    return root
+
+
+def check_image_folders(data_dir: Optional[str], splits: dict) -> None:
+    """Fail early and clearly on what timm reports late (or not at all) for folder datasets.
+
+    ``splits`` maps a role ('train', 'validation') to a split name; an empty name is skipped.
+    """
+    if not data_dir:
+        raise UsageError('no dataset given: pass --data-dir DIR (a folder with train/ and val/ sub-folders)')
+    if not os.path.exists(data_dir):
+        raise UsageError(f'data dir {data_dir} does not exist')
+    if os.path.isfile(data_dir) and data_dir.endswith('.tar'):
+        return
+    if not os.path.isdir(data_dir):
+        raise UsageError(f'data dir {data_dir} is not a folder')
+    folders = {}
+    for role, split in splits.items():
+        if not split:
+            continue
+        folder = split_folder(data_dir, split)
+        if not any(files for _, _, files in os.walk(folder, followlinks=True)):
+            raise UsageError(f'{role} split {split!r} resolves to {folder}, which holds no files')
+        folders[role] = os.path.realpath(folder)
+    if len(folders) == 2 and len(set(folders.values())) == 1:
+        _logger.warning(
+            f'Train and validation splits both resolve to {next(iter(folders.values()))}: '
+            f'validation accuracy will be measured on training images.')
+
+
+class NamedFailures(torch.utils.data.Dataset):
+    """Wraps a timm ImageDataset so an unreadable image stops the run with the file's name.
+
+    timm skips a sample it cannot decode, with a warning giving only its index; a corrupt file then goes
+    unnoticed. ``create_loader`` sets ``transform`` on the dataset, so that attribute is forwarded.
+    """
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
+        dataset._max_retries = 1
+        logging.getLogger('timm.data.dataset').setLevel(logging.ERROR)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except RuntimeError:
+            raise UsageError(f'unreadable image file {self.dataset.filename(index, absolute=True)}') from None
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value):
+        self.dataset.transform = value
+
+    def __getattr__(self, name):
+        # everything else (reader, filename, set_epoch, ...) is the wrapped dataset's
+        if name == 'dataset':
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def build_dataset(args, split: str, is_training: bool, input_img_mode: str, num_samples=None):
+    """``timm.data.create_dataset`` with train.py's arguments; folder datasets fail clearly."""
+    try:
+        dataset = create_dataset(
+            args.dataset,
+            root=args.data_dir,
+            split=split,
+            is_training=is_training,
+            class_map=args.class_map,
+            download=args.dataset_download,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            repeats=args.epoch_repeats if is_training else 0,
+            input_img_mode=input_img_mode,
+            input_key=args.input_key,
+            target_key=args.target_key,
+            num_samples=num_samples,
+            trust_remote_code=args.dataset_trust_remote_code,
+        )
+    except RuntimeError as e:
+        if 'Found 0 images' in str(e):
+            raise UsageError(str(e).split('. Supported')[0]) from None
+        raise
+    return NamedFailures(dataset) if isinstance(dataset, ImageDataset) else dataset
+
+
+def mixup_kwargs(args) -> Optional[dict]:
+    """timm's Mixup/CutMix arguments, or None when neither is on."""
+    if not (args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None):
+        return None
+    return dict(
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        cutmix_minmax=args.cutmix_minmax,
+        prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob,
+        mode=args.mixup_mode,
+        label_smoothing=args.smoothing,
+        num_classes=args.num_classes,
+    )
+
+
+@dataclass
+class Loaders:
+    train: Any
+    eval: Optional[Any]
+    mixup_fn: Optional[Callable]  # applied in the loop when the prefetcher (and its collate mixup) is off
+    naflex: bool = False
+    scheduled_batches: bool = False
+    batch_size_reference: float = 0.
+
+
+def build_loaders(args, data_config: dict, device: torch.device, model_dtype, num_aug_splits: int,
+                  patch_size=None) -> Loaders:
+    """Train and eval loaders as timm's train.py builds them (standard, scheduled-resolution or NaFlex).
+
+    The data folders and the batch size have been checked by train.py's preflight.
+    """
+    mixup = mixup_kwargs(args)
+
+    input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+    dataset_train = build_dataset(args, args.train_split, True, input_img_mode, args.train_num_samples)
+    dataset_eval = None
+    if args.val_split:
+        dataset_eval = build_dataset(args, args.val_split, False, input_img_mode, args.val_num_samples)
+
+    common = dict(
+        mean=data_config['mean'],
+        std=data_config['std'],
+        pin_memory=args.pin_mem,
+        img_dtype=model_dtype or torch.float32,
+        device=device,
+        distributed=args.distributed,
+        use_prefetcher=args.prefetcher,
+    )
+    train_kwargs = dict(
+        batch_size=args.batch_size,
+        is_training=True,
+        no_aug=args.no_aug,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+        re_split=args.resplit,
+        train_crop_mode=args.train_crop_mode,
+        scale=args.scale,
+        ratio=args.ratio,
+        hflip=args.hflip,
+        vflip=args.vflip,
+        color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob,
+        grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob,
+        auto_augment=args.aa,
+        num_aug_repeats=args.aug_repeats,
+        num_aug_splits=num_aug_splits,
+        interpolation=(data_config['interpolation'] if args.no_aug or not args.train_interpolation
+                       else args.train_interpolation),
+        num_workers=args.workers,
+        worker_seeding=args.worker_seeding,
+    )
+
+    loaders = Loaders(train=None, eval=None, mixup_fn=None, batch_size_reference=float(args.batch_size))
+    if args.naflex_loader:
+        from timm.data import NaFlexMixup, create_naflex_loader
+        naflex_mixup = None
+        if mixup is not None:
+            naflex_mixup = NaFlexMixup(**{k: v for k, v in mixup.items() if k not in ('mode', 'cutmix_minmax')})
+        patch = dict(patch_size=patch_size or (16, 16))
+        if args.naflex_patch_sizes:
+            patch = dict(patch_size_choices=args.naflex_patch_sizes)
+            if args.naflex_patch_size_probs:
+                patch['patch_size_choice_probs'] = args.naflex_patch_size_probs
+        loaders.train = create_naflex_loader(
+            dataset=dataset_train, train_seq_lens=args.naflex_train_seq_lens, mixup_fn=naflex_mixup,
+            rank=args.rank, world_size=args.world_size,
+            patchify_channels_last=not args.naflex_patchify_channels_first,
+            **patch, **common, **train_kwargs)
+        loaders.naflex = True
+    else:
+        collate_fn = None
+        if mixup is not None:
+            if args.prefetcher:
+                if num_aug_splits:
+                    raise UsageError('mixup with the prefetcher cannot be combined with --aug-splits; '
+                                     'add --no-prefetcher')
+                collate_fn = FastCollateMixup(**mixup)
+            else:
+                loaders.mixup_fn = Mixup(**mixup)
+        if num_aug_splits > 1:
+            dataset_train = AugMixDataset(dataset_train, num_splits=num_aug_splits)
+        loaders.train = create_loader(
+            dataset_train,
+            input_size=data_config['input_size'],
+            input_size_choices=args.train_img_sizes,
+            batch_size_choices=args.train_batch_sizes,
+            batch_choice_weights=args.train_size_probs,
+            batch_choice_seed=args.seed,
+            batch_choice_schedule=args.train_size_schedule,
+            batch_schedule_epochs=args.epochs if args.train_size_schedule == 'progressive' else None,
+            batch_schedule_spread=args.train_size_schedule_spread,
+            batch_schedule_random_mix=args.train_size_random_mix,
+            num_batches=args.train_batches_per_epoch,
+            collate_fn=collate_fn,
+            use_multi_epochs_loader=args.use_multi_epochs_loader,
+            # workers restart every epoch from the re-seeded main RNG, so a resumed run sees the same
+            # augmentations as an uninterrupted one (timm keeps them alive, which makes resume inexact)
+            persistent_workers=False,
+            **common,
+            **train_kwargs,
+        )
+        if args.train_img_sizes is not None:
+            loaders.scheduled_batches = True
+            loaders.batch_size_reference = loaders.train.batch_sampler.average_batch_size
+
+    if len(loaders.train) == 0:
+        raise UsageError(f'the training split has fewer images than one batch (--batch-size {args.batch_size})')
+
+    if dataset_eval is not None:
+        eval_workers = args.workers
+        if args.distributed and ('tfds' in args.dataset or 'wds' in args.dataset):
+            eval_workers = min(2, args.workers)  # timm: limits padding issues of iterable datasets
+        eval_kwargs = dict(
+            batch_size=args.validation_batch_size or args.batch_size,
+            is_training=False,
+            interpolation=data_config['interpolation'],
+            num_workers=eval_workers,
+            crop_pct=data_config['crop_pct'],
+        )
+        if args.naflex_loader:
+            from timm.data import create_naflex_loader
+            loaders.eval = create_naflex_loader(
+                dataset=dataset_eval, patch_size=patch_size or (16, 16), max_seq_len=args.naflex_max_seq_len,
+                patchify_channels_last=not args.naflex_patchify_channels_first, **common, **eval_kwargs)
+        else:
+            loaders.eval = create_loader(dataset_eval, input_size=data_config['input_size'], **common,
+                                         **eval_kwargs)
+    return loaders
+
+
+def set_loader_epoch(loader, epoch: int) -> None:
+    """Tell epoch-aware datasets and samplers the epoch (distributed shuffling, scheduled sizes)."""
+    if hasattr(loader.dataset, 'set_epoch'):
+        loader.dataset.set_epoch(epoch)
+    sampler = getattr(loader, 'batch_sampler', None)
+    if hasattr(sampler, 'set_epoch'):
+        sampler.set_epoch(epoch)
+    elif hasattr(getattr(loader, 'sampler', None), 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Re-seed every RNG at each epoch start, so resuming at an epoch boundary replays the same run."""
+    utils.random_seed(seed + 100_003 * epoch, rank)

@@ -1,0 +1,100 @@
+"""Model names and checkpoint files: what timm accepts, plus the short names people write in papers.
+
+``--model vit_base`` (as in ``torchrun train.py --method cosub --model vit_base``) means timm's standard
+ViT of that size at 224 px; a name that matches nothing stops with the closest timm names.
+"""
+import argparse
+import difflib
+import logging
+import os
+import pickle
+import zipfile
+
+import timm
+import torch
+from timm.models import is_model, split_model_name_tag
+
+from .errors import UsageError
+
+_logger = logging.getLogger('train')
+
+SHORT_NAMES = {
+    'vit_tiny': 'vit_tiny_patch16_224',
+    'vit_small': 'vit_small_patch16_224',
+    'vit_base': 'vit_base_patch16_224',
+    'vit_large': 'vit_large_patch16_224',
+    'vit_huge': 'vit_huge_patch14_224',
+}
+
+
+def resolve_model_name(name: str) -> str:
+    """A timm model name for ``name``: timm names (with or without a pretrained tag) pass unchanged."""
+    if name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+        return name
+    arch, _ = split_model_name_tag(name)
+    if is_model(arch):
+        return name
+    if name in SHORT_NAMES:
+        _logger.info(f"Model '{name}' resolved to timm's {SHORT_NAMES[name]}.")
+        return SHORT_NAMES[name]
+    closest = difflib.get_close_matches(arch, timm.list_models() + list(SHORT_NAMES), n=5, cutoff=0.6)
+    hint = f'; closest timm names: {", ".join(closest)}' if closest else '; see timm.list_models()'
+    raise UsageError(f"unknown model '{name}'{hint}")
+
+
+def load_checkpoint_file(path: str, what: str) -> dict:
+    """Load a training checkpoint (weights_only, as timm does) or stop with one line saying what is wrong."""
+    if not os.path.isfile(path):
+        raise UsageError(f'{what} {path} does not exist')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f'{what} {path} is not a readable checkpoint ({reason[:160]})') from None
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f'{what} {path} holds a {type(checkpoint).__name__}, not a checkpoint dict')
+    return checkpoint
+
+
+def checkpoint_weights(checkpoint: dict, use_ema: bool = False) -> dict:
+    """The model weights a checkpoint holds, chosen as timm's ``load_checkpoint`` chooses them."""
+    for key in (('state_dict_ema', 'model_ema') if use_ema else ()) + ('state_dict', 'model'):
+        if checkpoint.get(key) is not None:
+            return checkpoint[key]
+    return checkpoint
+
+
+def check_state_dict_fits(model: torch.nn.Module, checkpoint: dict, path: str, what: str,
+                          use_ema: bool = False) -> None:
+    """Stop with one line when a checkpoint's weights do not belong to this model (names or shapes)."""
+    state_dict = checkpoint_weights(checkpoint, use_ema)
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise UsageError(f'{what} {path} holds no model weights (no state_dict)')
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    found = {k.removeprefix('module.').removeprefix('_orig_mod.'): v.shape for k, v in state_dict.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if missing or unexpected or wrong:
+        arch = checkpoint.get('arch', 'another model')
+        detail = (f'{len(missing)} missing, {len(unexpected)} unexpected and {len(wrong)} mis-shaped weights'
+                  + (f', e.g. {wrong[0]} {tuple(found[wrong[0]])} vs {tuple(expected[wrong[0]])}' if wrong else
+                     f', e.g. {(missing or unexpected)[0]}'))
+        raise UsageError(f'{what} {path} does not fit this model (checkpoint arch: {arch}): {detail}')
+
+
+def load_initial_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """``--initial-checkpoint``: weights (EMA ones first, as timm's create_model loads them), checked first."""
+    if os.path.splitext(path)[1].lower() in ('.safetensors', '.npz', '.npy'):
+        if not os.path.isfile(path):
+            raise UsageError(f'--initial-checkpoint {path} does not exist')
+        try:
+            timm.models.load_checkpoint(model, path)
+        except (RuntimeError, ValueError, OSError, NotImplementedError) as e:
+            raise UsageError(f'--initial-checkpoint {path} cannot be loaded: {str(e).splitlines()[0][:160]}') from None
+        return
+    checkpoint = load_checkpoint_file(path, '--initial-checkpoint')
+    check_state_dict_fits(model, checkpoint, path, '--initial-checkpoint', use_ema=True)
+    model.load_state_dict(timm.models.clean_state_dict(checkpoint_weights(checkpoint, use_ema=True)))
+    _logger.info(f"Loaded initial weights from '{path}'")

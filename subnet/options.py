@@ -1,0 +1,491 @@
+"""timm's command-line options for train.py and validate.py, and its ``-c/--config`` YAML mechanism.
+
+The option names, types, defaults, nargs and abbreviations are timm's (main at aa4b5850, plus the 1.0.31
+``--resume auto``, ``--stop-epoch`` and ``--save-epochs``), so any timm command line or hparams file works
+unchanged; ``tests/test_options.py`` checks them against a dump of timm's own parsers. Parsers are built
+fresh for every parse, so parsing twice in one process (tests, sweeps) never leaks YAML defaults.
+
+YAML follows timm 1.0.31: keys are the underscore names, command line > YAML > built-in default, unknown
+keys (old files carry ``apex_amp``, ``native_amp``, ...) are ignored with a warning, and values are converted
+the way the command line would convert them. Anything else, a value of the wrong type or a file that is
+not a YAML mapping, stops with one line.
+"""
+import argparse
+import logging
+import sys
+from typing import List, Optional, Tuple
+
+import yaml
+from timm.utils import ParseKwargs
+
+from .args import add_train_options, add_validate_options
+from .errors import UsageError
+
+_logger = logging.getLogger('train')
+
+# keys timm's own train.py writes or once wrote that no longer are options: accepted silently
+_RETIRED_KEYS = {'apex_amp', 'native_amp', 'aot_autograd', 'amp_impl', 'pretrained_cfg_overlay', 'config'}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors, where an abbreviation that was unambiguous in timm keeps its meaning.
+
+    ``--me 0.5`` meant ``--mean`` in timm; our ``--method`` would make it ambiguous, so when a prefix matches
+    several options and exactly one of them is timm's (``timm_flags``), that one wins.
+    """
+    timm_flags: frozenset = frozenset()
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+    def _get_option_tuples(self, option_string):
+        matches = super()._get_option_tuples(option_string)
+        if len(matches) > 1:
+            timm_matches = [m for m in matches if m[1] in self.timm_flags]
+            if len(timm_matches) == 1:
+                return timm_matches
+        return matches
+
+
+# ---------------------------------------------------------------------------------------------- train.py
+
+def _dataset_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('data', nargs='?', metavar='DIR', const=None,
+                        help='dataset root (deprecated positional form of --data-dir)')
+    g = parser.add_argument_group('Dataset parameters')
+    g.add_argument('--data-dir', metavar='DIR', help='dataset root: a folder with train/ and val/ sub-folders')
+    g.add_argument('--dataset', metavar='NAME', default='',
+                   help='dataset type + name ("<type>/<name>", e.g. torch/cifar10, hfds/...); empty: image folder')
+    g.add_argument('--train-split', metavar='NAME', default='train', help='training split (default: train)')
+    g.add_argument('--val-split', metavar='NAME', default='validation',
+                   help="validation split (default: validation); '' turns validation off")
+    g.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+                   help='samples in the train split, for iterable datasets')
+    g.add_argument('--val-num-samples', default=None, type=int, metavar='N',
+                   help='samples in the validation split, for iterable datasets')
+    g.add_argument('--dataset-download', action='store_true', default=False,
+                   help='download torch/ and tfds/ datasets when missing')
+    g.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='class name to index map file')
+    g.add_argument('--input-img-mode', default=None, type=str, help='PIL mode images are converted to')
+    g.add_argument('--input-key', default=None, type=str, help='input field of dict-style datasets')
+    g.add_argument('--target-key', default=None, type=str, help='target field of dict-style datasets')
+    g.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
+                   help='let Hugging Face datasets run their own loading code')
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('Model parameters')
+    g.add_argument('--model', default='resnet50', type=str, metavar='MODEL',
+                   help='timm model name, or a short name such as vit_base (default: resnet50)')
+    g.add_argument('--pretrained', action='store_true', default=False, help='start from pretrained weights')
+    g.add_argument('--pretrained-path', default=None, type=str,
+                   help='pretrained weights file to load in place of the hub ones (head adapted)')
+    g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
+                   help='load these weights into the model before training')
+    g.add_argument('--resume', default='', type=str, metavar='PATH',
+                   help="continue training from this checkpoint, or 'auto': <output>/<experiment>/last.pth.tar")
+    g.add_argument('--no-resume-opt', action='store_true', default=False,
+                   help='do not restore the optimizer (and AMP scaler) state on resume')
+    g.add_argument('--num-classes', type=int, default=None, metavar='N', help='number of classes (default: model)')
+    g.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type (default: model)')
+    g.add_argument('--img-size', type=int, default=None, metavar='N', help='image side (default: model)')
+    g.add_argument('--in-chans', type=int, default=None, metavar='N', help='input channels (default: 3)')
+    g.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
+                   help='input shape C H W, e.g. 3 224 224 (default: model)')
+    g.add_argument('--crop-pct', default=None, type=float, metavar='N', help='validation centre-crop fraction')
+    g.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='pixel mean override')
+    g.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='pixel std override')
+    g.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation override')
+    g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N',
+                   help='images per device and step (default: 128)')
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
+                   help='validation batch size (default: --batch-size)')
+    g.add_argument('--channels-last', action='store_true', default=False, help='channels_last memory layout')
+    g.add_argument('--fuser', default='', type=str, help="TorchScript fuser ('te', 'old' or 'nvfuser')")
+    g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+                   help='batches whose gradients are accumulated per optimizer step')
+    g.add_argument('--grad-checkpointing', action='store_true', default=False,
+                   help='recompute activations in backward to save memory')
+    g.add_argument('--fast-norm', default=False, action='store_true', help='low-precision fused norm layers')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='extra create_model keyword arguments, k=v ...')
+    g.add_argument('--head-init-scale', default=None, type=float, help='multiply the head weights by this')
+    g.add_argument('--head-init-bias', default=None, type=float, help='set the head bias to this')
+    g.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode (default: None)')
+    scripting = g.add_mutually_exclusive_group()
+    scripting.add_argument('--torchscript', dest='torchscript', action='store_true', help='torch.jit.script')
+    scripting.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                           help='torch.compile with this backend (bare flag: inductor)')
+
+
+def _device_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('Device parameters')
+    g.add_argument('--device', default='cuda', type=str,
+                   help='device; cuda falls back to the CPU with a warning when no GPU is present')
+    g.add_argument('--amp', action='store_true', default=False, help='mixed precision (torch.autocast)')
+    g.add_argument('--amp-dtype', default='float16', type=str, help='AMP dtype: float16 or bfloat16')
+    g.add_argument('--model-dtype', default=None, type=str, help='model dtype without AMP (default: float32)')
+    g.add_argument('--no-ddp-bb', action='store_true', default=False, help='DDP without broadcast_buffers')
+    g.add_argument('--synchronize-step', action='store_true', default=False,
+                   help='synchronize the device at the end of each step (timing)')
+    g.add_argument('--local_rank', default=0, type=int, help='set by torch.distributed.launch; ignored')
+    g.add_argument('--device-modules', default=None, type=str, nargs='+',
+                   help='python modules to import that register extra devices')
+
+
+def _optimizer_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('Optimizer parameters')
+    g.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='optimizer (default: sgd)')
+    g.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='optimizer epsilon')
+    g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='optimizer betas')
+    g.add_argument('--momentum', type=float, default=0.9, metavar='M', help='SGD momentum (default: 0.9)')
+    g.add_argument('--weight-decay', type=float, default=2e-5, help='weight decay (default: 2e-5)')
+    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradients at this value')
+    g.add_argument('--clip-mode', type=str, default='norm', help="clipping mode: 'norm', 'value' or 'agc'")
+    g.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning-rate decay')
+    g.add_argument('--layer-decay-min-scale', type=float, default=0, help='lower bound of the layer-decay scale')
+    g.add_argument('--layer-decay-no-opt-scale', type=float, default=None,
+                   help='layers scaled below this are frozen')
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='extra optimizer keyword arguments, k=v ...')
+
+
+def _schedule_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('Learning rate schedule parameters')
+    g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR schedule (default: cosine)')
+    g.add_argument('--sched-on-updates', action='store_true', default=False,
+                   help='step the schedule every optimizer update instead of every epoch')
+    g.add_argument('--lr', type=float, default=None, metavar='LR',
+                   help='learning rate (default: --lr-base scaled by the global batch size)')
+    g.add_argument('--lr-base', type=float, default=0.1, metavar='LR', help='learning rate per --lr-base-size')
+    g.add_argument('--lr-base-size', type=int, default=256, metavar='DIV', help='batch size of --lr-base')
+    g.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE',
+                   help="'linear' or 'sqrt' batch scaling (default: by optimizer)")
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
+                   help='LR noise on/off epoch percentages')
+    g.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT', help='LR noise limit')
+    g.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV', help='LR noise std')
+    g.add_argument('--lr-cycle-mul', type=float, default=1.0, metavar='MULT', help='cycle length multiplier')
+    g.add_argument('--lr-cycle-decay', type=float, default=0.5, metavar='MULT', help='LR decay per cycle')
+    g.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N', help='number of cycles')
+    g.add_argument('--lr-k-decay', type=float, default=1.0, help='k-decay of cosine/poly schedules')
+    g.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR', help='warmup start LR')
+    g.add_argument('--min-lr', type=float, default=0, metavar='LR', help='schedule floor')
+    g.add_argument('--epochs', type=int, default=300, metavar='N', help='epochs to train (default: 300)')
+    g.add_argument('--epoch-repeats', type=float, default=0., metavar='N', help='epoch repeat multiplier')
+    g.add_argument('--start-epoch', default=None, type=int, metavar='N', help='first epoch (overrides resume)')
+    g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
+                   help='multistep milestones')
+    g.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epochs between step decays')
+    g.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='warmup epochs')
+    g.add_argument('--warmup-prefix', action='store_true', default=False, help='warmup before, not inside, epochs')
+    g.add_argument('--cooldown-epochs', type=int, default=0, metavar='N', help='epochs at min LR after the cycle')
+    g.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='plateau patience')
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='LR decay rate')
+
+
+def _augment_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('Augmentation and regularization parameters')
+    g.add_argument('--no-aug', action='store_true', default=False, help='no training augmentation')
+    g.add_argument('--train-crop-mode', type=str, default=None, help='training crop mode')
+    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT', help='RRC scale range')
+    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO',
+                   help='RRC aspect-ratio range')
+    g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    g.add_argument('--vflip', type=float, default=0., help='vertical flip probability')
+    g.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='colour jitter strength')
+    g.add_argument('--color-jitter-prob', type=float, default=None, metavar='PCT', help='colour jitter probability')
+    g.add_argument('--grayscale-prob', type=float, default=None, metavar='PCT', help='grayscale probability')
+    g.add_argument('--gaussian-blur-prob', type=float, default=None, metavar='PCT', help='blur probability')
+    g.add_argument('--aa', type=str, default=None, metavar='NAME', help='auto-augment policy, e.g. rand-m9-mstd0.5')
+    g.add_argument('--aug-repeats', type=float, default=0, help='repeated-augmentation count (0: off)')
+    g.add_argument('--aug-splits', type=int, default=0, help='augmentation splits (AugMix/JSD)')
+    g.add_argument('--jsd-loss', action='store_true', default=False, help='Jensen-Shannon consistency loss')
+    g.add_argument('--bce-loss', action='store_true', default=False, help='binary cross-entropy loss')
+    g.add_argument('--bce-sum', action='store_true', default=False, help='sum BCE over classes')
+    g.add_argument('--bce-target-thresh', type=float, default=None, help='binarize BCE targets at this threshold')
+    g.add_argument('--bce-pos-weight', type=float, default=None, help='BCE positive weight')
+    g.add_argument('--reprob', type=float, default=0., metavar='PCT', help='random erasing probability')
+    g.add_argument('--remode', type=str, default='pixel', help='random erasing mode')
+    g.add_argument('--recount', type=int, default=1, help='random erasing count')
+    g.add_argument('--resplit', action='store_true', default=False, help='no random erasing on the first split')
+    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (0: off)')
+    g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (0: off)')
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix min/max box ratio')
+    g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or cutmix per batch')
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix when both are on')
+    g.add_argument('--mixup-mode', type=str, default='batch', help="mixup mode: 'batch', 'pair' or 'elem'")
+    g.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N', help='turn mixup off at this epoch')
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
+    g.add_argument('--train-interpolation', type=str, default='random', help='training resize interpolation')
+    g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    g.add_argument('--drop-connect', type=float, default=None, metavar='PCT', help='drop connect (deprecated)')
+    g.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='stochastic depth rate')
+    g.add_argument('--drop-block', type=float, default=None, metavar='PCT', help='drop block rate')
+
+
+def _norm_ema_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('Batch norm parameters')
+    g.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override')
+    g.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override')
+    g.add_argument('--sync-bn', action='store_true', help='synchronized BatchNorm')
+    g.add_argument('--dist-bn', type=str, default='reduce',
+                   help="share BatchNorm statistics after each epoch: 'broadcast', 'reduce' or ''")
+    g.add_argument('--split-bn', action='store_true', help='one BatchNorm per augmentation split')
+    g = parser.add_argument_group('Model exponential moving average parameters')
+    g.add_argument('--model-ema', action='store_true', default=False, help='keep an EMA of the weights')
+    g.add_argument('--model-ema-force-cpu', action='store_true', default=False, help='keep the EMA on the CPU')
+    g.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay (default: 0.9998)')
+    g.add_argument('--model-ema-warmup', action='store_true', help='warm the EMA decay up')
+
+
+def _misc_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('Miscellaneous parameters')
+    g.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+    g.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
+    g.add_argument('--log-interval', type=int, default=50, metavar='N', help='updates between log lines')
+    g.add_argument('--val-interval', type=int, default=1, metavar='N', help='epochs between evaluations')
+    g.add_argument('--recovery-interval', type=int, default=0, metavar='N',
+                   help='updates between recovery checkpoints (0: off)')
+    g.add_argument('--checkpoint-hist', type=int, default=10, metavar='N', help='best checkpoints kept')
+    g.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading processes')
+    g.add_argument('--save-images', action='store_true', default=False, help='save training batches as images')
+    g.add_argument('--pin-mem', action='store_true', default=False, help='pin loader memory')
+    g.add_argument('--no-prefetcher', action='store_true', default=False, help='no fast prefetcher')
+    g.add_argument('--output', default='', type=str, metavar='PATH', help='output root (default: ./output/train)')
+    g.add_argument('--experiment', default='', type=str, metavar='NAME',
+                   help='output folder name (default: <date>-<model>-<img size>)')
+    g.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
+                   help="metric that ranks checkpoints (default: top1; 'loss' ranks lower first)")
+    g.add_argument('--tta', type=int, default=0, metavar='N', help='test-time augmentation factor')
+    g.add_argument('--use-multi-epochs-loader', action='store_true', default=False,
+                   help='keep loader workers across epochs')
+    g.add_argument('--log-wandb', action='store_true', default=False, help='log to Weights & Biases')
+    g.add_argument('--wandb-project', default=None, type=str, help='wandb project')
+    g.add_argument('--wandb-tags', default=[], type=str, nargs='+', help='wandb tags')
+    g.add_argument('--wandb-resume-id', default='', type=str, metavar='ID', help='wandb run id to resume')
+    # timm's scheduled-resolution loader
+    g.add_argument('--train-img-sizes', type=int, nargs='+', default=None, help='training image sizes to mix')
+    g.add_argument('--train-batch-sizes', type=int, nargs='+', default=None, help='batch size per image size')
+    g.add_argument('--train-size-probs', type=float, nargs='+', default=None, help='weights of the image sizes')
+    g.add_argument('--train-size-schedule', type=str, default='constant', choices=('constant', 'progressive'),
+                   help='image size schedule')
+    g.add_argument('--train-size-schedule-spread', type=float, default=0.65, help='progressive schedule spread')
+    g.add_argument('--train-size-random-mix', type=float, default=0.1, help='random share of the schedule')
+    g.add_argument('--train-batches-per-epoch', '--train-steps-per-epoch', type=int, default=None,
+                   help='loader batches per epoch')
+    g.add_argument('--variable-batch-loss-scale', default='none', type=str, choices=('none', 'sqrt', 'linear'),
+                   help='loss scaling for variable batch sizes')
+    # timm's NaFlex loader
+    g.add_argument('--naflex-loader', action='store_true', default=False, help='NaFlex variable-resolution loader')
+    g.add_argument('--naflex-train-seq-lens', type=int, nargs='+', default=[128, 256, 576, 784, 1024],
+                   help='NaFlex training sequence lengths')
+    g.add_argument('--naflex-max-seq-len', type=int, default=576, help='NaFlex validation sequence length')
+    g.add_argument('--naflex-patch-sizes', type=int, nargs='+', default=None, help='NaFlex patch sizes')
+    g.add_argument('--naflex-patch-size-probs', type=float, nargs='+', default=None, help='patch size weights')
+    g.add_argument('--naflex-loss-scale', default='linear', type=str, choices=('none', 'sqrt', 'linear'),
+                   help='NaFlex loss scaling')
+    g.add_argument('--naflex-patchify-channels-first', action='store_true', default=False,
+                   help='NaFlex patches in C-P-P layout')
+
+
+def _distillation_options(parser: argparse.ArgumentParser) -> None:
+    # timm adds these to the parser itself, with no group
+    parser.add_argument('--kd-model-name', default=None, type=str, help='teacher for knowledge distillation')
+    parser.add_argument('--kd-distill-type', default='logit', type=str, choices=['logit', 'feature', 'token'],
+                        help='distillation type')
+    parser.add_argument('--kd-loss-type', default='kl', type=str, help='logit distillation loss')
+    parser.add_argument('--distill-loss-weight', default=None, type=float, help='distillation loss weight')
+    parser.add_argument('--task-loss-weight', default=None, type=float, help='label loss weight')
+    parser.add_argument('--kd-temperature', default=4.0, type=float, help='distillation temperature')
+    parser.add_argument('--kd-student-feature-dim', default=None, type=int, help='student feature dim')
+    parser.add_argument('--kd-teacher-feature-dim', default=None, type=int, help='teacher feature dim')
+    parser.add_argument('--kd-token-distill-type', default='soft', type=str, choices=['soft', 'hard'],
+                        help='token distillation type')
+
+
+def _timm_1031_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('Run control (timm 1.0.31)')
+    g.add_argument('--stop-epoch', type=int, default=None, metavar='N',
+                   help='stop after N epochs without changing the schedule (then --resume auto continues)')
+    g.add_argument('--save-epochs', type=int, nargs='+', default=None, metavar='N',
+                   help='also keep milestone-<N>.pth.tar after N completed epochs (forces an eval)')
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """timm's train.py parser, then subnet's own groups (``subnet/args.py``)."""
+    parser = OneLineParser(prog='train.py', description='Train a timm model, optionally with a submodel method.')
+    for add in (_dataset_options, _model_options, _device_options, _optimizer_options, _schedule_options,
+                _augment_options, _norm_ema_options, _misc_options, _distillation_options):
+        add(parser)
+    # abbreviations resolve to these first (timm main's flags), then to 1.0.31's and ours
+    parser.timm_flags = frozenset(s for a in parser._actions for s in a.option_strings)
+    _timm_1031_options(parser)
+    add_train_options(parser)
+    return parser
+
+
+def config_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog='train.py', add_help=False)
+    parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                        help='YAML file of defaults (underscore keys); the command line wins')
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------- YAML
+
+def _convert(action: argparse.Action, value, key: str):
+    """Convert one YAML value as the command line would, or raise UsageError naming the key."""
+    def fail(expected):
+        raise UsageError(f"config key '{key}': expected {expected}, got {value!r}")
+
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            fail('true or false')
+        return value
+    if isinstance(action, ParseKwargs):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            fail('a mapping of keyword arguments')
+        return value
+    if value is None:
+        return None
+
+    def one(item):
+        if isinstance(item, bool) and action.type in (int, float):
+            fail('a number')
+        if isinstance(item, (list, dict)):
+            fail('a single value')
+        if action.type is int and isinstance(item, float) and not item.is_integer():
+            fail('an integer')
+        try:
+            converted = (action.type or str)(item)
+        except (TypeError, ValueError):
+            fail(f'a {getattr(action.type, "__name__", "value")}')
+        if action.choices is not None and converted not in action.choices:
+            fail(f'one of {", ".join(map(str, action.choices))}')
+        return converted
+
+    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+        if not isinstance(value, (list, tuple)):
+            fail('a list')
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            fail(f'a list of {action.nargs}')
+        return [one(v) for v in value]
+    return one(value)
+
+
+def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Read a timm hparams YAML file into parser defaults (validated, unknown keys dropped with a warning)."""
+    try:
+        with open(path, 'r') as f:
+            cfg = yaml.safe_load(f)
+    except OSError as e:
+        raise UsageError(f'cannot read config file {path}: {e.strerror}')
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' (line {mark.line + 1})' if mark is not None else ''
+        raise UsageError(f'config file {path} is not valid YAML{where}: {getattr(e, "problem", e)}')
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise UsageError(f'config file {path} must hold a mapping of option names to values')
+    actions = {a.dest: a for a in parser._actions}
+    defaults = {}
+    for key, value in cfg.items():
+        action = actions.get(key)
+        if action is None or isinstance(action, argparse._HelpAction):
+            if key not in _RETIRED_KEYS:
+                _logger.warning(f"Ignoring unknown key '{key}' in config file {path}.")
+            continue
+        defaults[key] = _convert(action, value, key)
+    return defaults
+
+
+def parse_train_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, str]:
+    """Parse a train.py command line (with an optional ``-c`` YAML) into args and the args.yaml text."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config_args, remaining = config_parser().parse_known_args(argv)
+    parser = train_parser()
+    if config_args.config:
+        parser.set_defaults(**load_config(config_args.config, parser))
+    args = parser.parse_args(remaining)
+    # the namespace as given (lr: null when it will be derived), replayable with -c, as timm writes it
+    args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
+    return args, args_text
+
+
+# ---------------------------------------------------------------------------------------------- validate.py
+
+def validate_parser() -> argparse.ArgumentParser:
+    """timm's validate.py parser (no YAML: timm's validate has none), then subnet's own options."""
+    p = OneLineParser(prog='validate.py', description='Validate timm models and checkpoints, and their subnets.')
+    p.add_argument('data', nargs='?', metavar='DIR', const=None, help='dataset root (deprecated, use --data-dir)')
+    p.add_argument('--data-dir', metavar='DIR', help='dataset root')
+    p.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name; empty: image folder')
+    p.add_argument('--split', metavar='NAME', default='validation', help='split to evaluate (default: validation)')
+    p.add_argument('--num-samples', default=None, type=int, metavar='N', help='samples, for iterable datasets')
+    p.add_argument('--dataset-download', action='store_true', default=False, help='download when missing')
+    p.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='class name to index map file')
+    p.add_argument('--input-key', default=None, type=str, help='input field of dict-style datasets')
+    p.add_argument('--input-img-mode', default=None, type=str, help='PIL mode images are converted to')
+    p.add_argument('--target-key', default=None, type=str, help='target field of dict-style datasets')
+    p.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
+                   help='let Hugging Face datasets run their own loading code')
+    p.add_argument('--model', '-m', metavar='NAME', default='dpn92',
+                   help="model name, wildcard, 'all' or a file of names (default: dpn92)")
+    p.add_argument('--pretrained', dest='pretrained', action='store_true', help='use pretrained weights')
+    p.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='data loading processes')
+    p.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='batch size (default: 256)')
+    p.add_argument('--img-size', default=None, type=int, metavar='N', help='image side (default: model)')
+    p.add_argument('--in-chans', type=int, default=None, metavar='N', help='input channels (default: 3)')
+    p.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N', help='input shape C H W')
+    p.add_argument('--use-train-size', action='store_true', default=False,
+                   help="use the model's training size, not its test size")
+    p.add_argument('--crop-pct', default=None, type=float, metavar='N', help='centre-crop fraction')
+    p.add_argument('--crop-mode', default=None, type=str, metavar='N', help="crop mode: 'center', 'squash', ...")
+    p.add_argument('--crop-border-pixels', type=int, default=None, help='pixels cropped from each border')
+    p.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='pixel mean override')
+    p.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='pixel std override')
+    p.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
+    p.add_argument('--num-classes', type=int, default=None, help='number of classes')
+    p.add_argument('--gp', default=None, type=str, metavar='POOL', help='global pool type')
+    p.add_argument('--log-freq', default=10, type=int, metavar='N', help='batches between log lines')
+    p.add_argument('--checkpoint', default='', type=str, metavar='PATH',
+                   help='checkpoint file, or a folder of them (each is validated)')
+    p.add_argument('--num-gpu', type=int, default=1, help='GPUs for DataParallel')
+    p.add_argument('--test-pool', dest='test_pool', action='store_true', help='test-time pooling')
+    p.add_argument('--no-prefetcher', action='store_true', default=False, help='no fast prefetcher')
+    p.add_argument('--pin-mem', action='store_true', default=False, help='pin loader memory')
+    p.add_argument('--channels-last', action='store_true', default=False, help='channels_last memory layout')
+    p.add_argument('--device', default='cuda', type=str,
+                   help='device; cuda falls back to the CPU with a warning when no GPU is present')
+    p.add_argument('--amp', action='store_true', default=False, help='mixed precision (torch.autocast)')
+    p.add_argument('--amp-dtype', default='float16', type=str, help='AMP dtype: float16 or bfloat16')
+    p.add_argument('--model-dtype', default=None, type=str, help='model dtype without AMP')
+    p.add_argument('--tf-preprocessing', action='store_true', default=False, help='TensorFlow preprocessing')
+    p.add_argument('--use-ema', dest='use_ema', action='store_true', help="use the checkpoint's EMA weights")
+    p.add_argument('--fuser', default='', type=str, help='TorchScript fuser')
+    p.add_argument('--fast-norm', default=False, action='store_true', help='low-precision fused norm layers')
+    p.add_argument('--reparam', default=False, action='store_true', help='reparameterize the model')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra model kwargs k=v ...')
+    p.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode')
+    scripting = p.add_mutually_exclusive_group()
+    scripting.add_argument('--torchscript', default=False, action='store_true', help='torch.jit.script')
+    scripting.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                           help='torch.compile with this backend')
+    scripting.add_argument('--aot-autograd', default=False, action='store_true', help='AOT autograd (retired)')
+    p.add_argument('--results-file', default='', type=str, metavar='FILENAME', help='write results here')
+    p.add_argument('--results-format', default='csv', type=str, help="'csv' or 'json'")
+    p.add_argument('--real-labels', default='', type=str, metavar='FILENAME', help='ImageNet ReaL labels file')
+    p.add_argument('--valid-labels', default='', type=str, metavar='FILENAME', help='valid label indices file')
+    p.add_argument('--retry', default=False, action='store_true', help='retry with smaller batches on OOM')
+    p.add_argument('--seed', type=int, default=42, metavar='S', help='random seed')
+    p.add_argument('--metrics-avg', type=str, default=None, choices=['micro', 'macro', 'weighted'],
+                   help='also report precision/recall/F1 with this averaging (needs scikit-learn)')
+    p.add_argument('--naflex-loader', action='store_true', default=False, help='NaFlex loader')
+    p.add_argument('--naflex-max-seq-len', type=int, default=576, help='NaFlex sequence length')
+    p.timm_flags = frozenset(s for a in p._actions for s in a.option_strings)
+    add_validate_options(p)
+    return p

@@ -1,0 +1,145 @@
+"""train.py and validate.py accept timm's options with timm's names, types, defaults and YAML semantics.
+
+The reference is a dump of timm's own parsers (tests/data/dump_timm_options.py, timm main aa4b5850).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import train
+import validate
+from subnet.errors import UsageError
+from subnet.options import parse_train_args, train_parser, validate_parser
+
+DATA = Path(__file__).parent / 'data'
+
+
+def _reference(name):
+    return json.loads((DATA / name).read_text())
+
+
+def _described(parser):
+    return {a.dest: a for a in parser._actions if not isinstance(a, argparse._HelpAction)}
+
+
+@pytest.mark.parametrize('reference, parser', [
+    ('timm_train_options.json', train_parser()),
+    ('timm_validate_options.json', validate_parser()),
+])
+def test_every_timm_option_is_accepted_with_timms_spelling_type_and_default(reference, parser):
+    ours = _described(parser)
+    for timm_action in _reference(reference)['parser']:
+        dest = timm_action['dest']
+        assert dest in ours, f'missing option {timm_action["option_strings"] or dest}'
+        action = ours[dest]
+        assert action.option_strings == timm_action['option_strings'], dest
+        assert type(action).__name__ == timm_action['kind'], dest
+        assert action.default == timm_action['default'], dest
+        assert action.nargs == timm_action['nargs'], dest
+        assert (action.type.__name__ if action.type else None) in (timm_action['type'], 'str' if timm_action['type'] is None else None), dest
+        assert (list(action.choices) if action.choices else None) == timm_action['choices'], dest
+        assert action.const == timm_action['const'], dest
+
+
+def test_additions_do_not_make_a_timm_abbreviation_ambiguous():
+    parser = train_parser()
+    # abbreviations timm users type (timm's docs use --jsd; --model-ema-d and --dr work in timm)
+    args = parser.parse_args(['--jsd', '--model-ema-d', '0.99', '--dr', '0.5', '--warmup-e', '3', '--std', '0.5'])
+    assert args.jsd_loss and args.model_ema_decay == 0.99 and args.decay_rate == 0.5
+    assert args.warmup_epochs == 3 and args.std == [0.5]
+    timm_flags = {s for a in _reference('timm_train_options.json')['parser'] for s in a['option_strings']}
+    for flag in (f for f in timm_flags if f.startswith('--')):
+        # the shortest prefix that is unambiguous among timm's flags must still mean the same option
+        prefix = next(flag[:n] for n in range(3, len(flag) + 1)
+                      if flag[:n] == flag or sum(f.startswith(flag[:n]) for f in timm_flags) == 1)
+        action = next(a for a in parser._actions if flag in a.option_strings)
+        matched = parser._parse_optional(prefix)
+        assert matched is not None and matched[0] is action, f'{prefix} no longer means {flag}'
+    assert parser.parse_args(['--me', '0.5']).mean == [0.5]  # --method did not make timm's --me ambiguous
+    assert parser.parse_args(['--meth', 'cosub']).method == 'cosub'
+
+
+def test_run_control_options_from_timm_1_0_31():
+    args, _ = parse_train_args(['--resume', 'auto', '--experiment', 'x', '--stop-epoch', '2', '--save-epochs', '1', '2'])
+    assert args.resume == 'auto' and args.stop_epoch == 2 and args.save_epochs == [1, 2]
+
+
+def _write(tmp_path, text, name='hparams.yaml'):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_sets_defaults_and_the_command_line_wins(tmp_path):
+    cfg = _write(tmp_path, yaml.safe_dump(dict(lr=0.5, epochs=7, model='vit_tiny_patch16_224', method='cosub')))
+    args, text = parse_train_args(['-c', cfg, '--epochs', '3'])
+    assert (args.lr, args.epochs, args.model, args.method) == (0.5, 3, 'vit_tiny_patch16_224', 'cosub')
+    assert args.batch_size == 128  # untouched built-in default
+    saved = yaml.safe_load(text)  # args.yaml: the namespace as parsed, replayable with -c
+    assert saved['epochs'] == 3 and saved['lr'] == 0.5 and 'config' not in saved
+    replay, _ = parse_train_args(['-c', _write(tmp_path, text, 'args.yaml')])
+    assert vars(replay) == vars(args)
+
+
+def test_parsing_twice_does_not_leak_yaml_defaults(tmp_path):
+    parse_train_args(['-c', _write(tmp_path, 'epochs: 9\n')])
+    args, _ = parse_train_args([])
+    assert args.epochs == 300
+
+
+def test_yaml_values_are_converted_like_the_command_line(tmp_path):
+    # YAML 1.1 reads 3e-4 as a string; lists are converted element-wise
+    cfg = _write(tmp_path, "lr: 3e-4\nepochs: '10'\nmean: ['0.5', 0.4, 0.3]\ninput_size: [3, 32, 32]\n"
+                           "model_kwargs: {embed_dim: 32}\namp: true\n")
+    args, _ = parse_train_args(['-c', cfg])
+    assert args.lr == 3e-4 and args.epochs == 10 and args.mean == [0.5, 0.4, 0.3]
+    assert args.input_size == [3, 32, 32] and args.model_kwargs == {'embed_dim': 32} and args.amp is True
+
+
+def test_unknown_yaml_keys_are_ignored_with_a_warning(tmp_path, caplog):
+    cfg = _write(tmp_path, 'lr: 0.5\nnot_an_option: 1\napex_amp: false\n')
+    args, _ = parse_train_args(['-c', cfg])
+    assert args.lr == 0.5 and not hasattr(args, 'not_an_option') and not hasattr(args, 'apex_amp')
+    assert 'not_an_option' in caplog.text
+    assert 'apex_amp' not in caplog.text  # keys timm itself once wrote are dropped silently
+
+
+@pytest.mark.parametrize('text, message', [
+    ('lr: fast\n', "config key 'lr': expected a float"),
+    ('input_size: 224\n', "config key 'input_size': expected a list"),
+    ('input_size: [3, 224]\n', "config key 'input_size': expected a list of 3"),
+    ('decay_milestones: [1, x]\n', "config key 'decay_milestones'"),
+    ('train_size_schedule: nope\n', 'expected one of constant, progressive'),
+    ('amp: 1\n', "config key 'amp': expected true or false"),
+    ('epochs: 1.5\n', "config key 'epochs': expected an integer"),
+    ('method: sgd\n', "config key 'method': expected one of none, cosub"),
+    ('lr: [0.1\n', 'is not valid YAML (line 2)'),
+    ('- lr\n- 0.1\n', 'must hold a mapping'),
+])
+def test_bad_yaml_stops_with_one_line(tmp_path, capsys, text, message):
+    assert train.main(['-c', _write(tmp_path, text), '--data-dir', str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('train.py: error: ') and message in err[0]
+
+
+def test_missing_config_file_is_one_line(tmp_path, capsys):
+    assert train.main(['-c', str(tmp_path / 'nope.yaml')]) == 2
+    assert 'cannot read config file' in capsys.readouterr().err
+
+
+def test_bad_command_line_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_train_args(['--method', 'bogus'])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid choice: 'bogus'" in err[0]
+
+
+def test_validate_has_timms_parser_defaults():
+    args = validate_parser().parse_args([])
+    assert (args.model, args.batch_size, args.log_freq, args.split) == ('dpn92', 256, 10, 'validation')
+    with pytest.raises(SystemExit):
+        validate_parser().parse_args(['--torchscript', '--torchcompile'])  # mutually exclusive, as in timm

@@ -1,0 +1,53 @@
+"""Helpers for tests that run train.py / validate.py on (a slice of) the shipped Fashion-MNIST subset."""
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / 'data' / 'fashion-mnist'
+
+# a slim ResNet-18 (5 skippable blocks) and a 4-block ViT, both fast on the CPU at Fashion-MNIST's 28 px
+TINY_RESNET = ['--model', 'resnet18', '--model-kwargs', 'channels=(8,16,32,64)', 'stem_width=8',
+               '--img-size', '28', '--num-classes', '10']
+TINY_VIT = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'embed_dim=32', 'depth=4', 'num_heads=2',
+            'patch_size=7', '--img-size', '28', '--num-classes', '10']
+
+
+def make_subset(dest: Path, train_per_class: int, val_per_class: int) -> Path:
+    """Copy the first N images of each class of the shipped data into ``dest`` (same layout)."""
+    for split, per_class in (('train', train_per_class), ('val', val_per_class)):
+        for class_dir in sorted((SHIPPED / split).iterdir()):
+            target = dest / split / class_dir.name
+            target.mkdir(parents=True, exist_ok=True)
+            for image in sorted(class_dir.iterdir())[:per_class]:
+                shutil.copy(image, target / image.name)
+    return dest
+
+
+def train_argv(data: Path, output: Path, experiment: str, *extra: str, model=TINY_RESNET) -> list:
+    """A short CPU run: 1 epoch, no workers (deterministic, fast), small batches."""
+    return ['--data-dir', str(data), '--output', str(output), '--experiment', experiment, '--device', 'cpu',
+            '--workers', '0', '-b', '16', '--epochs', '1', '--lr', '0.05', '--warmup-epochs', '0',
+            '--log-interval', '5', *model, *extra]
+
+
+def run_train(argv):
+    import train
+    return train.run(argv)
+
+
+def state_dict_of(run) -> dict:
+    from timm.utils import unwrap_model
+    return {k: v.detach().clone() for k, v in unwrap_model(run.task.get_eval_model()).state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f'{len(different)} tensors differ, e.g. {different[:3]}'
+
+
+if __name__ == '__main__':  # python tests/train_helpers.py DEST TRAIN_PER_CLASS VAL_PER_CLASS
+    make_subset(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

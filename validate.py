@@ -1,0 +1,332 @@
+#!/usr/bin/env python3
+"""Validate timm models and checkpoints: a drop-in replacement for timm's validate.py.
+
+Same options and result fields as timm (``--model`` name / wildcard / ``all`` / file of names, a folder of
+checkpoints, ``--use-ema``, ``--results-file`` as CSV or JSON, the ``--result`` JSON on stdout).
+
+One addition: on a checkpoint written by our train.py, when ``--model`` is not given, the model, its kwargs,
+classes and the input settings of the training run's evaluation come from the checkpoint, so
+``validate.py --checkpoint model_best.pth.tar --data-dir DIR`` reproduces the run's own eval; anything given
+on the command line wins. (timm's validate.py needs ``--model ... --model-kwargs ... --img-size ...
+--use-train-size`` for the same numbers.)
+"""
+import csv
+import glob
+import json
+import logging
+import os
+import sys
+import time
+from collections import OrderedDict
+from contextlib import suppress
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm import utils
+from timm.data import RealLabelsImagenet, create_dataset, create_loader, resolve_data_config
+from timm.layers import apply_test_time_pool, set_fast_norm
+from timm.models import create_model, is_model, list_models, load_checkpoint
+from timm.task.evaluator import ClassificationEvaluator
+from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
+
+from subnet import output
+from subnet.data import check_image_folders
+from subnet.engine import predict_batches, update_evaluator
+from subnet.errors import UsageError
+from subnet.models import check_state_dict_fits, load_checkpoint_file, resolve_model_name
+from subnet.options import validate_parser
+
+_logger = logging.getLogger('validate')
+
+_NON_IN1K_FILTERS = ['*_in21k', '*_in22k', '*in12k', '*_dino', '*fcmae', '*seer']
+
+# validate.py options filled from a checkpoint's training args when not given on the command line
+_FROM_TRAINING = {'model': ('--model', '-m'), 'model_kwargs': ('--model-kwargs',), 'num_classes': ('--num-classes',),
+                  'in_chans': ('--in-chans',), 'gp': ('--gp',), 'img_size': ('--img-size',),
+                  'input_size': ('--input-size',), 'crop_pct': ('--crop-pct',), 'mean': ('--mean',),
+                  'std': ('--std',), 'interpolation': ('--interpolation',)}
+
+
+def _given(argv, flags) -> bool:
+    return any(a == f or a.startswith(f + '=') or (f.startswith('--') and len(a) > 3 and f.startswith(a))
+               for a in argv for f in flags)
+
+
+def adopt_training_args(args, argv) -> None:
+    """Fill model options from the checkpoint's training ``args`` where the command line left them."""
+    if not args.checkpoint or not os.path.isfile(args.checkpoint) or _given(argv, ('--model', '-m')):
+        return
+    checkpoint = load_checkpoint_file(args.checkpoint, '--checkpoint')
+    trained = checkpoint.get('args')
+    if trained is None or not getattr(trained, 'model', None):
+        return
+    for key, flags in _FROM_TRAINING.items():
+        if not _given(argv, flags) and getattr(trained, key, None) not in (None, '', {}):
+            setattr(args, key, getattr(trained, key))
+    # evaluate as the training run did (its data config is the model's train-size one)
+    args.use_train_size = True
+    _logger.info(f'Model {args.model} and the input settings of its training run taken from the checkpoint.')
+
+
+def build_model(args, device, model_dtype):
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    model = create_model(resolve_model_name(args.model), pretrained=args.pretrained, num_classes=args.num_classes,
+                         in_chans=in_chans, global_pool=args.gp, scriptable=args.torchscript, **args.model_kwargs)
+    if args.num_classes is None:
+        args.num_classes = model.num_classes
+    if args.checkpoint:
+        if not args.checkpoint.endswith(('.safetensors', '.npz', '.npy')):
+            checkpoint = load_checkpoint_file(args.checkpoint, '--checkpoint')
+            check_state_dict_fits(model, checkpoint, args.checkpoint, '--checkpoint', use_ema=args.use_ema)
+        load_checkpoint(model, args.checkpoint, args.use_ema)
+    if args.reparam:
+        model = reparameterize_model(model)
+    param_count = sum(p.numel() for p in model.parameters())
+    _logger.info(f'Model {args.model} created, param count: {param_count}')
+    data_config = resolve_data_config(vars(args), model=model, use_test_size=not args.use_train_size, verbose=True)
+    test_time_pool = False
+    if args.test_pool:
+        model, test_time_pool = apply_test_time_pool(model, data_config)
+    model = model.to(device=device, dtype=model_dtype)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.torchscript:
+        model = torch.jit.script(model)
+    elif args.torchcompile:
+        torch._dynamo.reset()
+        model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
+    elif args.aot_autograd:
+        raise UsageError('--aot-autograd (functorch) is retired in this PyTorch; use --torchcompile')
+    if args.num_gpu > 1:
+        model = nn.DataParallel(model, device_ids=list(range(args.num_gpu)))
+    return model, data_config, test_time_pool, param_count
+
+
+def build_loader(args, data_config, test_time_pool, device, model_dtype):
+    root = args.data or args.data_dir
+    if not args.dataset:
+        check_image_folders(root, {'evaluation': args.split})
+    input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
+    dataset = create_dataset(
+        root=root, name=args.dataset, split=args.split, download=args.dataset_download,
+        load_bytes=args.tf_preprocessing, class_map=args.class_map, num_samples=args.num_samples,
+        input_key=args.input_key, input_img_mode=input_img_mode, target_key=args.target_key,
+        trust_remote_code=args.dataset_trust_remote_code, seed=args.seed)
+    crop_pct = 1.0 if test_time_pool else data_config['crop_pct']
+    common = dict(batch_size=args.batch_size, use_prefetcher=args.prefetcher,
+                  interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+                  num_workers=args.workers, crop_pct=crop_pct, crop_mode=data_config['crop_mode'],
+                  crop_border_pixels=args.crop_border_pixels, pin_memory=args.pin_mem, device=device,
+                  img_dtype=model_dtype or torch.float32)
+    if args.naflex_loader:
+        from timm.data import create_naflex_loader
+        loader = create_naflex_loader(dataset, patch_size=(16, 16), max_seq_len=args.naflex_max_seq_len, **common)
+    else:
+        loader = create_loader(dataset, input_size=data_config['input_size'], tf_preprocessing=args.tf_preprocessing,
+                               **common)
+    return dataset, loader, crop_pct
+
+
+def run_validation(args, model, loader, device, amp_autocast, model_dtype, valid_labels=None,
+                   real_labels=None) -> tuple:
+    """Top-1/top-5 (percent) and the predictions needed for --metrics-avg, logging timm's validate lines."""
+    evaluator = ClassificationEvaluator(device)
+    batch_time = utils.AverageMeter()
+    predictions, targets = [], []
+    end = time.time()
+    for batch_idx, (output, target) in enumerate(predict_batches(model, loader, args, device, amp_autocast,
+                                                                 model_dtype)):
+        if valid_labels is not None:
+            output = output[:, valid_labels]
+        if real_labels is not None:
+            real_labels.add_result(output)
+        loss, top1, top5, batch_size = update_evaluator(evaluator, output, target)
+        if args.metrics_avg:
+            predictions.append(output.argmax(dim=1).cpu())
+            targets.append(target.cpu())
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if batch_idx % args.log_freq == 0:
+            running = evaluator.summary()
+            _logger.info(
+                f'Test: [{batch_idx:>4d}/{len(loader)}]  '
+                f'Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, {batch_size / batch_time.avg:>7.2f}/s)  '
+                f'Loss: {loss:>7.4f} ({running["loss"]:>6.4f})  '
+                f'Acc@1: {top1:>7.3f} ({running["top1"]:>7.3f})  '
+                f'Acc@5: {top5:>7.3f} ({running["top5"]:>7.3f})')
+    metrics = evaluator.compute()
+    if real_labels is not None:
+        metrics['top1'], metrics['top5'] = real_labels.get_accuracy(k=1), real_labels.get_accuracy(k=5)
+    return metrics, predictions, targets
+
+
+def classification_scores(args, predictions, targets) -> dict:
+    """timm's --metrics-avg precision/recall/F1 (scikit-learn)."""
+    from sklearn.metrics import f1_score, precision_score, recall_score
+    y_pred, y_true = torch.cat(predictions).numpy(), torch.cat(targets).numpy()
+    avg = args.metrics_avg
+    return {f'{avg}_precision': round(100 * precision_score(y_true, y_pred, average=avg, zero_division=0), 4),
+            f'{avg}_recall': round(100 * recall_score(y_true, y_pred, average=avg, zero_division=0), 4),
+            f'{avg}_f1_score': round(100 * f1_score(y_true, y_pred, average=avg, zero_division=0), 4)}
+
+
+def validate(args) -> OrderedDict:
+    """Validate one model (and checkpoint); returns timm's result row."""
+    args.pretrained = args.pretrained or not args.checkpoint
+    args.prefetcher = not args.no_prefetcher
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        _logger.warning(f'--device {args.device} asked for but no CUDA GPU is present: validating on the CPU.')
+        args.device = 'cpu'
+    device = torch.device(args.device)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if args.metrics_avg:
+        try:
+            import sklearn  # noqa: F401
+        except ImportError:
+            _logger.warning("scikit-learn not installed, disabling --metrics-avg: pip install scikit-learn")
+            args.metrics_avg = None
+    if args.model_dtype and args.model_dtype not in ('float32', 'float16', 'bfloat16'):
+        raise UsageError(f'--model-dtype must be float32, float16 or bfloat16, got {args.model_dtype}')
+    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+    amp_autocast = suppress
+    if args.amp:
+        if args.amp_dtype not in ('float16', 'bfloat16'):
+            raise UsageError(f'--amp-dtype must be float16 or bfloat16, got {args.amp_dtype}')
+        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
+        _logger.info('Validating in mixed precision with native PyTorch AMP.')
+    else:
+        _logger.info(f'Validating in {model_dtype or torch.float32}. AMP not enabled.')
+    utils.random_seed(args.seed)
+    if args.fuser:
+        utils.set_jit_fuser(args.fuser)
+    if args.fast_norm:
+        set_fast_norm()
+
+    model, data_config, test_time_pool, param_count = build_model(args, device, model_dtype)
+    dataset, loader, crop_pct = build_loader(args, data_config, test_time_pool, device, model_dtype)
+    valid_labels = None
+    if args.valid_labels:
+        with open(args.valid_labels) as f:
+            valid_labels = [int(line.rstrip()) for line in f]
+    real_labels = None
+    if args.real_labels:
+        real_labels = RealLabelsImagenet(dataset.filenames(basename=True), real_json=args.real_labels)
+
+    metrics, predictions, targets = run_validation(args, model, loader, device, amp_autocast, model_dtype,
+                                                   valid_labels, real_labels)
+    scores = classification_scores(args, predictions, targets) if args.metrics_avg else {}
+    top1, top5 = metrics['top1'], metrics['top5']
+    result = OrderedDict(model=args.model, top1=round(top1, 4), top1_err=round(100 - top1, 4),
+                         top5=round(top5, 4), top5_err=round(100 - top5, 4), **scores,
+                         param_count=round(param_count / 1e6, 2), img_size=data_config['input_size'][-1],
+                         crop_pct=crop_pct, interpolation=data_config['interpolation'])
+    line = f' * Acc@1 {result["top1"]:.3f} ({result["top1_err"]:.3f}) Acc@5 {result["top5"]:.3f} ({result["top5_err"]:.3f})'
+    if scores:
+        avg = args.metrics_avg
+        line += (f' | Precision({avg}) {scores[f"{avg}_precision"]:.3f} | Recall({avg}) '
+                 f'{scores[f"{avg}_recall"]:.3f} | F1-score({avg}) {scores[f"{avg}_f1_score"]:.3f}')
+    _logger.info(line)
+    return result
+
+
+def try_validate(args, initial_batch_size: int) -> OrderedDict:
+    """Validate, halving the batch on out-of-memory errors (timm's ``_try_run``)."""
+    batch_size, error = initial_batch_size, 'Unknown'
+    while batch_size:
+        args.batch_size = batch_size * args.num_gpu
+        try:
+            if 'cuda' in args.device and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return validate(args)
+        except RuntimeError as e:
+            error = str(e)
+            _logger.error(f'"{error}" while running validation.')
+            if not check_batch_size_retry(error):
+                break
+        batch_size = decay_batch_step(batch_size)
+        _logger.warning(f'Reducing batch size to {batch_size} for retry.')
+    _logger.error(f'{args.model} failed to validate ({error}).')
+    return OrderedDict(model=args.model, error=error)
+
+
+def model_configs(args) -> list:
+    """The (model, checkpoint) pairs of a bulk run; empty for a single model (timm's rules)."""
+    if os.path.isdir(args.checkpoint):
+        checkpoints = glob.glob(os.path.join(args.checkpoint, '*.pth.tar'))
+        checkpoints += glob.glob(os.path.join(args.checkpoint, '*.pth'))
+        return [(args.model, c) for c in sorted(checkpoints, key=natural_key)]
+    if args.model == 'all':
+        args.pretrained = True
+        return [(n, '') for n in list_models(pretrained=True, exclude_filters=_NON_IN1K_FILTERS)]
+    if os.path.isfile(args.model):
+        with open(args.model) as f:
+            return [(line.strip(), args.checkpoint) for line in f if line.strip()]
+    name = args.model.split('.')[0]
+    if not is_model(name) and any(c in args.model for c in '*?['):
+        return [(n, '') for n in list_models(args.model, pretrained=True)]
+    return []
+
+
+def write_results(path: str, results, format: str = 'csv') -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='') as f:
+        if format == 'json':
+            json.dump(results, f, indent=4)
+        else:
+            rows = results if isinstance(results, (list, tuple)) else [results]
+            if rows:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()), extrasaction='ignore')
+                writer.writeheader()
+                writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def run(argv) -> int:
+    args = validate_parser().parse_args(argv)
+    if args.results_format not in ('csv', 'json'):
+        raise UsageError(f"--results-format must be 'csv' or 'json', got {args.results_format!r}")
+    configs = model_configs(args)
+    if configs:
+        _logger.info('Running bulk validation on these models: ' + ', '.join(sorted({m for m, _ in configs})))
+        results = []
+        try:
+            initial_batch_size = args.batch_size
+            for model_name, checkpoint in configs:
+                args.model, args.checkpoint = model_name, checkpoint
+                adopt_training_args(args, argv)
+                result = try_validate(args, initial_batch_size)
+                if 'error' in result:
+                    continue
+                if checkpoint:
+                    result['checkpoint'] = checkpoint
+                results.append(result)
+        except KeyboardInterrupt:
+            pass
+        results = sorted(results, key=lambda r: r['top1'], reverse=True)
+    else:
+        adopt_training_args(args, argv)
+        results = try_validate(args, args.batch_size) if args.retry else validate(args)
+    if args.results_file:
+        write_results(args.results_file, results, format=args.results_format)
+    print(f'--result\n{json.dumps(results, indent=4)}')
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    output.setup_logging(primary=True)
+    try:
+        return run(argv)
+    except UsageError as e:
+        print(f'validate.py: error: {e}', file=sys.stderr)
+        return 2
+    finally:
+        output.close_log_file()
+
+
+if __name__ == '__main__':
+    sys.exit(main())
