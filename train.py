@@ -37,7 +37,7 @@ from subnet.engine import StepSetup, evaluate, train_one_epoch
 from subnet.errors import UsageError
 from subnet.models import check_state_dict_fits, load_checkpoint_file, load_initial_checkpoint, resolve_model_name
 from subnet.options import parse_train_args
-from subnet.tasks import build_criterion, build_task
+from subnet.tasks import build_criterion, build_task, check_method_args, method_model_kwargs
 
 _logger = logging.getLogger('train')
 
@@ -77,6 +77,7 @@ def preflight(args) -> None:
         raise UsageError(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}')
     if args.aug_splits == 1:
         raise UsageError('--aug-splits 1 makes no sense: use 0 (off) or 2 or more')
+    check_method_args(args)
     args.model = resolve_model_name(args.model)
     if args.data and not args.data_dir:
         args.data_dir = args.data
@@ -106,7 +107,8 @@ def build_model(args) -> nn.Module:
         utils.set_jit_fuser(args.fuser)
     if args.fast_norm:
         set_fast_norm()
-    model = create_model(
+    create = partial(
+        create_model,
         args.model,
         pretrained=args.pretrained,
         in_chans=in_chans,
@@ -119,8 +121,12 @@ def build_model(args) -> nn.Module:
         bn_eps=args.bn_eps,
         scriptable=args.torchscript,
         **factory_kwargs,
-        **args.model_kwargs,
     )
+    method_kwargs = {k: v for k, v in method_model_kwargs(args).items() if k not in args.model_kwargs}
+    try:
+        model = create(**method_kwargs, **args.model_kwargs)
+    except TypeError:  # a model without the option (e.g. dynamic_img_size on a CNN) does not need it
+        model = create(**args.model_kwargs)
     if args.initial_checkpoint:
         load_initial_checkpoint(model, args.initial_checkpoint)
     if args.head_init_scale is not None:
@@ -180,6 +186,12 @@ def derive_lr(args, batch_size_reference: float) -> None:
     if utils.is_primary(args):
         _logger.info(f'Learning rate ({args.lr}) calculated from base learning rate ({args.lr_base}) and effective '
                      f'global batch size ({global_batch_size:g}) with {args.lr_base_scale} scaling.')
+
+
+def training_images(loader, args, device, model_dtype):
+    """Image batches of the training loader, on the device (for BatchNorm re-estimation)."""
+    for input, _ in loader:
+        yield input if args.prefetcher else input.to(device=device, dtype=model_dtype)
 
 
 def resume_path(args, output_dir: str) -> str:
@@ -248,7 +260,8 @@ def _train(argv) -> TrainRun:
 
     # ---- task (the method), optimizer, resume, EMA, compile, DDP: timm's order
     criterion = build_criterion(args, num_aug_splits, mixup_kwargs(args) is not None).to(device)
-    task = build_task(args, model, criterion, device, model_dtype, verbose=utils.is_primary(args))
+    task = build_task(args, model, criterion, device, model_dtype, verbose=utils.is_primary(args),
+                      input_size=data_config['input_size'])
     optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     if utils.is_primary(args):
         defaults = dict(optimizer.defaults, weight_decay=args.weight_decay)
@@ -338,6 +351,8 @@ def _train(argv) -> TrainRun:
                 continue
 
             eval_metrics, extra = None, {}
+            if hasattr(task, 'before_eval'):
+                task.before_eval(training_images(loaders.train, args, device, model_dtype))
             if loaders.eval is not None:
                 eval_metrics = evaluate(task.get_eval_model(), loaders.eval, args, device, amp_autocast, model_dtype)
                 ema = task.get_trainable_module(ema=True)

@@ -1,11 +1,12 @@
 """One training epoch and one evaluation pass, run the way timm's train.py runs them, around any task.
 
 The loop only knows ``task(input, target) -> {'loss', 'output', <parts>}``: methods are ``TrainingTask``
-subclasses. A method that back-propagates several passes per step (ST, GKT) gets ``early_backward`` from
-the loop (``task.bind_backward``), which applies the same AMP scaling, accumulation division and DDP
-``no_sync`` as the loop's own backward, so one optimizer step and one gradient all-reduce remain per step.
-Scalar tensors in the result other than ``loss``/``output`` are averaged over the epoch and reported
-(log line, ``summary.csv``).
+subclasses. A method that must back-propagate inside its forward (several passes per step, or a pass that
+has to run its backward while its subnet is installed, as grad checkpointing recomputes blocks) binds the
+loop's ``StepBackward`` (``task.bind_backward``) and calls ``early`` / ``final`` on it: the same AMP
+scaling, accumulation division, clipping and optimizer step as the loop's own backward, so there is still
+one optimizer step (and one gradient all-reduce) per step. Scalar tensors in the result other than
+``loss``/``output`` are averaged over the epoch and reported (log line, ``summary.csv``).
 """
 import logging
 import os
@@ -38,24 +39,34 @@ class StepSetup:
     batch_size_reference: float = 1.
 
 
-class EarlyBackward:
-    """Back-propagates a method's intermediate loss with the loop's AMP scaling and accumulation division.
+class StepBackward:
+    """Back-propagation exactly as the loop does it, for methods that back-propagate inside their forward.
 
-    DDP decides at *forward* time whether a pass will all-reduce, so a method runs its early passes (forward
-    and this backward) inside ``task.no_sync()``; only the pass whose loss it returns to the loop syncs.
+    ``early(loss)``: a pass whose gradients are accumulated (DDP decides at *forward* time whether a pass
+    all-reduces, so run such a pass, forward and backward, inside ``task.no_sync()``). ``final(loss)``: the
+    last pass of the step, outside ``no_sync``; it also clips and steps the optimizer when the loop's
+    accumulation window ends. Called outside the loop (tests), both just back-propagate.
     """
 
-    def __init__(self, loss_scaler, accum_steps: int, second_order: bool):
+    def __init__(self, task=None, optimizer=None, args=None, loss_scaler=None, second_order: bool = False):
+        self.task, self.optimizer, self.args = task, optimizer, args
         self.loss_scaler = loss_scaler
-        self.accum_steps = accum_steps
         self.second_order = second_order
-        self.loss_scale = 1.0
+        self.scale = 1.0  # 1 / accumulation steps, times the variable-batch loss scale
+        self.need_update = False
 
-    def __call__(self, loss: torch.Tensor) -> None:
-        loss = loss * self.loss_scale / self.accum_steps
+    def early(self, loss: torch.Tensor) -> None:
+        loss = loss * self.scale
         if self.loss_scaler is not None:
             loss = self.loss_scaler._scaler.scale(loss)
         loss.backward(create_graph=self.second_order)
+
+    def final(self, loss: torch.Tensor) -> None:
+        if self.optimizer is None:
+            loss.backward()
+            return
+        _backward(loss * self.scale, self.task, self.optimizer, self.args, self.loss_scaler, self.need_update,
+                  self.second_order)
 
 
 def _loss_scale(mode: str, batch_size: int, reference: float) -> float:
@@ -84,9 +95,10 @@ def train_one_epoch(epoch: int, task, loader, optimizer, args, setup: StepSetup,
     module = task.get_trainable_module()
     module.train()
     has_no_sync = args.distributed and hasattr(module, 'no_sync')
-    early_backward = EarlyBackward(setup.loss_scaler, args.grad_accum_steps, second_order)
-    if hasattr(task, 'bind_backward'):
-        task.bind_backward(early_backward)
+    step_backward = StepBackward(task, optimizer, args, setup.loss_scaler, second_order)
+    owns_backward = hasattr(task, 'bind_backward')
+    if owns_backward:
+        task.bind_backward(step_backward)
 
     num_batches = len(loader)
     accum_steps = args.grad_accum_steps
@@ -107,7 +119,6 @@ def train_one_epoch(epoch: int, task, loader, optimizer, args, setup: StepSetup,
         update_idx = batch_idx // accum_steps
         if batch_idx >= last_window_start:
             accum_steps = last_accum_steps
-        early_backward.accum_steps = accum_steps
 
         if not args.prefetcher:
             input, target = input.to(device=setup.device, dtype=setup.model_dtype), target.to(setup.device)
@@ -128,16 +139,14 @@ def train_one_epoch(epoch: int, task, loader, optimizer, args, setup: StepSetup,
                 global_batch_size = utils.reduce_tensor(
                     torch.tensor(batch_size, device=setup.device, dtype=torch.float32), 1).item()
                 dist_scale = args.world_size * batch_size / global_batch_size
-        early_backward.loss_scale = loss_scale * (dist_scale or 1.0)
+        step_backward.scale = loss_scale * (dist_scale or 1.0) / accum_steps
+        step_backward.need_update = need_update
 
         with task.no_sync() if has_no_sync and not need_update else nullcontext():
             with setup.amp_autocast():
                 result = task(input, target)
-            loss = result['loss']
-            if accum_steps > 1:
-                loss = loss / accum_steps
-            scaled_loss = loss * early_backward.loss_scale if early_backward.loss_scale != 1.0 else loss
-            _backward(scaled_loss, task, optimizer, args, setup.loss_scaler, need_update, second_order)
+            if not owns_backward:
+                step_backward.final(result['loss'])
 
         step_loss = result.get('loss_value', result['loss']).detach()
         losses_m.update(step_loss.item(), batch_size)
