@@ -1,21 +1,48 @@
 """Run train.py under torchrun and save every rank's final weights, so tests can compare ranks.
 
     torchrun --nproc_per_node 2 tests/ddp_harness.py OUT_DIR -- <train.py arguments>
+
+With SUBNET_COUNT_ALLREDUCE=1 it also counts the gradient all-reduces DDP issues (one call per bucket per
+synchronised backward) and writes them to OUT_DIR/allreduce<rank>.json.
 """
+import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+from timm.task import ClassificationTask
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_helpers import run_train, state_dict_of  # noqa: E402
 
+ALLREDUCE_CALLS = [0]
+
+
+def count_allreduces() -> None:
+    prepare = ClassificationTask.prepare_distributed
+
+    def counting_prepare(self, *args, **kwargs):
+        result = prepare(self, *args, **kwargs)
+
+        def hook(state, bucket):
+            ALLREDUCE_CALLS[0] += 1
+            return default_hooks.allreduce_hook(state, bucket)
+        self.trainable_module.register_comm_hook(None, hook)
+        return result
+    ClassificationTask.prepare_distributed = counting_prepare
+
+
 if __name__ == '__main__':
     out = Path(sys.argv[1])
     argv = sys.argv[sys.argv.index('--') + 1:]
     rank = int(os.environ['RANK'])
+    if os.environ.get('SUBNET_COUNT_ALLREDUCE'):
+        count_allreduces()
     run = run_train(argv)
     torch.save(state_dict_of(run), out / f'rank{rank}.pt')
+    if os.environ.get('SUBNET_COUNT_ALLREDUCE'):
+        (out / f'allreduce{rank}.json').write_text(json.dumps({'allreduce_calls': ALLREDUCE_CALLS[0]}))

@@ -12,7 +12,7 @@ SHIPPED = ROOT / 'data' / 'fashion-mnist'
 TINY_RESNET = ['--model', 'resnet18', '--model-kwargs', 'channels=(8,16,32,64)', 'stem_width=8',
                '--img-size', '28', '--num-classes', '10']
 TINY_VIT = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', 'embed_dim=32', 'depth=4', 'num_heads=2',
-            'patch_size=7', '--img-size', '28', '--num-classes', '10']
+            'patch_size=7', 'img_size=28', '--img-size', '28', '--num-classes', '10']
 
 
 def make_subset(dest: Path, train_per_class: int, val_per_class: int) -> Path:

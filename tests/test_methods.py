@@ -1,0 +1,323 @@
+"""The methods as training tasks: what each step computes, how it composes with training, and bad configs."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import subnet.tasks as tasks
+from subnet.depth import DepthEngine
+from subnet.errors import UsageError
+from subnet.losses import GroupKnowledge, group_knowledge_loss, kl_distill, standardize_logits
+from subnet.options import parse_train_args
+from train_helpers import ROOT, TINY_RESNET, TINY_VIT, make_subset, run_train, state_dict_of, train_argv
+
+METHOD_FLAGS = {
+    'cosub': ['--method', 'cosub', '--mixup', '0.2', '--drop-path', '0.1'],
+    'st': ['--method', 'st'],
+    'st++': ['--method', 'st++', '--st-subnets', '2'],
+    'gkt': ['--method', 'gkt', '--gkt-groups', '2', '--gkt-loops', '1'],
+}
+
+
+def tiny_resnet(**kwargs):
+    torch.manual_seed(0)
+    return timm.create_model('resnet18', channels=(8, 16, 32, 64), stem_width=8, num_classes=10,
+                             zero_init_last=False, **kwargs)
+
+
+def tiny_vit(**kwargs):
+    torch.manual_seed(0)
+    return timm.create_model('vit_tiny_patch16_224', img_size=28, patch_size=7, embed_dim=32, depth=4,
+                             num_heads=2, num_classes=10, **kwargs)
+
+
+def batch(size=4, dense=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(size, 3, 28, 28, generator=g)
+    labels = torch.randint(0, 10, (size,), generator=g)
+    if dense:  # a mixup-like target: two classes per row
+        other = labels.roll(1)
+        return images, 0.7 * F.one_hot(labels, 10).float() + 0.3 * F.one_hot(other, 10).float()
+    return images, labels
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ------------------------------------------------------------------------------------------------- cosub
+
+def cosub_task(model, impl='skip', rate=0.3, **kwargs):
+    depth = DepthEngine(model, input_size=(3, 28, 28))
+    rates = tasks.drop_rates(depth.num_blocks, rate, 'constant') * depth.block_map.skippable
+    return tasks.CosubTask(model, depth, rates, impl=impl, **kwargs).train()
+
+
+def test_cosub_submodels_differ_on_identical_images_and_loss_weights_add_up():
+    task = cosub_task(tiny_vit(), label_weight=0.3)
+    images, target = batch(dense=True)
+    seen = {}
+    original = task.forward_pass
+    task.forward_pass = lambda x: seen.setdefault('logits', original(x))
+    result = task(images, target)
+    logits = seen['logits']
+    assert logits.shape[0] == 2 * images.shape[0]  # duplicated inside the task: --batch-size stays per device
+    assert not torch.allclose(logits[:4], logits[4:])  # two different submodels on the same pixels
+    assert result['loss'] == pytest.approx((0.3 * result['cosub_label'] + 0.7 * result['cosub_peer']).item())
+    assert any(p.grad is not None for p in task.trainable_module.parameters())
+
+
+def test_cosub_skip_mode_equals_mask_mode_on_a_layernorm_model():
+    images, target = batch(dense=True)
+    results = {}
+    for impl in ('skip', 'mask'):
+        task = cosub_task(tiny_vit(), impl=impl)
+        results[impl] = task(images, target), grads(task.trainable_module)
+    assert results['skip'][0]['loss'].item() == pytest.approx(results['mask'][0]['loss'].item(), abs=1e-5)
+    for name, grad in results['skip'][1].items():
+        assert torch.allclose(grad, results['mask'][1][name], atol=1e-5), name
+
+
+def test_cosub_rejects_class_index_targets():
+    with pytest.raises(UsageError, match='dense'):
+        cosub_task(tiny_vit())(*batch(dense=False))
+
+
+# ---------------------------------------------------------------------------------------------- ST / GKT
+
+class FixedMasks:
+    """Replays a list of keep masks, so two tasks can be given the same subnets."""
+
+    def __init__(self, masks):
+        self.masks = list(masks)
+        self.used = []
+
+    def __call__(self, *args, **kwargs):
+        mask = self.masks[len(self.used) % len(self.masks)]
+        self.used.append(mask)
+        return mask.clone()
+
+
+def st_task(model, **kwargs):
+    depth = DepthEngine(model, input_size=(3, 28, 28))
+    return tasks.StimulativeTask(model, nn.CrossEntropyLoss(), depth, **kwargs).train()
+
+
+def _resnet_masks(model):
+    depth = DepthEngine(model, input_size=(3, 28, 28))
+    full = torch.ones(depth.num_blocks, dtype=torch.bool)
+    return [full & ~torch.arange(depth.num_blocks).eq(i) for i in depth.block_map.skippable.nonzero().flatten()]
+
+
+def test_st_gradient_is_label_ce_plus_the_sum_of_subnet_kl(monkeypatch):
+    model = tiny_resnet()
+    reference = copy.deepcopy(model).train()
+    masks = _resnet_masks(model)[:3]
+    monkeypatch.setattr(tasks, 'stage_prefix_keep', FixedMasks(masks))
+    task = st_task(model, subnets=3, bn_mode='freeze')
+    images, labels = batch()
+    result = task(images, labels)
+
+    # the same step written out by hand: one graph, everything summed, one backward
+    depth = DepthEngine(reference, input_size=(3, 28, 28))
+    logits = reference(images)
+    total = F.cross_entropy(logits, labels)
+    for keep in masks:
+        with depth.subnet(keep):
+            total = total + kl_distill(reference(images), logits.detach())
+    total.backward()
+    assert result['loss'].item() == pytest.approx(total.item(), rel=1e-5)
+    expected = grads(reference)
+    for name, grad in grads(task.trainable_module).items():
+        assert torch.allclose(grad, expected[name], atol=1e-5), name
+    assert 0 < result['st_subnet_flops'].item() < 1
+
+
+def test_st_subnets_leave_batchnorm_running_statistics_alone_when_frozen():
+    images, labels = batch(8)
+    label_only = tiny_resnet().train()
+    label_only(images)  # what the full-net pass alone does to the running statistics
+    task = st_task(tiny_resnet(), subnets=3, min_keep=1)
+    task(images, labels)
+    for (name, ours), theirs in zip(task.trainable_module.named_buffers(), label_only.buffers()):
+        assert torch.equal(ours, theirs), name
+    polluted = st_task(tiny_resnet(), subnets=3, min_keep=1, bn_mode='recal')
+    polluted(images, labels)
+    assert not torch.equal(polluted.trainable_module.bn1.running_mean, label_only.bn1.running_mean)
+
+
+def test_st_plus_plus_resizes_the_original_batch_to_patch_multiples_and_standardizes_the_ce():
+    model = tiny_vit(dynamic_img_size=True)
+    task = st_task(model, subnets=6, min_keep=3, loss='kl-', norm_ce=True, min_size=0.43)
+    sizes = []
+    original = task.forward_pass
+    task.forward_pass = lambda x: sizes.append(x.shape[-1]) or original(x)
+    images, labels = batch()
+    result = task(images, labels)
+    assert sizes[0] == 28 and len(sizes) == 7
+    assert all(7 <= s <= 28 and s % 7 == 0 for s in sizes[1:])  # patch 7; int(0.43 * 28) = 12 rounds to 14
+    # the label loss of ST++ is CE on amplitude * standardized logits (the official code), not on raw logits
+    with torch.no_grad():
+        expected = F.cross_entropy(standardize_logits(tiny_vit(dynamic_img_size=True).train()(images)), labels)
+    assert result['st_label'].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_gkt_with_one_group_is_st_with_r_subnets(monkeypatch):
+    masks = _resnet_masks(tiny_resnet())[:3]
+    monkeypatch.setattr(tasks, 'stage_prefix_keep', FixedMasks(masks))
+    st = st_task(tiny_resnet(), subnets=3)
+    gkt = tasks.GroupKnowledgeTask(tiny_resnet(), nn.CrossEntropyLoss(),
+                                   DepthEngine(tiny_resnet(), input_size=(3, 28, 28)), groups=1, loops=3,
+                                   sampler=FixedMasks(masks)).train()
+    gkt.depth = DepthEngine(gkt.trainable_module, input_size=(3, 28, 28))
+    images, labels = batch()
+    st_result, gkt_result = st(images, labels), gkt(images, labels)
+    assert st_result['loss'].item() == pytest.approx(gkt_result['loss'].item(), abs=1e-6)
+    st_grads = grads(st.trainable_module)
+    for name, grad in grads(gkt.trainable_module).items():
+        assert torch.allclose(grad, st_grads[name], atol=1e-6), name
+
+
+def test_gkt_step_matches_the_group_knowledge_reference_and_nests_its_subnets():
+    model = tiny_resnet()
+    depth = DepthEngine(model, input_size=(3, 28, 28))
+    task = tasks.GroupKnowledgeTask(model, nn.CrossEntropyLoss(), depth, groups=3, loops=2, drop=0.3,
+                                    ema=0.5).train()
+    children = []
+    sampler = task.sample_child
+    task.sample_child = lambda parent, g: children.append((parent, sampler(parent, g))) or children[-1][1]
+    outputs = []
+    original = task.forward_pass
+    task.forward_pass = lambda x: outputs.append(original(x)) or outputs[-1]
+    images, labels = batch()
+    result = task(images, labels)
+    for parent, child in children:
+        assert not (child & ~parent).any()  # a child keeps a subset of its parent's blocks
+    assert children[3][0].all()  # the second loop starts again from the full net
+    reference = group_knowledge_loss(outputs[0].detach(), labels, [o.detach() for o in outputs[1:]],
+                                     GroupKnowledge(3, 0.5))
+    assert result['loss'].item() == pytest.approx(reference.total.item(), rel=1e-5)
+    assert result['gkt_kd'].item() == pytest.approx(sum(t.item() for t in reference.distill_terms), rel=1e-5)
+
+
+@pytest.mark.parametrize('method', ['cosub', 'st', 'gkt'])
+def test_each_method_steps_under_bf16_autocast_with_fp32_losses(method):
+    model = tiny_resnet(drop_path_rate=0.1)
+    if method == 'cosub':
+        task = cosub_task(model)
+        images, target = batch(dense=True)
+    else:
+        depth = DepthEngine(model, input_size=(3, 28, 28))
+        cls = tasks.StimulativeTask if method == 'st' else tasks.GroupKnowledgeTask
+        task = cls(model, nn.CrossEntropyLoss(), depth).train()
+        images, target = batch()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        result = task(images, target)
+    assert result['loss'].dtype == torch.float32 and torch.isfinite(result['loss'])
+    assert all(torch.isfinite(g).all() for g in grads(task.trainable_module).values())
+
+
+def test_task_state_carries_the_step_so_a_resume_replays_the_subnets():
+    task = st_task(tiny_resnet())
+    task(*batch())
+    task(*batch())
+    state = task.get_task_state()
+    assert state == {'method': 'st', 'step': 2} and task.get_task_state(ema=True) == {}
+    fresh = st_task(tiny_resnet())
+    fresh.load_task_state(state)
+    assert fresh.step == 2
+
+
+# ------------------------------------------------------------------------------------------- bad configs
+
+@pytest.mark.parametrize('argv, message', [
+    (['--method', 'cosub', '--drop-path', '0.1'], 'cosub needs dense targets'),
+    (['--method', 'cosub', '--mixup', '0.8', '--drop-path', '0'], 'cosub needs stochastic depth'),
+    (['--method', 'cosub', '--mixup', '0.8', '--drop-path', '0.1', '--bce-target-thresh', '0'],
+     'erases the labels'),
+    (['--method', 'cosub', '--mixup', '0.8', '--cosub-label-weight', '2'], '--cosub-label-weight'),
+    (['--method', 'st++', '--st-min-size', '0'], '--st-min-size'),
+    (['--method', 'st', '--st-subnets', '0'], '--st-subnets'),
+    (['--method', 'gkt', '--gkt-groups', '0'], '--gkt-groups'),
+    (['--method', 'gkt', '--gkt-ema', '0'], '--gkt-ema'),
+    (['--method', 'st', '--naflex-loader'], '--naflex-loader'),
+    (['--method', 'gkt', '--kd-model-name', 'resnet18'], '--kd-model-name'),
+    (['--method', 'st', '--aug-splits', '3', '--jsd-loss'], '--aug-splits'),
+])
+def test_bad_method_configurations_are_one_line_usage_errors(argv, message):
+    args, _ = parse_train_args(argv)
+    with pytest.raises(UsageError, match=message.replace('+', r'\+')):
+        tasks.check_method_args(args)
+
+
+def test_cosub_on_a_model_built_without_drop_path_is_refused():
+    args = SimpleNamespace(cosub_drop_schedule='linear', drop_path=None)
+    with pytest.raises(UsageError, match='built without it'):
+        tasks._cosub_drop_rate(args, DepthEngine(tiny_resnet(), input_size=(3, 28, 28)))
+
+
+def test_st_plus_plus_defaults_are_the_papers():
+    args, _ = parse_train_args(['--method', 'st++'])
+    tasks.check_method_args(args)
+    assert (args.st_subnets, args.st_min_keep, args.st_loss, args.st_min_size, args.st_norm_ce) == \
+        (6, 3, 'kl-', 0.43, True)
+    args, _ = parse_train_args(['--method', 'st'])
+    tasks.check_method_args(args)
+    assert (args.st_subnets, args.st_min_keep, args.st_loss, args.st_min_size, args.st_norm_ce) == \
+        (1, 1, 'kl', 1.0, False)
+
+
+# -------------------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_subset(tmp_path_factory.mktemp('fmnist'), train_per_class=8, val_per_class=4)
+
+
+@pytest.mark.parametrize('model', ['resnet', 'vit'])
+@pytest.mark.parametrize('method', list(METHOD_FLAGS))
+def test_one_epoch_per_method_checkpoints_a_plain_timm_model(method, model, data, tmp_path):
+    run = run_train(train_argv(data, tmp_path, 'run', *METHOD_FLAGS[method], '-b', '8',
+                               model=TINY_RESNET if model == 'resnet' else TINY_VIT))
+    folder = Path(run.output_dir)
+    with open(folder / 'summary.csv') as f:
+        header = f.readline().strip().split(',')
+    assert header[:6] == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
+    prefix = {'st++': 'st'}.get(method, method)
+    assert any(c.startswith(f'train_{prefix}_') for c in header[6:]), header
+    checkpoint = torch.load(folder / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert checkpoint['task_state']['method'] == method and checkpoint['task_state']['step'] > 0
+    kwargs = (dict(channels=(8, 16, 32, 64), stem_width=8) if model == 'resnet' else
+              dict(embed_dim=32, depth=4, num_heads=2, patch_size=7, img_size=28))
+    arch = 'resnet18' if model == 'resnet' else 'vit_tiny_patch16_224'
+    plain = timm.create_model(arch, num_classes=10, checkpoint_path=str(folder / 'last.pth.tar'), **kwargs).eval()
+    trained = state_dict_of(run)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+
+
+@pytest.mark.parametrize('method', ['none', *METHOD_FLAGS])
+def test_two_process_gloo_run_per_method_identical_weights_and_one_allreduce_per_step(method, data, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT), SUBNET_COUNT_ALLREDUCE='1')
+    flags = METHOD_FLAGS.get(method, [])
+    argv = train_argv(data, tmp_path, 'ddp', *flags, '-b', '8')
+    port = str(29600 + list(METHOD_FLAGS).index(method) if method != 'none' else 29599)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', port,
+           str(ROOT / 'tests' / 'ddp_harness.py'), str(tmp_path), '--', *argv]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    counts = json.loads((tmp_path / 'allreduce0.json').read_text())
+    # 80 images / (2 ranks x 8) = 5 optimizer steps; the tiny model's gradients fit one DDP bucket
+    assert counts == {'allreduce_calls': 5}
