@@ -1,0 +1,224 @@
+"""What depth masking costs: forward+backward time and autograd memory of subnets, relative to the full model.
+
+For each model it measures, in one process and interleaved (so machine noise hits every row alike):
+  * the full model;
+  * per-batch subnets keeping 100% / 75% / 50% of the skippable blocks (a fixed random subset);
+  * per-sample keep masks (a constant Bernoulli drop rate on every skippable block, a fresh mask each repeat)
+    in skip mode at drop rates 0.1 / 0.2 / 0.45, and at 0.2 in mask mode and with timm's own DropPath.
+Each row prints the median time and the mean autograd-saved memory over the repeats, both as a ratio to the
+full model, next to the FLOP-ideal ratio (BlockMap.flop_fraction of the masks actually used). Memory is the bytes
+of the distinct tensors autograd saves for backward in that step (saved-tensor hooks; parameters excluded), i.e.
+the activation memory held at the end of the forward, which is what dropping blocks can save.
+
+    python benchmarks/depth_cost.py --threads 1          # full settings: ViT-S and ResNet-50, 224 px, batch 32
+    python benchmarks/depth_cost.py --img-size 64 --batch-size 8 --repeats 2 --models resnet50   # quick look
+    python benchmarks/depth_cost.py --compile-check --img-size 64 --batch-size 4                 # recompile counts
+"""
+import argparse
+import contextlib
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from subnet.depth import DepthEngine  # noqa: E402
+from subnet.sampling import bernoulli_keep, drop_rates, stage_prefix_keep  # noqa: E402
+
+PER_BATCH_KEEP = (1.0, 0.75, 0.5)
+PER_SAMPLE_DROP = (0.1, 0.2, 0.45)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--models', default='vit_small_patch16_224,resnet50')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--repeats', type=int, default=5, help='timed steps per row (median reported)')
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch default)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--compile-check', action='store_true',
+                        help='instead of timing, count torch.compile graphs per mode over --compile-steps steps')
+    parser.add_argument('--compile-steps', type=int, default=12)
+    parser.add_argument('--compile-backend', default='eager', help="'eager' counts dynamo recompiles quickly")
+    return parser.parse_args()
+
+
+class Bench:
+    def __init__(self, name, args):
+        self.name = name
+        torch.manual_seed(args.seed)
+        self.model = timm.create_model(name, img_size=args.img_size) if 'vit' in name else timm.create_model(name)
+        self.model.train()
+        size = (3, args.img_size, args.img_size)
+        self.engine = DepthEngine(self.model, input_size=size)
+        self.block_map = self.engine.block_map
+        generator = torch.Generator().manual_seed(args.seed)
+        self.x = torch.randn((args.batch_size,) + size, generator=generator)
+        self.target = torch.randint(0, 1000, (args.batch_size,), generator=generator)
+        self.batch = args.batch_size
+        self.generator = generator
+
+    def step(self, context):
+        """One forward+backward inside ``context``: (seconds, bytes of the distinct non-parameter storages autograd
+        saved for backward). The counting hook costs the same in every row."""
+        param_storages = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        saved = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in param_storages:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+        self.model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        with context, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            torch.nn.functional.cross_entropy(self.model(self.x), self.target).backward()
+        return time.perf_counter() - start, sum(saved.values())
+
+    def per_batch_keep(self, fraction):
+        skippable = self.block_map.skippable.nonzero().flatten()
+        n_drop = round((1 - fraction) * len(skippable))
+        order = torch.randperm(len(skippable), generator=torch.Generator().manual_seed(1))
+        keep = torch.ones(len(self.block_map), dtype=torch.bool)
+        keep[skippable[order[:n_drop]]] = False
+        return keep
+
+    def per_sample_mask(self, rate):
+        rates = drop_rates(len(self.block_map), rate, 'constant') * self.block_map.skippable
+        return bernoulli_keep(self.batch, rates, self.generator), 1 - rates
+
+    def rows(self):
+        """(label, make_context() -> (context, flop_fraction)) for every measured row."""
+        rows = [('full model', lambda: (contextlib.nullcontext(), 1.0))]
+        for fraction in PER_BATCH_KEEP:
+            keep = self.per_batch_keep(fraction)
+            rows.append((f'per-batch keep {fraction:.2f}',
+                         lambda keep=keep: (self.engine.subnet(keep), self.block_map.flop_fraction(keep))))
+        for rate in PER_SAMPLE_DROP:
+            def make(rate=rate):
+                mask, keep_prob = self.per_sample_mask(rate)
+                return self.engine.per_sample(mask, keep_prob), self.block_map.flop_fraction(mask)
+            rows.append((f'per-sample skip, drop {rate:.2f}', make))
+
+        def make_mask():
+            mask, keep_prob = self.per_sample_mask(0.2)
+            return self.engine.per_sample(mask, keep_prob, mode='mask'), 1.0
+        rows.append(('per-sample mask, drop 0.20', make_mask))
+        rates = drop_rates(len(self.block_map), 0.2, 'constant') * self.block_map.skippable
+        rows.append(('timm DropPath, drop 0.20', lambda: (self.engine.timm_drop_path(rates), 1.0)))
+        return rows
+
+
+def run_timing(args):
+    print(f'torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}, '
+          f'batch {args.batch_size}, {args.img_size} px, median of {args.repeats} (+{args.warmup} warm-up) '
+          f'forward+backward steps, fp32, CPU')
+    print()
+    print('| model | mode | time ms | time ratio | memory ratio | FLOP-ideal ratio | time / ideal | memory / ideal |')
+    print('|---|---|---:|---:|---:|---:|---:|---:|')
+    for name in args.models.split(','):
+        bench = Bench(name, args)
+        rows = bench.rows()
+        times = {label: [] for label, _ in rows}
+        memory = {label: [] for label, _ in rows}
+        ideals = {label: [] for label, _ in rows}
+        for label, make in rows:
+            for _ in range(args.warmup):
+                bench.step(make()[0])
+        for _ in range(args.repeats):
+            for label, make in rows:  # interleaved: drift and neighbours' load hit every row alike
+                context, ideal = make()
+                seconds, saved = bench.step(context)
+                times[label].append(seconds)
+                memory[label].append(saved)
+                ideals[label].append(ideal)
+        full_time = statistics.median(times['full model'])
+        full_memory = statistics.mean(memory['full model'])
+        for label, _ in rows:
+            t = statistics.median(times[label]) / full_time
+            m = statistics.mean(memory[label]) / full_memory
+            ideal = statistics.mean(ideals[label])
+            print(f'| {name} | {label} | {1000 * statistics.median(times[label]):.0f} | {t:.3f} | {m:.3f} | '
+                  f'{ideal:.3f} | {t / ideal:.3f} | {m / ideal:.3f} |')
+        skip, mask = statistics.median(times['per-sample skip, drop 0.20']), statistics.median(
+            times['per-sample mask, drop 0.20'])
+        print(f'| {name} | skip vs mask speed-up at drop 0.20 | | {mask / skip:.3f}x | | | | |')
+        sys.stdout.flush()
+
+
+class _RecompileLimitWatch(logging.Handler):
+    """Notices dynamo's 'hit config.recompile_limit' warning: from then on that frame runs eagerly."""
+
+    def __init__(self):
+        super().__init__()
+        self.hit = False
+
+    def emit(self, record):
+        self.hit |= 'recompile_limit' in record.getMessage() or 'cache_size_limit' in record.getMessage()
+
+
+def run_compile_check(args):
+    from torch._dynamo.utils import counters
+    watch = _RecompileLimitWatch()
+    logging.getLogger('torch._dynamo.convert_frame').addHandler(watch)
+    print(f'torch.compile (backend {args.compile_backend}) over {args.compile_steps} training steps per mode; '
+          f'graphs = distinct compiled graphs, recompile limit {torch._dynamo.config.recompile_limit}')
+    print()
+    print('| model | mode | distinct masks | graphs compiled | hit recompile limit |')
+    print('|---|---|---:|---:|---|')
+    for name in args.models.split(','):
+        bench = Bench(name, args)
+        modes = {
+            'full model only': lambda: (contextlib.nullcontext(), None),
+            'per-sample mask (0.2)': lambda: _skip(bench, mode='mask'),
+            'timm DropPath (0.2)': lambda: (bench.engine.timm_drop_path(
+                drop_rates(len(bench.block_map), 0.2, 'constant') * bench.block_map.skippable), None),
+            'per-batch ST prefix (min 1)': lambda: _prefix(bench),
+            'per-sample skip (0.2)': lambda: _skip(bench),
+        }
+        for label, make in modes.items():
+            torch._dynamo.reset()
+            counters.clear()
+            watch.hit = False
+            compiled = torch.compile(bench.model, backend=args.compile_backend)
+            patterns = set()
+            for _ in range(args.compile_steps):
+                context, pattern = make()
+                patterns.add(pattern)
+                bench.model.zero_grad(set_to_none=True)
+                with context:
+                    torch.nn.functional.cross_entropy(compiled(bench.x), bench.target).backward()
+            print(f'| {name} | {label} | {len(patterns - {None}) or "-"} | '
+                  f'{counters["stats"].get("unique_graphs", 0)} | {"yes" if watch.hit else "no"} |')
+            sys.stdout.flush()
+        torch._dynamo.reset()
+
+
+def _skip(bench, mode='skip'):
+    mask, keep_prob = bench.per_sample_mask(0.2)
+    return bench.engine.per_sample(mask, keep_prob, mode=mode), tuple(mask.flatten().tolist())
+
+
+def _prefix(bench):
+    keep = stage_prefix_keep(bench.block_map, 1, bench.generator)
+    return bench.engine.subnet(keep), tuple(keep.tolist())
+
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compile_check:
+        run_compile_check(args)
+    else:
+        run_timing(args)
+
+
+if __name__ == '__main__':
+    main()

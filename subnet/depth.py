@@ -1,0 +1,396 @@
+"""Run a timm model as a subnet: per-batch block subsets, per-sample keep masks (skip or mask mode), timm drop-path.
+
+Every mode is a context manager that installs its pieces on entry and restores the model exactly on exit (also
+on an exception), so outside a context the model is the plain timm model: module names, state_dict keys,
+``deepcopy`` (EMA), DDP and torch.compile see nothing of the engine.
+
+* ``subnet(keep)``: dropped blocks get an instance-level ``forward`` that returns its input, so they cost nothing.
+  ``nn.Sequential``, loops and timm's ``checkpoint_seq`` all call ``block.forward``, so no family needs special care.
+* ``per_sample(keep_mask, keep_prob, mode='skip')``: a block runs only on the rows that keep it (gather, the block's
+  own forward, scatter back); the other rows pass through untouched. The branch scaling (1/keep_prob, timm's
+  ``scale_by_keep``) is a module put into the block's drop_path slots, so blocks with an activation after the
+  residual sum (ResNet) are handled by their own forward.
+* ``per_sample(..., mode='mask')``: every block runs on every row and its branches are multiplied by the per-row
+  mask / keep_prob; same result, full cost, but a graph whose structure does not depend on the mask.
+* ``timm_drop_path(rates)``: the model's own per-branch ``DropPath`` with the given per-block rates (DeiT / cosub).
+
+With grad checkpointing the blocks run again during backward, so call ``backward()`` inside the context.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import types
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from timm.layers import drop_path
+
+from .blocks import Block, BlockMap, find_blocks, unwrap_model
+from .errors import UsageError
+
+__all__ = ['DepthEngine']
+
+KeepSpec = Union[torch.Tensor, Sequence[bool], Iterable[int]]
+
+
+class _SlotModule(nn.Module):
+    """Base of the modules put into drop_path slots: a deepcopy taken inside a context gets the original slot back."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = None  # the model's own slot content when it should still act (DropPath), else None
+
+    def set_original(self, original: Optional[nn.Module]) -> None:
+        object.__setattr__(self, '_original', original)  # not a submodule: invisible to state_dict / named_modules
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(self.__dict__.get('_original'), memo)
+
+
+class _BranchScale(_SlotModule):
+    """Multiplies a residual branch by a constant: 1/keep_prob for the rows that keep the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.factor = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inner is not None:
+            x = self.inner(x)
+        return x if self.factor == 1.0 else x * self.factor
+
+
+class _RowMask(_SlotModule):
+    """Multiplies a residual branch by a per-row factor (keep / keep_prob): a dropped row adds exactly zero."""
+
+    def __init__(self, model_name: str):
+        super().__init__()
+        self.model_name = model_name
+        self.factor = torch.ones(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != self.factor.shape[0]:
+            raise UsageError(f'{self.model_name}: keep mask has {self.factor.shape[0]} rows but the batch has '
+                             f'{x.shape[0]}')
+        if self.inner is not None:
+            x = self.inner(x)
+        return x * self.factor.view((-1,) + (1,) * (x.ndim - 1)).to(x.dtype)
+
+
+class _BlockForward:
+    """Instance-level replacement of ``block.forward``; a deepcopy of the block gets its class forward back.
+
+    The engine keeps one per block and mode and only updates its fields, because torch.compile drops its cached
+    graphs when the object it guarded on is freed.
+    """
+
+    def __init__(self, block: Block, model_name: str):
+        self.block = block
+        self.model_name = model_name
+        self.batch: Optional[int] = None
+        self.previous = None  # an instance-level forward someone installed before us, if any
+        self.touch = False
+
+    def check_batch(self, x: torch.Tensor) -> None:
+        if self.batch is not None and x.shape[0] != self.batch:
+            raise UsageError(f'{self.model_name}: keep mask has {self.batch} rows but block {self.block.name} '
+                             f'got a batch of {x.shape[0]}')
+
+    def run_block(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.previous is not None:
+            return self.previous(x, *args, **kwargs)
+        return type(self.block.module).forward(self.block.module, x, *args, **kwargs)
+
+    def passthrough(self, x: torch.Tensor) -> torch.Tensor:
+        if self.touch and torch.is_grad_enabled():
+            # 0 * (sum of the block's parameters): every parameter stays in the autograd graph with a zero grad,
+            # so DDP without find_unused_parameters does not wait for them; x + 0 is still exactly x
+            params = [p for p in self.block.module.parameters() if p.requires_grad]
+            if params:
+                return x + 0. * sum(p.sum() for p in params)
+        return x
+
+    def __deepcopy__(self, memo):
+        copied = memo.get(id(self.block.module))
+        return types.MethodType(type(self.block.module).forward, copied) if copied is not None else self
+
+
+class _SkipBlock(_BlockForward):
+    """The block is not computed at all."""
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.check_batch(x)
+        return self.passthrough(x)
+
+
+class _RowSubsetBlock(_BlockForward):
+    """The block runs only on the kept rows; the others pass through untouched."""
+
+    def __init__(self, block: Block, model_name: str):
+        super().__init__(block, model_name)
+        self.rows = torch.zeros(0, dtype=torch.long)
+
+    def gather(self, key, value):
+        # an extra argument with a batch dimension (an attention mask) follows the rows; shared ones (rope tables,
+        # relative position biases) do not
+        if (torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == self.batch
+                and key not in self.block.shared_args):
+            return value.index_select(0, self.rows)
+        return value
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.check_batch(x)
+        kept = x.index_select(0, self.rows)
+        if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            kept = kept.contiguous(memory_format=torch.channels_last)
+        args = [self.gather(pos, a) for pos, a in enumerate(args, start=1)]
+        kwargs = {k: self.gather(k, v) for k, v in kwargs.items()}
+        out = self.run_block(kept, *args, **kwargs)
+        # into a copy of x that keeps its memory format; index_put_ saves only the rows for backward (index_copy
+        # would also keep ``out`` alive, a second copy of the kept activations)
+        return x.to(dtype=out.dtype, copy=True).index_put_((self.rows,), out)
+
+
+class DepthEngine:
+    """Depth masking for one timm model; build it before wrapping the model in DDP / torch.compile.
+
+    ``touch_unused``: skipped blocks add ``0 * sum(params)`` so DDP sees every parameter used; None turns it on
+    when torch.distributed is initialised with more than one rank.
+    """
+
+    def __init__(self, model: nn.Module, block_map: Optional[BlockMap] = None, *,
+                 input_size: Optional[Sequence[int]] = None, touch_unused: Optional[bool] = None):
+        self.model = unwrap_model(model)
+        self.block_map = block_map if block_map is not None else find_blocks(self.model, input_size)
+        self.touch_unused = touch_unused
+        self._active = False
+        # slot modules are reused across steps: torch.compile then sees the same objects each time
+        self._scale_slots = {}
+        self._mask_slots = {}
+        self._drop_path_slots = {}
+        self._forwards = {}
+
+    @property
+    def name(self) -> str:
+        return self.block_map.model_name
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_map.blocks)
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    def keep_vector(self, keep: KeepSpec) -> torch.Tensor:
+        """A (num_blocks,) bool tensor from a bool mask or from the indices of the blocks to keep."""
+        n = self.num_blocks
+        keep = keep.detach().cpu() if torch.is_tensor(keep) else torch.as_tensor(list(keep))
+        if keep.dtype == torch.bool:
+            if keep.shape != (n,):
+                raise UsageError(f'{self.name}: keep has shape {tuple(keep.shape)}, expected ({n},) (one per block)')
+            return keep
+        if keep.numel() and (keep.ndim != 1 or keep.is_floating_point()):
+            raise UsageError(f'{self.name}: keep must be one bool per block or a list of block indices')
+        mask = torch.zeros(n, dtype=torch.bool)
+        for index in keep.long().tolist():
+            if not 0 <= index < n:
+                raise UsageError(f'{self.name}: block index {index} out of range ({n} blocks)')
+            mask[index] = True
+        return mask
+
+    def _check_droppable(self, dropped: torch.Tensor) -> None:
+        for index in dropped.nonzero().flatten().tolist():
+            block = self.block_map.blocks[index]
+            if not block.skippable:
+                raise UsageError(f'{self.name}: block {index} ({block.name}) cannot be skipped: {block.reason}')
+
+    def _rates(self, rates, what: str) -> torch.Tensor:
+        rates = torch.as_tensor(rates, dtype=torch.float64).detach().cpu()
+        if rates.ndim == 0:
+            rates = rates.expand(self.num_blocks)
+        if rates.shape != (self.num_blocks,):
+            raise UsageError(f'{self.name}: {what} has shape {tuple(rates.shape)}, expected ({self.num_blocks},)')
+        if bool(((rates < 0) | (rates > 1)).any()):
+            raise UsageError(f'{self.name}: {what} must lie in [0, 1]')
+        return rates
+
+    def _touch(self) -> bool:
+        if self.touch_unused is not None:
+            return self.touch_unused
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device('cpu')
+
+    # ---- installing and restoring -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[List]:
+        if self._active:
+            raise RuntimeError(f'{self.name}: a depth context is already active on this model')
+        self._active = True
+        undo = []
+        try:
+            yield undo
+        finally:
+            for restore in reversed(undo):
+                restore()
+            self._active = False
+
+    def _set_forward(self, undo: List, block: Block, kind, batch: Optional[int], **fields) -> None:
+        module = block.module
+        had = 'forward' in module.__dict__
+        previous = module.__dict__.get('forward')
+        forward = self._forwards.setdefault((block.index, kind), kind(block, self.name))
+        forward.batch, forward.previous = batch, previous
+        for name, value in fields.items():
+            setattr(forward, name, value)
+        module.__dict__['forward'] = forward
+
+        def restore():
+            if had:
+                module.__dict__['forward'] = previous
+            else:
+                module.__dict__.pop('forward', None)
+        undo.append(restore)
+
+    @staticmethod
+    def _set_slots(undo: List, block: Block, make_slot, keep_inner: bool) -> None:
+        module = block.module
+        saved = []
+        for slot in block.slots:
+            was_module = slot in module._modules
+            original = module._modules[slot] if was_module else module.__dict__.get(slot)
+            new = make_slot(slot)
+            new.set_original(original)
+            new.inner = original if keep_inner else None
+            module.__dict__.pop(slot, None)
+            module._modules[slot] = new
+            saved.append((slot, was_module, original))
+
+        def restore():
+            for slot, was_module, original in saved:
+                if was_module:
+                    module._modules[slot] = original
+                else:
+                    module._modules.pop(slot, None)
+                    module.__dict__[slot] = original
+        undo.append(restore)
+
+    def _scale_slot(self, block: Block, factor: float):
+        def make(slot):
+            module = self._scale_slots.setdefault((block.index, slot), _BranchScale())
+            module.factor = factor
+            return module
+        return make
+
+    def _mask_slot(self, block: Block, factor: torch.Tensor):
+        def make(slot):
+            module = self._mask_slots.setdefault((block.index, slot), _RowMask(self.name))
+            module.factor = factor
+            return module
+        return make
+
+    # ---- the modes --------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def subnet(self, keep: KeepSpec, *, model_drop_path: bool = False) -> Iterator[None]:
+        """Run whole batches through the kept blocks only (a bool per block, or the kept block indices).
+
+        The model's own DropPath slots are off in the kept blocks unless ``model_drop_path``.
+        """
+        keep = self.keep_vector(keep)
+        self._check_droppable(~keep)
+        touch = self._touch()
+        with self._session() as undo:
+            for block in self.block_map.blocks:
+                if not keep[block.index]:
+                    self._set_forward(undo, block, _SkipBlock, None, touch=touch)
+                elif not model_drop_path:
+                    self._set_slots(undo, block, self._scale_slot(block, 1.0), keep_inner=False)
+            yield
+
+    @contextlib.contextmanager
+    def per_sample(self, keep_mask: torch.Tensor, keep_prob=None, *, mode: str = 'skip',
+                   model_drop_path: bool = False) -> Iterator[None]:
+        """Run each block only for the rows that keep it; ``keep_mask`` is (batch, num_blocks) bool.
+
+        ``keep_prob`` (a float or one per block) divides the kept branches as timm's DropPath(scale_by_keep) does,
+        so a Bernoulli(keep_prob) mask gives stochastic depth in expectation; None leaves them unscaled.
+        ``mode='skip'`` saves the compute of dropped rows in skippable blocks (other blocks are mask-multiplied);
+        ``mode='mask'`` multiplies every branch by its per-row factor (static graph, full cost).
+        """
+        if mode not in ('skip', 'mask'):
+            raise UsageError(f"{self.name}: per-sample mode must be 'skip' or 'mask', not {mode!r}")
+        keep_mask = torch.as_tensor(keep_mask)
+        if keep_mask.ndim != 2 or keep_mask.shape[1] != self.num_blocks:
+            raise UsageError(f'{self.name}: keep mask has shape {tuple(keep_mask.shape)}, expected '
+                             f'(batch, {self.num_blocks}) (one column per block)')
+        keep_mask = keep_mask.detach().cpu()
+        if keep_mask.dtype != torch.bool:
+            if bool(((keep_mask != 0) & (keep_mask != 1)).any()):
+                raise UsageError(f'{self.name}: keep mask must hold only 0/1 or booleans')
+            keep_mask = keep_mask != 0
+        batch = keep_mask.shape[0]
+        factors = torch.ones(self.num_blocks, dtype=torch.float64)
+        if keep_prob is not None:
+            probs = self._rates(keep_prob, 'keep_prob')
+            factors = torch.where(probs > 0, 1.0 / probs.clamp_min(1e-12), torch.ones_like(probs))
+        device = self._device()
+        kept_counts = keep_mask.sum(0).tolist()
+        touch = self._touch()
+        row_factors = (keep_mask.to(torch.float32) * factors.to(torch.float32)).t().contiguous().to(device)
+        with self._session() as undo:
+            for block in self.block_map.blocks:
+                count, factor = kept_counts[block.index], float(factors[block.index])
+                if mode == 'mask' or (not block.skippable and count < batch):
+                    self._set_slots(undo, block, self._mask_slot(block, row_factors[block.index]), model_drop_path)
+                    continue
+                if count == 0:
+                    self._set_forward(undo, block, _SkipBlock, batch, touch=touch)
+                    continue
+                if count < batch:
+                    rows = keep_mask[:, block.index].nonzero().flatten().to(device)
+                    self._set_forward(undo, block, _RowSubsetBlock, batch, rows=rows)
+                if factor != 1.0 or not model_drop_path:
+                    self._set_slots(undo, block, self._scale_slot(block, factor), model_drop_path)
+            yield
+
+    @contextlib.contextmanager
+    def timm_drop_path(self, rates) -> Iterator[None]:
+        """timm's own stochastic depth at these per-block rates (a float or one per block), in place of the model's.
+
+        Each branch draws its own per-row mask from the global RNG inside forward (training mode only), exactly
+        as a model built with those rates would; static graph, full cost.
+        """
+        rates = self._rates(rates, 'drop-path rates')
+        with self._session() as undo:
+            for block in self.block_map.blocks:
+                rate = float(rates[block.index])
+
+                def make(slot, block=block, rate=rate):
+                    module = self._drop_path_slots.setdefault((block.index, slot), _DropPathSlot())
+                    module.drop_prob = rate
+                    module.train(block.module.training)
+                    return module
+                self._set_slots(undo, block, make, keep_inner=False)
+            yield
+
+    def model_drop_path_rates(self) -> torch.Tensor:
+        """The drop-path rate of each block as the model was built (0 for Identity / None slots)."""
+        rates = []
+        for block in self.block_map.blocks:
+            slots = [getattr(block.module, s) for s in block.slots]
+            rates.append(max([float(getattr(s, 'drop_prob', 0.0)) for s in slots if s is not None], default=0.0))
+        return torch.tensor(rates, dtype=torch.float64)
+
+
+class _DropPathSlot(_SlotModule):
+    """timm's per-branch stochastic depth (``timm.layers.drop_path``, scale_by_keep) at a rate we set."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop_prob = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training, scale_by_keep=True)

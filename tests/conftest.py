@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny timm models (default depth, small width and input size) for fast CPU tests."""
+import pytest
+import timm
+import torch
+
+from subnet.blocks import find_blocks
+
+# The families the depth engine must support, at their default depth (so block counts are those of the real
+# architecture) with a narrow width and a small input. Values: create_model kwargs; 'img_size' is also the input.
+TINY_FAMILIES = {
+    'resnet18': dict(zero_init_last=False),  # a zero-initialised branch would make every block a no-op
+    'resnet50': dict(zero_init_last=False),
+    'regnetx_002': dict(),
+    'convnext_atto': dict(),
+    'efficientnet_b0': dict(),
+    'mobilenetv3_small_100': dict(),
+    'vit_tiny_patch16_224': dict(img_size=32, embed_dim=32, num_heads=2),
+    'deit_tiny_patch16_224': dict(img_size=32, embed_dim=32, num_heads=2),
+    'deit3_small_patch16_224': dict(img_size=32, embed_dim=32, num_heads=2),
+    'cait_xxs24_224': dict(img_size=32, embed_dim=32, num_heads=2),
+    'pit_ti_224': dict(img_size=64),
+    'swin_tiny_patch4_window7_224': dict(img_size=64, window_size=4, embed_dim=24),
+    'xcit_nano_12_p16_224': dict(img_size=32),
+    'levit_128s': dict(img_size=64),
+    'eva02_tiny_patch14_224': dict(img_size=28, embed_dim=32, num_heads=2),
+    'beit_base_patch16_224': dict(img_size=32, embed_dim=32, num_heads=2, head_init_scale=1.0),
+}
+
+# Families without BatchNorm anywhere: a block run on a subset of rows computes exactly what it computes for
+# those rows in the full batch, also in training mode.
+LAYERNORM_FAMILIES = ['convnext_atto', 'vit_tiny_patch16_224', 'deit_tiny_patch16_224', 'deit3_small_patch16_224',
+                      'cait_xxs24_224', 'pit_ti_224', 'swin_tiny_patch4_window7_224', 'eva02_tiny_patch14_224',
+                      'beit_base_patch16_224']
+
+
+def tiny_input_size(name):
+    size = TINY_FAMILIES[name].get('img_size', 32)
+    return (3, size, size)
+
+
+def create_tiny(name, **overrides):
+    """A fresh tiny model (seeded, eval mode) whose residual branches visibly change the output.
+
+    At init, layer scales are 1e-6..1e-5 (DeiT III, ConvNeXt, CaiT), some last-BN weights are zero (RegNet, LeViT)
+    and eval-mode BatchNorm has unit running statistics, so activations vanish in deep CNNs. Here layer scales and
+    zeroed norm weights become 1 and BatchNorm statistics are estimated on a few random batches.
+    """
+    torch.manual_seed(0)
+    model = timm.create_model(name, **{**TINY_FAMILIES[name], **overrides})
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param_name.rsplit('.', 1)[-1].startswith('gamma'):
+                param.fill_(1.0)
+        for norm in norms:
+            if norm.weight is not None and not norm.weight.any():
+                norm.weight.fill_(1.0)
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average over the calibration batches
+        if norms:
+            model.train()
+            for _ in range(2):
+                model(torch.randn((8,) + tiny_input_size(name)))
+        for norm in norms:
+            norm.momentum = 0.1
+    return model.eval()
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP threads spin-wait for a busy core, which made these
+    tiny forwards up to 100x slower with 2 threads than with 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='session')
+def tiny_model():
+    """Getter for a cached (model, block_map) per family; tests must leave the model as they found it."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = create_tiny(name)
+            cache[name] = (model, find_blocks(model, tiny_input_size(name)))
+        model, block_map = cache[name]
+        return model.eval(), block_map
+    return get
