@@ -31,9 +31,10 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler, trim_summary
 
-from subnet import output
+from subnet import output, plots
 from subnet.data import build_loaders, check_image_folders, mixup_kwargs, seed_epoch, set_loader_epoch
 from subnet.engine import StepSetup, evaluate, train_one_epoch
+from subnet.evaluation import SubnetMonitor
 from subnet.errors import UsageError
 from subnet.models import check_state_dict_fits, load_checkpoint_file, load_initial_checkpoint, resolve_model_name
 from subnet.options import parse_train_args
@@ -241,6 +242,10 @@ def run(argv=None) -> TrainRun:
 
 def _train(argv) -> TrainRun:
     args, args_text = parse_train_args(argv)
+    if args.plot_summary:  # a picture of a finished (or running) run, no training
+        png = plots.plot_summary(args.plot_summary)
+        _logger.info(f'Wrote {png}')
+        return TrainRun(args, None, os.path.dirname(png), [])
     args.rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
     preflight(args)
     args.prefetcher = not args.no_prefetcher
@@ -332,6 +337,10 @@ def _train(argv) -> TrainRun:
                       batch_size_reference=loaders.batch_size_reference)
     results, best = [], (None, None)
     milestones = set(args.save_epochs or ())
+    subnet_monitor = SubnetMonitor.from_args(args, task, data_config['input_size']) \
+        if loaders.eval is not None else None
+    tensorboard = plots.TensorBoardLog.open(os.path.join(output_dir, 'tensorboard')) \
+        if args.log_tensorboard and saver is not None else None
     try:
         for epoch in range(start_epoch, end_epoch):
             seed_epoch(args.seed, epoch, args.rank)
@@ -363,11 +372,17 @@ def _train(argv) -> TrainRun:
                     extra = {f'model_{k}': v for k, v in eval_metrics.items()}
                     eval_metrics = evaluate(task.get_eval_model(ema=True), loaders.eval, args, device,
                                             amp_autocast, model_dtype, log_suffix=' (EMA)')
+                if subnet_monitor is not None:
+                    extra.update(subnet_monitor.columns(lambda subnet: evaluate(
+                        task.get_eval_model(), loaders.eval, args, device, amp_autocast, model_dtype,
+                        log_suffix=f' (subnet {subnet.name})')))
             latest_metric = (eval_metrics or train_metrics)[eval_metric]
             if saver is not None:
                 lrs = [group['lr'] for group in optimizer.param_groups]
-                output.append_summary(os.path.join(output_dir, 'summary.csv'), output.summary_row(
-                    epoch, train_metrics, eval_metrics, sum(lrs) / len(lrs), extra))
+                row = output.summary_row(epoch, train_metrics, eval_metrics, sum(lrs) / len(lrs), extra)
+                output.append_summary(os.path.join(output_dir, 'summary.csv'), row)
+                if tensorboard is not None:
+                    tensorboard.log(epoch, row)
                 if args.log_wandb:
                     log_wandb(epoch, train_metrics, eval_metrics, extra)
                 best = saver.save_checkpoint(epoch, metric=latest_metric)
@@ -385,6 +400,9 @@ def _train(argv) -> TrainRun:
     if best[0] is not None:
         _logger.info(f'*** Best metric: {best[0]} (epoch {best[1]})')
     if utils.is_primary(args):
+        if tensorboard is not None:
+            tensorboard.close()
+        plots.summary_after_training(output_dir)
         ranked = sorted(results, key=lambda r: r.get('validation', r['train']).get(eval_metric, 0),
                         reverse=decreasing)
         print(f'--result\n{json.dumps(ranked[-10:], indent=4)}')

@@ -9,7 +9,13 @@ classes and the input settings of the training run's evaluation come from the ch
 ``validate.py --checkpoint model_best.pth.tar --data-dir DIR`` reproduces the run's own eval; anything given
 on the command line wins. (timm's validate.py needs ``--model ... --model-kwargs ... --img-size ...
 --use-train-size`` for the same numbers.)
+
+Subnets (``subnet/evaluation.py``): ``--subnets SPEC`` adds one row per subnet after the full net's (which is
+the plain validation's row), with its description and cost; ``--bn-recal N`` re-estimates each subnet's
+BatchNorm statistics first; ``--plot FILE.png`` draws top-1 against FLOPs, one colour per checkpoint (a folder,
+or a glob pattern such as ``'output/train/*/model_best.pth.tar'`` to compare runs).
 """
+import argparse
 import csv
 import glob
 import json
@@ -30,7 +36,7 @@ from timm.models import create_model, is_model, list_models, load_checkpoint
 from timm.task.evaluator import ClassificationEvaluator
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
 
-from subnet import output
+from subnet import evaluation, output, plots
 from subnet.data import check_image_folders
 from subnet.engine import predict_batches, update_evaluator
 from subnet.errors import UsageError
@@ -103,16 +109,20 @@ def build_model(args, device, model_dtype):
     return model, data_config, test_time_pool, param_count
 
 
-def build_loader(args, data_config, test_time_pool, device, model_dtype):
+def build_loader(args, data_config, test_time_pool, device, model_dtype, split=None, sample=0):
+    """The evaluation loader of ``split`` (default --split); ``sample`` > 0: a seeded random sample of it."""
     root = args.data or args.data_dir
+    split = split or args.split
     if not args.dataset:
-        check_image_folders(root, {'evaluation': args.split})
+        check_image_folders(root, {'evaluation' if split == args.split else 'BN recalibration': split})
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     dataset = create_dataset(
-        root=root, name=args.dataset, split=args.split, download=args.dataset_download,
+        root=root, name=args.dataset, split=split, download=args.dataset_download,
         load_bytes=args.tf_preprocessing, class_map=args.class_map, num_samples=args.num_samples,
         input_key=args.input_key, input_img_mode=input_img_mode, target_key=args.target_key,
         trust_remote_code=args.dataset_trust_remote_code, seed=args.seed)
+    if sample and not isinstance(dataset, torch.utils.data.IterableDataset):
+        dataset = evaluation.FixedSample(dataset, sample, args.seed)
     crop_pct = 1.0 if test_time_pool else data_config['crop_pct']
     common = dict(batch_size=args.batch_size, use_prefetcher=args.prefetcher,
                   interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
@@ -171,8 +181,9 @@ def classification_scores(args, predictions, targets) -> dict:
             f'{avg}_f1_score': round(100 * f1_score(y_true, y_pred, average=avg, zero_division=0), 4)}
 
 
-def validate(args) -> OrderedDict:
-    """Validate one model (and checkpoint); returns timm's result row."""
+def validate(args):
+    """Validate one model (and checkpoint); returns timm's result row, or with --subnets a list of rows (the
+    full net's first, then one per subnet with the SUBNET_FIELDS appended)."""
     args.pretrained = args.pretrained or not args.checkpoint
     args.prefetcher = not args.no_prefetcher
     if args.device.startswith('cuda') and not torch.cuda.is_available():
@@ -208,29 +219,48 @@ def validate(args) -> OrderedDict:
 
     model, data_config, test_time_pool, param_count = build_model(args, device, model_dtype)
     dataset, loader, crop_pct = build_loader(args, data_config, test_time_pool, device, model_dtype)
+    subnets = evaluation.SubnetEvaluation(model, args.subnets, seed=args.seed,
+                                          input_size=data_config['input_size']) if args.subnets else None
     valid_labels = None
     if args.valid_labels:
         with open(args.valid_labels) as f:
             valid_labels = [int(line.rstrip()) for line in f]
-    real_labels = None
-    if args.real_labels:
-        real_labels = RealLabelsImagenet(dataset.filenames(basename=True), real_json=args.real_labels)
 
-    metrics, predictions, targets = run_validation(args, model, loader, device, amp_autocast, model_dtype,
-                                                   valid_labels, real_labels)
-    scores = classification_scores(args, predictions, targets) if args.metrics_avg else {}
-    top1, top5 = metrics['top1'], metrics['top5']
-    result = OrderedDict(model=args.model, top1=round(top1, 4), top1_err=round(100 - top1, 4),
-                         top5=round(top5, 4), top5_err=round(100 - top5, 4), **scores,
-                         param_count=round(param_count / 1e6, 2), img_size=data_config['input_size'][-1],
-                         crop_pct=crop_pct, interpolation=data_config['interpolation'])
-    line = f' * Acc@1 {result["top1"]:.3f} ({result["top1_err"]:.3f}) Acc@5 {result["top5"]:.3f} ({result["top5_err"]:.3f})'
-    if scores:
-        avg = args.metrics_avg
-        line += (f' | Precision({avg}) {scores[f"{avg}_precision"]:.3f} | Recall({avg}) '
-                 f'{scores[f"{avg}_recall"]:.3f} | F1-score({avg}) {scores[f"{avg}_f1_score"]:.3f}')
-    _logger.info(line)
-    return result
+    def measure(subnet=None) -> OrderedDict:
+        if subnet is not None:
+            _logger.info(f'Subnet {subnet.describe()}')
+        real_labels = None
+        if args.real_labels:
+            real_labels = RealLabelsImagenet(dataset.filenames(basename=True), real_json=args.real_labels)
+        metrics, predictions, targets = run_validation(args, model, loader, device, amp_autocast, model_dtype,
+                                                       valid_labels, real_labels)
+        scores = classification_scores(args, predictions, targets) if args.metrics_avg else {}
+        top1, top5 = metrics['top1'], metrics['top5']
+        result = OrderedDict(model=args.model, top1=round(top1, 4), top1_err=round(100 - top1, 4),
+                             top5=round(top5, 4), top5_err=round(100 - top5, 4), **scores,
+                             param_count=round(param_count / 1e6, 2), img_size=data_config['input_size'][-1],
+                             crop_pct=crop_pct, interpolation=data_config['interpolation'])
+        line = (f' * Acc@1 {result["top1"]:.3f} ({result["top1_err"]:.3f}) '
+                f'Acc@5 {result["top5"]:.3f} ({result["top5_err"]:.3f})')
+        if scores:
+            avg = args.metrics_avg
+            line += (f' | Precision({avg}) {scores[f"{avg}_precision"]:.3f} | Recall({avg}) '
+                     f'{scores[f"{avg}_recall"]:.3f} | F1-score({avg}) {scores[f"{avg}_f1_score"]:.3f}')
+        _logger.info(line)
+        return result
+
+    if subnets is None:
+        return measure()
+    recal_batches = None
+    if args.bn_recal > 0 and subnets.has_batchnorm:
+        recal_loader = build_loader(args, data_config, test_time_pool, device, model_dtype, split=args.bn_recal_split,
+                                    sample=args.bn_recal)[1]
+        recal_batches = partial(evaluation.loader_images, recal_loader, device, model_dtype, args.channels_last)
+    rows = []
+    for subnet, row, recal_images in subnets.run(measure, recal_batches, args.bn_recal):
+        row.update(evaluation.subnet_fields(subnet, subnets.block_map, recal_images))
+        rows.append(row)
+    return rows
 
 
 def try_validate(args, initial_batch_size: int) -> OrderedDict:
@@ -254,7 +284,13 @@ def try_validate(args, initial_batch_size: int) -> OrderedDict:
 
 
 def model_configs(args) -> list:
-    """The (model, checkpoint) pairs of a bulk run; empty for a single model (timm's rules)."""
+    """The (model, checkpoint) pairs of a bulk run; empty for a single model (timm's rules, plus a glob pattern
+    in --checkpoint, e.g. 'output/train/*/model_best.pth.tar', for one curve per run in --plot)."""
+    if any(c in args.checkpoint for c in '*?[') and not os.path.exists(args.checkpoint):
+        checkpoints = sorted(glob.glob(args.checkpoint), key=natural_key)
+        if not checkpoints:
+            raise UsageError(f'--checkpoint {args.checkpoint} matches no file')
+        return [(args.model, c) for c in checkpoints]
     if os.path.isdir(args.checkpoint):
         checkpoints = glob.glob(os.path.join(args.checkpoint, '*.pth.tar'))
         checkpoints += glob.glob(os.path.join(args.checkpoint, '*.pth'))
@@ -285,33 +321,72 @@ def write_results(path: str, results, format: str = 'csv') -> None:
     os.replace(tmp, path)
 
 
+def check_subnet_options(args) -> None:
+    """Mistakes in the subnet options, caught before any model is built."""
+    if args.bn_recal < 0:
+        raise UsageError(f'--bn-recal must be >= 0 (images), got {args.bn_recal}')
+    for option, value in (('--bn-recal', args.bn_recal), ('--plot', args.plot)):
+        if value and not args.subnets:
+            raise UsageError(f'{option} works on the --subnets rows: add --subnets SPEC (e.g. --subnets prefix:0.5)')
+    if args.subnets and args.torchscript:
+        raise UsageError('--subnets cannot install subnets in a TorchScript model: drop --torchscript')
+    if args.bn_recal and args.naflex_loader:
+        raise UsageError('--bn-recal does not support --naflex-loader (NaFlex models have no BatchNorm)')
+    if args.plot:
+        plots.check_figure_path(args.plot, '--plot')
+
+
+def _rows(result) -> list:
+    return result if isinstance(result, list) else [result]
+
+
+def _with_checkpoint(row: OrderedDict, checkpoint: str) -> OrderedDict:
+    """timm's bulk rows end with 'checkpoint'; our subnet fields come after it."""
+    ours = [(k, row.pop(k)) for k in evaluation.SUBNET_FIELDS if k in row]
+    row['checkpoint'] = checkpoint
+    row.update(ours)
+    return row
+
+
 def run(argv) -> int:
     args = validate_parser().parse_args(argv)
     if args.results_format not in ('csv', 'json'):
         raise UsageError(f"--results-format must be 'csv' or 'json', got {args.results_format!r}")
+    check_subnet_options(args)
     configs = model_configs(args)
     if configs:
         _logger.info('Running bulk validation on these models: ' + ', '.join(sorted({m for m, _ in configs})))
-        results = []
+        groups = []  # (checkpoint or model, its rows): a model's subnet rows stay together
         try:
             initial_batch_size = args.batch_size
             for model_name, checkpoint in configs:
-                args.model, args.checkpoint = model_name, checkpoint
-                adopt_training_args(args, argv)
-                result = try_validate(args, initial_batch_size)
-                if 'error' in result:
+                # a fresh copy each time: settings adopted from one run's checkpoint must not leak into the next
+                config_args = argparse.Namespace(**vars(args))
+                config_args.model, config_args.checkpoint = model_name, checkpoint
+                adopt_training_args(config_args, argv)
+                rows = _rows(try_validate(config_args, initial_batch_size))
+                if 'error' in rows[0]:
                     continue
                 if checkpoint:
-                    result['checkpoint'] = checkpoint
-                results.append(result)
+                    rows = [_with_checkpoint(row, checkpoint) for row in rows]
+                groups.append((checkpoint or config_args.model, rows))
         except KeyboardInterrupt:
             pass
-        results = sorted(results, key=lambda r: r['top1'], reverse=True)
+        groups.sort(key=lambda group: group[1][0]['top1'], reverse=True)
+        results = [row for _, rows in groups for row in rows]
     else:
         adopt_training_args(args, argv)
         results = try_validate(args, args.batch_size) if args.retry else validate(args)
+        groups = [(args.checkpoint or args.model, _rows(results))] if 'error' not in _rows(results)[0] else []
     if args.results_file:
         write_results(args.results_file, results, format=args.results_format)
+    if args.plot and groups:
+        labels = plots.run_labels([g for g, _ in groups]) if all(os.path.isfile(g) for g, _ in groups) \
+            else [g for g, _ in groups]
+        models = sorted({rows[0]['model'] for _, rows in groups})
+        recal = f', BN statistics re-estimated on {args.bn_recal} images' if args.bn_recal else ''
+        title = f'{", ".join(models)}: subnet top-1 against FLOPs{recal}'
+        _logger.info(f'Wrote {plots.plot_subnets(list(zip(labels, (rows for _, rows in groups))), args.plot, title)}')
     print(f'--result\n{json.dumps(results, indent=4)}')
     return 0
 

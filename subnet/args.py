@@ -6,6 +6,8 @@ ambiguous. As with every option, the YAML key is the underscore name (``method: 
 """
 import argparse
 
+from .evaluation import SPEC_HELP, subnet_spec
+
 METHODS = ('none', 'cosub', 'st', 'st++', 'gkt')
 
 
@@ -60,11 +62,42 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--gkt-recal-images', type=int, default=2048, metavar='N', help='images for --gkt-bn recal')
 
 
+def add_report_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('Reporting (subnet)')
+    g.add_argument('--subnet-eval', default=None, type=subnet_spec, metavar='SPEC',
+                   help='at every eval also evaluate these fixed subnets of the live model and append their top-1 '
+                        'to summary.csv as subnet_<name>_top1 (BN statistics as trained, no recalibration); '
+                        f'SPEC: {SPEC_HELP}; off by default')
+    g.add_argument('--plot-summary', default='', metavar='RUN',
+                   help='only write RUN/summary.png from RUN/summary.csv (RUN: a run folder or its summary.csv) '
+                        'and exit without training; every run writes it at its end anyway (needs matplotlib)')
+    g.add_argument('--log-tensorboard', action='store_true', default=False,
+                   help="also log the summary.csv numbers to TensorBoard, in the run folder's tensorboard/ "
+                        '(needs tensorboard)')
+
+
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """Everything train.py accepts beyond timm's options."""
     add_method_options(parser)
+    add_report_options(parser)
 
 
 def add_validate_options(parser: argparse.ArgumentParser) -> None:
-    """Everything validate.py accepts beyond timm's options."""
-    del parser  # subnet evaluation options come with the subnet evaluation
+    """Everything validate.py accepts beyond timm's options: subnet evaluation and its picture."""
+    g = parser.add_argument_group('Subnet evaluation (subnet)')
+    g.add_argument('--subnets', default=None, type=subnet_spec, metavar='SPEC',
+                   help='evaluate the full net and these subnets, one result row each (with subnet, depths, '
+                        f'blocks, kept_fraction, flop_fraction, bn_recal); random subsets are drawn from --seed; '
+                        f'SPEC: {SPEC_HELP}')
+    g.add_argument('--bn-recal', type=int, default=0, metavar='N',
+                   help='re-estimate the BatchNorm statistics of each subnet on N training images before '
+                        "evaluating it (ST's code uses 2048); the full net keeps the checkpoint's, the checkpoint "
+                        'file is never changed (default: 0, off: measure the checkpoint as it is, no training '
+                        'data needed)')
+    g.add_argument('--bn-recal-split', default='train', metavar='NAME',
+                   help='split of --data-dir the --bn-recal images come from (a seeded random sample), read with '
+                        'the evaluation transforms: the statistics of the inputs being evaluated, the same every '
+                        'run (default: train)')
+    g.add_argument('--plot', default='', metavar='FILE.png',
+                   help='draw top-1 against FLOPs of the --subnets rows, one colour per checkpoint (a folder or '
+                        "a glob pattern in --checkpoint gives several) (needs matplotlib)")

@@ -1,0 +1,322 @@
+"""Evaluate a model's subnets: a SPEC names fixed keep masks, each is measured with the depth engine.
+
+The papers' claim is about subnets (plain training leaves them weak, ST / GKT / cosub make them strong), so
+``validate.py --subnets SPEC`` and ``train.py --subnet-eval SPEC`` measure them. A SPEC is ``;``-separated terms:
+
+    prefix:F[,F...]      ST's shape: every stage i keeps its first max(ceil(F * d_i), m_i) blocks, F in (0, 1]
+                         (m_i: the stage's non-skippable minimum, e.g. a ResNet stage's downsampling block)
+    random:N@R[,R...]    stochastic depth's shape: N fixed subsets per rate R in [0, 1]; each skippable block is
+                         dropped with probability R. Draw j at rate R depends on (--seed, j, R) only, so
+                         random:4@0.2 gives the first four subsets of random:8@0.2 in any SPEC
+    first:K[,K...]       the first K blocks of the model (isotropic models: ViT, DeiT), plus every block that
+                         cannot be skipped (CaiT's class-attention blocks), K in [1, number of blocks]
+
+e.g. ``prefix:0.25,0.5,0.75;random:8@0.2;first:4,8``. Subnets are named ``prefix0.5``, ``random0.2_3`` (draw 3,
+counting from 1) and ``first4``; ``full`` is the full net. Masks are per batch: a subnet is one fixed block subset.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+
+import torch
+from torch import nn
+
+from .batchnorm import batchnorm_layers, recalibrate
+from .blocks import BlockMap, unwrap_model
+from .depth import DepthEngine
+from .errors import UsageError
+from .sampling import bernoulli_keep, step_generator
+
+__all__ = ['GRAMMAR', 'SPEC_HELP', 'SUBNET_FIELDS', 'Subnet', 'SubnetSpecError', 'subnet_spec', 'parse_spec',
+           'build_subnets', 'kind_of', 'recalibrated', 'FixedSample', 'loader_images', 'SubnetEvaluation',
+           'subnet_fields', 'SubnetMonitor']
+
+_logger = logging.getLogger('train')
+
+KINDS = ('prefix', 'random', 'first')
+GRAMMAR = 'prefix:F[,F...]; random:N@R[,R...]; first:K[,K...] (e.g. prefix:0.25,0.5;random:8@0.2;first:4)'
+SPEC_HELP = ("';'-separated terms: prefix:F[,F...] (every stage keeps its first ceil(F x depth) blocks: ST's "
+             'subnets), random:N@R[,R...] (N fixed subsets per drop rate R, each skippable block dropped with '
+             'probability R), first:K[,K...] (the first K blocks: ViT-like models); '
+             "e.g. 'prefix:0.25,0.5,0.75;random:8@0.2;first:4,8'")
+# what validate.py adds to timm's result fields, in this order
+SUBNET_FIELDS = ('subnet', 'depths', 'blocks', 'kept_fraction', 'flop_fraction', 'bn_recal')
+
+T = TypeVar('T')
+
+
+class SubnetSpecError(UsageError, argparse.ArgumentTypeError):
+    """A bad SPEC: argparse reports it as ``argument --subnets: ...``, a YAML key as the UsageError line."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One subnet a SPEC asks for, before there is a model: kind, its number (F, K or R) and the draw."""
+    kind: str
+    value: float
+    draw: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.kind == 'random':
+            return f'random{self.value:g}_{self.draw}'
+        return f'{self.kind}{self.value:g}'
+
+
+@dataclass(frozen=True, eq=False)
+class Subnet:
+    """A named per-batch subnet of a model: one bool per entry of ``BlockMap.blocks`` and what it costs."""
+    name: str
+    kind: str                      # 'full', 'prefix', 'random' or 'first'
+    keep: torch.Tensor
+    depths: Tuple[int, ...]        # blocks kept per stage (ST writes subnets so)
+    kept_fraction: float           # kept blocks / blocks
+    flop_fraction: float           # FLOPs / the full net's FLOPs, at the block map's input size
+
+    @property
+    def is_full(self) -> bool:
+        return bool(self.keep.all())
+
+    def blocks_text(self, block_map: BlockMap) -> str:
+        """The mask, one character per block ('#' kept, '.' dropped), stages separated by '|'."""
+        return '|'.join(''.join('#' if self.keep[b] else '.' for b in stage.blocks) for stage in block_map.stages)
+
+    def describe(self) -> str:
+        return (f'{self.name}: depths {"-".join(map(str, self.depths))}, {int(self.keep.sum())}/{len(self.keep)} '
+                f'blocks, {100 * self.flop_fraction:.1f}% of the FLOPs')
+
+
+# ------------------------------------------------------------------------------------------------ the grammar
+
+def _number(text: str, term: str, convert):
+    try:
+        return convert(text.strip())
+    except ValueError:
+        raise SubnetSpecError(f'subnet spec term {term!r}: {text.strip()!r} is not a number; expected {GRAMMAR}')
+
+
+def parse_spec(spec: str) -> List[Recipe]:
+    """The subnets a SPEC names, in its order, duplicates dropped; raises SubnetSpecError (one line)."""
+    if not spec or not spec.strip():
+        raise SubnetSpecError(f'empty subnet spec; expected {GRAMMAR}')
+    recipes = []
+    for term in (t.strip() for t in spec.split(';')):
+        if not term:
+            continue
+        kind, colon, values = term.partition(':')
+        kind = kind.strip().lower()
+        if kind not in KINDS or not colon or not values.strip():
+            raise SubnetSpecError(f'subnet spec term {term!r} is not one of {GRAMMAR}')
+        if kind == 'random':
+            count, at, rates = values.partition('@')
+            if not at:
+                raise SubnetSpecError(f'subnet spec term {term!r}: write random:N@R (N subsets at drop rate R)')
+            count = _number(count, term, int)
+            if count < 1:
+                raise SubnetSpecError(f'subnet spec term {term!r}: the number of subsets must be at least 1')
+            for rate in (_number(r, term, float) for r in rates.split(',')):
+                if not 0.0 <= rate <= 1.0:
+                    raise SubnetSpecError(f'subnet spec term {term!r}: drop rate {rate:g} must lie in [0, 1]')
+                recipes += [Recipe('random', rate, draw) for draw in range(1, count + 1)]
+        elif kind == 'prefix':
+            for fraction in (_number(f, term, float) for f in values.split(',')):
+                if not 0.0 < fraction <= 1.0:
+                    raise SubnetSpecError(f'subnet spec term {term!r}: fraction {fraction:g} must lie in (0, 1]')
+                recipes.append(Recipe('prefix', fraction))
+        else:
+            for count in (_number(k, term, int) for k in values.split(',')):
+                if count < 1:
+                    raise SubnetSpecError(f'subnet spec term {term!r}: K must be at least 1')
+                recipes.append(Recipe('first', count))
+    if not recipes:
+        raise SubnetSpecError(f'empty subnet spec; expected {GRAMMAR}')
+    unique = {}
+    for recipe in recipes:
+        unique.setdefault(recipe.name, recipe)
+    return list(unique.values())
+
+
+def subnet_spec(text: str) -> str:
+    """argparse type for SPEC options: checks the grammar at parse time, keeps the text (args.yaml stays plain)."""
+    parse_spec(text)
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ the masks
+
+def _draw_generator(seed: int, rate: float, draw: int) -> torch.Generator:
+    # step_generator mixes three integers; here they are (seed, draw, rate in parts per million)
+    return step_generator(seed, draw, rank=round(rate * 1_000_000))
+
+
+def _keep_mask(recipe: Recipe, block_map: BlockMap, seed: int) -> torch.Tensor:
+    fixed = ~block_map.skippable
+    keep = torch.zeros(len(block_map.blocks), dtype=torch.bool)
+    if recipe.kind == 'prefix':
+        for stage in block_map.stages:
+            # the epsilon keeps 0.5 * 4 at 2 where floating point would make it 2.0000000001
+            kept = max(math.ceil(recipe.value * len(stage.blocks) - 1e-9), stage.min_keep)
+            keep[list(stage.blocks[:kept])] = True
+    elif recipe.kind == 'first':
+        count = int(recipe.value)
+        if count > len(block_map.blocks):
+            raise UsageError(f'subnet first{count}: {block_map.model_name} has only {len(block_map.blocks)} blocks')
+        keep[:count] = True
+    else:
+        rates = torch.full((len(keep),), recipe.value, dtype=torch.float64).masked_fill(fixed, 0.0)
+        keep = bernoulli_keep(1, rates, _draw_generator(seed, recipe.value, recipe.draw))[0]
+    return keep | fixed
+
+
+def _subnet(name: str, kind: str, keep: torch.Tensor, block_map: BlockMap) -> Subnet:
+    return Subnet(name, kind, keep, block_map.stage_depths(keep), float(keep.float().mean()),
+                  block_map.flop_fraction(keep))
+
+
+def build_subnets(spec: str, block_map: BlockMap, seed: int = 42, include_full: bool = True) -> List[Subnet]:
+    """The subnets of ``spec`` for a model (the full net first when ``include_full``)."""
+    subnets = [_subnet('full', 'full', torch.ones(len(block_map.blocks), dtype=torch.bool), block_map)] \
+        if include_full else []
+    for recipe in parse_spec(spec):
+        subnets.append(_subnet(recipe.name, recipe.kind, _keep_mask(recipe, block_map, seed), block_map))
+    return subnets
+
+
+def kind_of(name: str) -> str:
+    """'prefix', 'random', 'first' or 'full' from a subnet name (result rows carry only the name)."""
+    match = re.match(r'[a-z]+', name or '')
+    return match.group(0) if match and match.group(0) in KINDS + ('full',) else 'full'
+
+
+# ------------------------------------------------------------------------------------------------ BatchNorm
+
+@contextlib.contextmanager
+def recalibrated(model: nn.Module, batches: Iterable[torch.Tensor], num_images: int) -> Iterator[int]:
+    """BN running statistics re-estimated on ``num_images`` images inside, the model's own ones back on exit.
+
+    Yields the number of images used (0 for a model without BatchNorm). Only the buffers change, in memory:
+    the checkpoint file is never touched.
+    """
+    layers = batchnorm_layers(model)
+    saved = [{name: buffer.clone() for name, buffer in layer.named_buffers(recurse=False)} for layer in layers]
+    try:
+        yield recalibrate(model, batches, num_images) if layers and num_images > 0 else 0
+    finally:
+        with torch.no_grad():
+            for layer, buffers in zip(layers, saved):
+                for name, value in buffers.items():
+                    getattr(layer, name).copy_(value)
+
+
+class FixedSample(torch.utils.data.Dataset):
+    """``count`` items of ``dataset`` in a seeded random order (an image folder is sorted by class, so its first
+    images are one class, which would give BN recalibration one class's statistics).
+
+    ``transform`` is forwarded to the wrapped dataset, where timm's ``create_loader`` sets it.
+    """
+
+    def __init__(self, dataset, count: int, seed: int):
+        self.dataset = dataset
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+        self.indices = order[:count].tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value):
+        self.dataset.transform = value
+
+
+def loader_images(loader, device: torch.device, dtype: Optional[torch.dtype] = None,
+                  channels_last: bool = False) -> Iterator[torch.Tensor]:
+    """The images of a loader's batches on the model's device (prefetched batches are there already)."""
+    for images, _ in loader:
+        images = images.to(device=device, dtype=dtype)
+        yield images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+# ------------------------------------------------------------------------------------------------ evaluating
+
+class SubnetEvaluation:
+    """A model's full net and the subnets of a SPEC; ``run`` measures each one with its blocks installed.
+
+    The full net is measured without any engine piece installed, so its numbers are a plain evaluation's.
+    """
+
+    def __init__(self, model: nn.Module, spec: str, *, seed: int = 42, input_size: Optional[Sequence[int]] = None,
+                 engine: Optional[DepthEngine] = None, include_full: bool = True):
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UsageError('subnets cannot be installed in a TorchScript model: drop --torchscript')
+        self.engine = engine if engine is not None else DepthEngine(model, input_size=input_size)
+        self.block_map = self.engine.block_map
+        self.subnets = build_subnets(spec, self.block_map, seed, include_full)
+
+    @property
+    def has_batchnorm(self) -> bool:
+        """Whether re-estimating BN statistics can change anything (LayerNorm models: ViT, ConvNeXt)."""
+        return bool(batchnorm_layers(self.engine.model))
+
+    def run(self, measure: Callable[[Subnet], T], recal_batches: Optional[Callable[[], Iterable]] = None,
+            recal_images: int = 0) -> List[Tuple[Subnet, T, int]]:
+        """``(subnet, measure(subnet), BN recalibration images)`` per subnet, in SPEC order.
+
+        With ``recal_images`` > 0 every subnet but the full net first re-estimates the BN statistics on
+        ``recal_batches()`` (a fresh iterator of image batches each time); the model's own come back after it.
+        """
+        results = []
+        for subnet in self.subnets:
+            if subnet.is_full:
+                results.append((subnet, measure(subnet), 0))
+                continue
+            with self.engine.subnet(subnet.keep):
+                self.engine.model.eval()  # recalibrate switches only the BN layers to training mode
+                batches = recal_batches() if recal_images > 0 and recal_batches is not None else ()
+                with recalibrated(self.engine.model, batches, recal_images) as seen:
+                    results.append((subnet, measure(subnet), seen))
+        return results
+
+
+def subnet_fields(subnet: Subnet, block_map: BlockMap, recal_images: int = 0) -> dict:
+    """The columns validate.py appends to timm's result row (SUBNET_FIELDS)."""
+    return dict(subnet=subnet.name, depths='-'.join(map(str, subnet.depths)), blocks=subnet.blocks_text(block_map),
+                kept_fraction=round(subnet.kept_fraction, 4), flop_fraction=round(subnet.flop_fraction, 4),
+                bn_recal=recal_images)
+
+
+class SubnetMonitor:
+    """``train.py --subnet-eval SPEC``: the same fixed subnets measured at every evaluation, as summary columns.
+
+    They are the live model's subnets, with the running BN statistics as trained (no recalibration: that is
+    ``validate.py --bn-recal``), so a BatchNorm model's columns are a lower bound.
+    """
+
+    def __init__(self, task, spec: str, seed: int, input_size: Optional[Sequence[int]] = None):
+        engine = getattr(task, 'depth', None)  # the method's engine; --method none has none, build one once
+        if engine is None:
+            engine = DepthEngine(unwrap_model(task.get_eval_model()), input_size=input_size)
+        self.evaluation = SubnetEvaluation(engine.model, spec, seed=seed, engine=engine, include_full=False)
+        _logger.info('Subnets evaluated at every eval (--subnet-eval): '
+                     + '; '.join(s.describe() for s in self.evaluation.subnets))
+
+    @classmethod
+    def from_args(cls, args, task, input_size=None) -> Optional['SubnetMonitor']:
+        return cls(task, args.subnet_eval, args.seed, input_size) if args.subnet_eval else None
+
+    def columns(self, evaluate: Callable[[Subnet], dict]) -> dict:
+        """``{'subnet_<name>_top1': top-1}`` from ``evaluate(subnet)`` run with each subnet installed."""
+        return {f'subnet_{subnet.name}_top1': metrics['top1']
+                for subnet, metrics, _ in self.evaluation.run(evaluate)}

@@ -1,0 +1,284 @@
+"""Pictures of runs and subnets (matplotlib) and TensorBoard scalars; both packages are optional.
+
+- ``plot_subnets``: top-1 against FLOPs, one colour per checkpoint (``validate.py --subnets SPEC --plot``);
+- ``plot_summary``: loss, top-1 and learning rate of a run against epoch (``summary.png`` beside ``summary.csv``);
+- ``TensorBoardLog``: the summary row's scalars per epoch (``train.py --log-tensorboard``).
+
+A missing package is one line saying what to install: ``MissingPackage`` (a UsageError) where the picture was
+the point of the command, a warning where it is a by-product of training. Figures are drawn on matplotlib's
+object API (``Figure`` + Agg canvas), never pyplot, so no GUI backend or global figure state is involved.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .errors import UsageError
+from .evaluation import kind_of
+
+__all__ = ['MissingPackage', 'require_matplotlib', 'check_figure_path', 'plot_subnets', 'run_labels',
+           'plot_summary', 'summary_paths', 'summary_after_training', 'TensorBoardLog']
+
+_logger = logging.getLogger('train')
+
+# how each kind of subnet is drawn: marker, line style (None: points only), legend text
+_KIND_STYLE = {
+    'prefix': ('o', '-', 'stage prefixes (ST)'),
+    'first': ('s', '--', 'first k blocks'),
+    'random': ('x', None, 'random subsets'),
+    'full': ('*', None, 'full net'),
+}
+
+
+class MissingPackage(UsageError):
+    """An optional package a picture or log needs is not installed."""
+
+
+def require_matplotlib(what: str):
+    """matplotlib's ``Figure`` class, or MissingPackage naming ``what`` needed it and how to install it."""
+    try:
+        import matplotlib  # noqa: F401  (the package first: its submodules may be cached while it is not)
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingPackage(f'{what} needs matplotlib, which is not installed: pip install matplotlib') from None
+    return Figure
+
+
+def check_figure_path(path: str, what: str) -> None:
+    """Stop before any work when the picture could not be written: no matplotlib, no folder, unknown format."""
+    require_matplotlib(what)
+    from matplotlib.backend_bases import FigureCanvasBase
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f'{what} {path}: folder {folder} does not exist')
+    suffix = os.path.splitext(path)[1].lstrip('.').lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        raise UsageError(f'{what} {path}: the file name must end in one of '
+                         + ', '.join(f'.{f}' for f in sorted(formats)) + ' (e.g. .png)')
+
+
+def _save(figure, path: str) -> str:
+    """Written under a temporary name (with the same suffix: matplotlib picks the format from it), then renamed."""
+    root, suffix = os.path.splitext(path)
+    tmp = f'{root}.tmp{suffix}'
+    figure.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _colours(count: int) -> list:
+    from matplotlib import colormaps
+    palette = colormaps['tab10'].colors if count <= 10 else colormaps['tab20'].colors
+    return [palette[i % len(palette)] for i in range(count)]
+
+
+# ------------------------------------------------------------------------------------------------ subnets
+
+def run_labels(checkpoints: Sequence[str]) -> List[str]:
+    """Short unique curve labels: the run folder's name, the file's name where runs share a folder."""
+    paths = [os.path.abspath(c) for c in checkpoints]
+    folders = [os.path.basename(os.path.dirname(p)) for p in paths]
+    stems = [os.path.basename(p).split('.')[0] for p in paths]
+    if len(set(folders)) == len(paths):
+        return folders
+    if len(set(folders)) == 1:
+        return stems
+    return [f'{f}/{s}' for f, s in zip(folders, stems)]
+
+
+def plot_subnets(curves: Sequence[Tuple[str, Sequence[dict]]], path: str, title: Optional[str] = None) -> str:
+    """Top-1 (%) against FLOPs (% of the full net), one colour per ``(label, result rows)``.
+
+    Rows are validate.py's (``subnet``, ``flop_fraction``, ``top1``). Stage-prefix and first-k subnets are
+    joined into curves ending at the full net (a star); random subsets are crosses.
+    """
+    Figure = require_matplotlib('--plot')
+    from matplotlib.lines import Line2D
+
+    figure = Figure(figsize=(8.5, 5), dpi=150, layout='constrained')
+    ax = figure.add_subplot()
+    kinds_seen = set()
+    curve_handles = []
+    for (label, rows), colour in zip(curves, _colours(len(curves))):
+        points: Dict[str, List[Tuple[float, float]]] = {}
+        for row in rows:
+            kind = kind_of(row.get('subnet', 'full'))
+            points.setdefault(kind, []).append((100 * float(row.get('flop_fraction', 1.0)), float(row['top1'])))
+        full = points.get('full', [])
+        for kind in ('prefix', 'first'):
+            if kind in points:
+                marker, style, _ = _KIND_STYLE[kind]
+                xy = sorted(points[kind] + full)
+                ax.plot([x for x, _ in xy], [y for _, y in xy], linestyle=style, marker=marker, color=colour,
+                        markersize=5, linewidth=1.6)
+                kinds_seen.add(kind)
+        if 'random' in points:
+            ax.scatter([x for x, _ in points['random']], [y for _, y in points['random']], marker='x',
+                       color=colour, s=30, linewidths=1.2, alpha=0.8)
+            kinds_seen.add('random')
+        for x, y in full:
+            ax.scatter([x], [y], marker='*', s=220, color=colour, edgecolors='black', linewidths=0.8, zorder=5)
+            ax.annotate(f'{y:.1f}', (x, y), textcoords='offset points', xytext=(-8, 9), ha='right', fontsize=9,
+                        color=colour, fontweight='bold')
+            kinds_seen.add('full')
+        curve_handles.append(Line2D([], [], color=colour, linewidth=3, label=label))
+
+    kind_handles = [Line2D([], [], color='0.35', marker=marker, linestyle=style or 'none',
+                           markersize=12 if kind == 'full' else 6, label=text)
+                    for kind, (marker, style, text) in _KIND_STYLE.items() if kind in kinds_seen]
+    ax.margins(y=0.1)  # room for the full-net labels above the stars
+    ax.set_xlabel('FLOPs (% of the full network)', fontsize=11)
+    ax.set_ylabel('Top-1 accuracy (%)', fontsize=11)
+    xs = [x for line in ax.get_lines() for x in line.get_xdata()] + \
+         [x for points in ax.collections for x, _ in points.get_offsets()]
+    # from 0 when subnets reach down there; zoomed (in steps of 10%) when they all cost nearly the full net
+    ax.set_xlim(max(0, 10 * math.floor((min(xs, default=100) - 5) / 10)), 105)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title or 'Subnet accuracy against cost', fontsize=12)
+    first = ax.legend(handles=curve_handles, title='checkpoint', loc='upper left', bbox_to_anchor=(1.01, 1.0),
+                      fontsize=9, title_fontsize=9, frameon=False)
+    ax.add_artist(first)
+    ax.legend(handles=kind_handles, title='subnets', loc='lower left', bbox_to_anchor=(1.01, 0.0), fontsize=9,
+              title_fontsize=9, frameon=False)
+    return _save(figure, path)
+
+
+# ------------------------------------------------------------------------------------------------ summary.csv
+
+def summary_paths(path: str) -> Tuple[str, str]:
+    """(summary.csv, summary.png) for a run folder or a summary.csv file."""
+    csv_path = os.path.join(path, 'summary.csv') if os.path.isdir(path) else path
+    if not os.path.isfile(csv_path):
+        raise UsageError(f'--plot-summary {path}: no summary.csv there (give a run folder or its summary.csv)')
+    return csv_path, os.path.join(os.path.dirname(os.path.abspath(csv_path)), 'summary.png')
+
+
+def _read_summary(csv_path: str) -> Dict[str, List[float]]:
+    with open(csv_path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    if not rows or 'epoch' not in rows[0]:
+        raise UsageError(f'{csv_path} is not a train.py summary.csv (no epoch column or no rows)')
+
+    def number(text):
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            return math.nan
+    return {column: [number(row.get(column)) for row in rows] for column in rows[0]}
+
+
+def _line(ax, epochs, values, label, **style) -> bool:
+    if values is None or all(math.isnan(v) for v in values):
+        return False
+    ax.plot(epochs, values, label=label, marker='o', markersize=3, **style)
+    return True
+
+
+def plot_summary(path: str, title: Optional[str] = None) -> str:
+    """Write summary.png beside a run's summary.csv (``path``: the run folder or the file); returns its path.
+
+    Panels: losses (train, the method's loss parts dashed, eval), top-1 (with --model-ema the eval_* columns
+    are the EMA's and model_* the live model's), subnet top-1 when --subnet-eval columns exist, learning rate.
+    """
+    Figure = require_matplotlib('--plot-summary')
+    from matplotlib.ticker import MaxNLocator
+
+    csv_path, png_path = summary_paths(path)
+    columns = _read_summary(csv_path)
+    epochs = columns['epoch']
+    ema = 'model_top1' in columns
+    subnet_columns = [c for c in columns if c.startswith('subnet_') and c.endswith('_top1')]
+    part_columns = [c for c in columns if c.startswith('train_') and c != 'train_loss' and not c.endswith('flops')]
+
+    panels = ['loss', 'top1'] + (['subnets'] if subnet_columns else []) + ['lr']
+    figure = Figure(figsize=(4.6 * len(panels), 4.2), dpi=120, layout='constrained')
+    axes = dict(zip(panels, figure.subplots(1, len(panels), squeeze=False)[0]))
+
+    ax = axes['loss']
+    _line(ax, epochs, columns.get('train_loss'), 'train loss', color='tab:blue', linewidth=2)
+    # blue, orange and red are the train / EMA / live-model lines; the parts take the other tab10 colours
+    part_colours = ['tab:green', 'tab:purple', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan', 'tab:gray']
+    for column, colour in zip(part_columns, part_colours * len(part_columns)):
+        _line(ax, epochs, columns[column], column[len('train_'):].replace('_', ' '), color=colour, linestyle='--')
+    _line(ax, epochs, columns.get('eval_loss'), 'eval loss (EMA)' if ema else 'eval loss', color='tab:orange',
+          linewidth=2)
+    _line(ax, epochs, columns.get('model_loss'), 'eval loss', color='tab:red', linewidth=1.5)
+    ax.set_ylabel('loss')
+
+    ax = axes['top1']
+    drawn = _line(ax, epochs, columns.get('model_top1'), 'top-1 (live model)', color='tab:red', linewidth=1.5)
+    drawn |= _line(ax, epochs, columns.get('eval_top1'), 'top-1 (EMA)' if ema else 'top-1', color='tab:orange',
+                   linewidth=2)
+    if not drawn:
+        ax.text(0.5, 0.5, 'no evaluation in this run', ha='center', va='center', transform=ax.transAxes)
+    ax.set_ylabel('top-1 accuracy (%)')
+
+    if subnet_columns:
+        ax = axes['subnets']
+        _line(ax, epochs, columns.get('model_top1', columns.get('eval_top1')), 'full net', color='black',
+              linewidth=2)
+        for column, colour in zip(subnet_columns, _colours(len(subnet_columns))):
+            _line(ax, epochs, columns[column], column[len('subnet_'):-len('_top1')], color=colour)
+        ax.set_ylabel('top-1 accuracy (%)')
+
+    ax = axes['lr']
+    _line(ax, epochs, columns.get('lr'), 'learning rate', color='tab:green', linewidth=2)
+    ax.set_ylabel('learning rate')
+    ax.ticklabel_format(axis='y', style='sci', scilimits=(-2, 3))
+
+    titles = {'loss': 'Losses', 'top1': 'Top-1', 'subnets': 'Subnet top-1 (--subnet-eval)', 'lr': 'Learning rate'}
+    for name, ax in axes.items():
+        ax.set_title(titles[name], fontsize=11)
+        ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        if name != 'lr' and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    figure.suptitle(title or os.path.basename(os.path.dirname(os.path.abspath(csv_path))), fontsize=12)
+    return _save(figure, png_path)
+
+
+def summary_after_training(output_dir: str) -> Optional[str]:
+    """train.py's end of run: summary.png, or one warning line (the run itself succeeded)."""
+    if not os.path.isfile(os.path.join(output_dir, 'summary.csv')):
+        return None
+    try:
+        path = plot_summary(output_dir)
+    except MissingPackage:
+        _logger.warning('summary.png not written: matplotlib is not installed (pip install matplotlib)')
+        return None
+    _logger.info(f'Wrote {path}')
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ TensorBoard
+
+class TensorBoardLog:
+    """The summary row's numbers as TensorBoard scalars, one step per epoch (event files in ``folder``)."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    @classmethod
+    def open(cls, folder: str) -> Optional['TensorBoardLog']:
+        """A log writing to ``folder``, or None after one warning line when tensorboard is not installed."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            _logger.warning('--log-tensorboard: tensorboard is not installed, metrics are not logged to it '
+                            '(pip install tensorboard)')
+            return None
+        return cls(SummaryWriter(log_dir=folder))
+
+    def log(self, epoch: int, row: dict) -> None:
+        for name, value in row.items():
+            if name != 'epoch' and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(name, value, epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
