@@ -321,3 +321,20 @@ def test_two_process_gloo_run_per_method_identical_weights_and_one_allreduce_per
     counts = json.loads((tmp_path / 'allreduce0.json').read_text())
     # 80 images / (2 ranks x 8) = 5 optimizer steps; the tiny model's gradients fit one DDP bucket
     assert counts == {'allreduce_calls': 5}
+
+
+@pytest.mark.parametrize('method', list(METHOD_FLAGS))
+def test_each_method_composes_with_timms_training_options(method, data, tmp_path):
+    """EMA, bf16 AMP, channels_last, grad accumulation, clipping, label smoothing and mixup/cutmix together."""
+    flags = METHOD_FLAGS[method] + ['--model-ema', '--model-ema-decay', '0.9', '--amp', '--amp-dtype',
+                                    'bfloat16', '--channels-last', '--grad-accum-steps', '2', '--clip-grad', '1',
+                                    '--smoothing', '0.1', '--cutmix', '1.0', '--drop-path', '0.05']
+    if '--mixup' not in flags:
+        flags += ['--mixup', '0.2']
+    run = run_train(train_argv(data, tmp_path, 'all', *flags, '-b', '8'))
+    with open(Path(run.output_dir) / 'summary.csv') as f:
+        row = next(iter(__import__('csv').DictReader(f)))
+    for column in ('eval_top1', 'model_top1', 'train_loss'):  # eval_* is the EMA's, model_* the live net's
+        assert 0 <= float(row[column]) < float('inf'), column
+    checkpoint = torch.load(Path(run.output_dir) / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert set(checkpoint['state_dict_ema']) == set(checkpoint['state_dict'])
