@@ -32,7 +32,8 @@ from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import NativeScaler, trim_summary
 
 from subnet import output, plots
-from subnet.data import build_loaders, check_image_folders, mixup_kwargs, seed_epoch, set_loader_epoch
+from subnet.data import (build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
+                         set_loader_epoch)
 from subnet.engine import StepSetup, evaluate, train_one_epoch
 from subnet.evaluation import SubnetMonitor
 from subnet.errors import UsageError
@@ -187,12 +188,6 @@ def derive_lr(args, batch_size_reference: float) -> None:
     if utils.is_primary(args):
         _logger.info(f'Learning rate ({args.lr}) calculated from base learning rate ({args.lr_base}) and effective '
                      f'global batch size ({global_batch_size:g}) with {args.lr_base_scale} scaling.')
-
-
-def training_images(loader, args, device, model_dtype):
-    """Image batches of the training loader, on the device (for BatchNorm re-estimation)."""
-    for input, _ in loader:
-        yield input if args.prefetcher else input.to(device=device, dtype=model_dtype)
 
 
 def resume_path(args, output_dir: str) -> str:
@@ -361,7 +356,7 @@ def _train(argv) -> TrainRun:
 
             eval_metrics, extra = None, {}
             if hasattr(task, 'before_eval'):
-                task.before_eval(training_images(loaders.train, args, device, model_dtype))
+                task.before_eval(loader_images(loaders.train, device, model_dtype, args.channels_last))
             if loaders.eval is not None:
                 eval_metrics = evaluate(task.get_eval_model(), loaders.eval, args, device, amp_autocast, model_dtype)
                 ema = task.get_trainable_module(ema=True)

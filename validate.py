@@ -37,7 +37,7 @@ from timm.task.evaluator import ClassificationEvaluator
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
 
 from subnet import evaluation, output, plots
-from subnet.data import check_image_folders
+from subnet.data import check_image_folders, loader_images
 from subnet.engine import predict_batches, update_evaluator
 from subnet.errors import UsageError
 from subnet.models import check_state_dict_fits, load_checkpoint_file, resolve_model_name
@@ -255,7 +255,7 @@ def validate(args):
     if args.bn_recal > 0 and subnets.has_batchnorm:
         recal_loader = build_loader(args, data_config, test_time_pool, device, model_dtype, split=args.bn_recal_split,
                                     sample=args.bn_recal)[1]
-        recal_batches = partial(evaluation.loader_images, recal_loader, device, model_dtype, args.channels_last)
+        recal_batches = partial(loader_images, recal_loader, device, model_dtype, args.channels_last)
     rows = []
     for subnet, row, recal_images in subnets.run(measure, recal_batches, args.bn_recal):
         row.update(evaluation.subnet_fields(subnet, subnets.block_map, recal_images))

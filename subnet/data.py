@@ -8,7 +8,7 @@ stops on an unreadable image naming the file, where timm would skip it with a wa
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.utils.data
@@ -65,26 +65,17 @@ def check_image_folders(data_dir: Optional[str], splits: dict) -> None:
             f'validation accuracy will be measured on training images.')
 
 
-class NamedFailures(torch.utils.data.Dataset):
-    """Wraps a timm ImageDataset so an unreadable image stops the run with the file's name.
+class DatasetView(torch.utils.data.Dataset):
+    """A dataset seen through a wrapper; ``transform`` is forwarded, as timm's ``create_loader`` sets it there."""
 
-    timm skips a sample it cannot decode, with a warning giving only its index; a corrupt file then goes
-    unnoticed. ``create_loader`` sets ``transform`` on the dataset, so that attribute is forwarded.
-    """
-
-    def __init__(self, dataset: ImageDataset):
+    def __init__(self, dataset):
         self.dataset = dataset
-        dataset._max_retries = 1
-        logging.getLogger('timm.data.dataset').setLevel(logging.ERROR)
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        try:
-            return self.dataset[index]
-        except RuntimeError:
-            raise UsageError(f'unreadable image file {self.dataset.filename(index, absolute=True)}') from None
+        return self.dataset[index]
 
     @property
     def transform(self):
@@ -93,6 +84,25 @@ class NamedFailures(torch.utils.data.Dataset):
     @transform.setter
     def transform(self, value):
         self.dataset.transform = value
+
+
+class NamedFailures(DatasetView):
+    """Wraps a timm ImageDataset so an unreadable image stops the run with the file's name.
+
+    timm skips a sample it cannot decode, with a warning giving only its index; a corrupt file then goes
+    unnoticed.
+    """
+
+    def __init__(self, dataset: ImageDataset):
+        super().__init__(dataset)
+        dataset._max_retries = 1
+        logging.getLogger('timm.data.dataset').setLevel(logging.ERROR)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except RuntimeError:
+            raise UsageError(f'unreadable image file {self.dataset.filename(index, absolute=True)}') from None
 
     def __getattr__(self, name):
         # everything else (reader, filename, set_epoch, ...) is the wrapped dataset's
@@ -294,3 +304,11 @@ def set_loader_epoch(loader, epoch: int) -> None:
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Re-seed every RNG at each epoch start, so resuming at an epoch boundary replays the same run."""
     utils.random_seed(seed + 100_003 * epoch, rank)
+
+
+def loader_images(loader, device: torch.device, dtype: Optional[torch.dtype] = None,
+                  channels_last: bool = False) -> Iterator[torch.Tensor]:
+    """The images of a loader's batches on the model's device (prefetched batches are there already)."""
+    for images, _ in loader:
+        images = images.to(device=device, dtype=dtype)
+        yield images.contiguous(memory_format=torch.channels_last) if channels_last else images

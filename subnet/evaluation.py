@@ -29,12 +29,13 @@ from torch import nn
 
 from .batchnorm import batchnorm_layers, recalibrate
 from .blocks import BlockMap, unwrap_model
+from .data import DatasetView
 from .depth import DepthEngine
 from .errors import UsageError
 from .sampling import bernoulli_keep, step_generator
 
 __all__ = ['GRAMMAR', 'SPEC_HELP', 'SUBNET_FIELDS', 'Subnet', 'SubnetSpecError', 'subnet_spec', 'parse_spec',
-           'build_subnets', 'kind_of', 'recalibrated', 'FixedSample', 'loader_images', 'SubnetEvaluation',
+           'build_subnets', 'kind_of', 'recalibrated', 'FixedSample', 'SubnetEvaluation',
            'subnet_fields', 'SubnetMonitor']
 
 _logger = logging.getLogger('train')
@@ -214,15 +215,12 @@ def recalibrated(model: nn.Module, batches: Iterable[torch.Tensor], num_images: 
                     getattr(layer, name).copy_(value)
 
 
-class FixedSample(torch.utils.data.Dataset):
+class FixedSample(DatasetView):
     """``count`` items of ``dataset`` in a seeded random order (an image folder is sorted by class, so its first
-    images are one class, which would give BN recalibration one class's statistics).
-
-    ``transform`` is forwarded to the wrapped dataset, where timm's ``create_loader`` sets it.
-    """
+    images are one class, which would give BN recalibration one class's statistics)."""
 
     def __init__(self, dataset, count: int, seed: int):
-        self.dataset = dataset
+        super().__init__(dataset)
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
         self.indices = order[:count].tolist()
 
@@ -231,22 +229,6 @@ class FixedSample(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return self.dataset[self.indices[index]]
-
-    @property
-    def transform(self):
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, value):
-        self.dataset.transform = value
-
-
-def loader_images(loader, device: torch.device, dtype: Optional[torch.dtype] = None,
-                  channels_last: bool = False) -> Iterator[torch.Tensor]:
-    """The images of a loader's batches on the model's device (prefetched batches are there already)."""
-    for images, _ in loader:
-        images = images.to(device=device, dtype=dtype)
-        yield images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
 # ------------------------------------------------------------------------------------------------ evaluating
