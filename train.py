@@ -5,7 +5,7 @@ Every timm option works as in timm (``-c hparams.yaml``, output folder, ``summar
 timm loads). Add ``--method cosub|st|st++|gkt`` for the methods; ``--method none`` is timm's own training.
 
     python train.py --data-dir data/fashion-mnist -c hparams/quickstart.yaml
-    torchrun --nproc_per_node 8 train.py --data-dir /imagenet -c hparams/cosub_vit_base.yaml
+    torchrun --nproc_per_node 8 train.py --data-dir /imagenet -c hparams/cosub_deit3_vit_base.yaml
 
 The script reads top to bottom: parse → build (model, data, task, optimizer, run folder) → loop → report.
 The epoch loop lives in ``subnet/engine.py``, the methods in ``subnet/tasks.py``.

@@ -143,3 +143,18 @@ def test_validate_has_timms_parser_defaults():
     assert (args.model, args.batch_size, args.log_freq, args.split) == ('dpn92', 256, 10, 'validation')
     with pytest.raises(SystemExit):
         validate_parser().parse_args(['--torchscript', '--torchcompile'])  # mutually exclusive, as in timm
+
+
+@pytest.mark.parametrize('recipe', sorted(p.name for p in (DATA.parents[1] / 'hparams').glob('*.yaml')))
+def test_every_shipped_recipe_parses_cleanly_and_passes_the_method_checks(recipe, caplog):
+    root = Path(__file__).parents[1]
+    path = root / 'hparams' / recipe
+    args, _ = parse_train_args(['-c', str(path)])
+    assert not [r for r in caplog.records if 'unknown key' in r.getMessage()]
+    keys = set(yaml.safe_load(path.read_text()))
+    assert keys <= set(vars(args)), f'{recipe}: keys train.py does not know: {keys - set(vars(args))}'
+    train.check_method_args(args)
+    assert train.resolve_model_name(args.model)
+    if 'quickstart' in recipe:
+        assert (root / args.data_dir).is_dir() and args.experiment == recipe[:-len('.yaml')]
+    assert args.method != 'none' or recipe == 'quickstart.yaml'
