@@ -125,6 +125,13 @@ class BlockMap:
         keep = torch.as_tensor(keep, dtype=torch.bool)
         return tuple(int(keep[list(s.blocks)].sum()) for s in self.stages)
 
+    def prefix_keep(self, kept_per_stage: Sequence[int]) -> torch.Tensor:
+        """The (num_blocks,) bool mask keeping the first ``kept_per_stage[i]`` blocks of stage i (ST's shape)."""
+        keep = torch.zeros(len(self.blocks), dtype=torch.bool)
+        for stage, kept in zip(self.stages, kept_per_stage):
+            keep[list(stage.blocks[:kept])] = True
+        return keep
+
     def describe(self) -> str:
         """A table for logs: one line per block."""
         lines = [f'{self.model_name}: {int(self.skippable.sum())}/{len(self.blocks)} blocks skippable, '

@@ -158,19 +158,17 @@ def _draw_generator(seed: int, rate: float, draw: int) -> torch.Generator:
 
 def _keep_mask(recipe: Recipe, block_map: BlockMap, seed: int) -> torch.Tensor:
     fixed = ~block_map.skippable
-    keep = torch.zeros(len(block_map.blocks), dtype=torch.bool)
     if recipe.kind == 'prefix':
-        for stage in block_map.stages:
-            # the epsilon keeps 0.5 * 4 at 2 where floating point would make it 2.0000000001
-            kept = max(math.ceil(recipe.value * len(stage.blocks) - 1e-9), stage.min_keep)
-            keep[list(stage.blocks[:kept])] = True
+        # the epsilon keeps 0.5 * 4 at 2 where floating point would make it 2.0000000001
+        keep = block_map.prefix_keep([max(math.ceil(recipe.value * len(stage.blocks) - 1e-9), stage.min_keep)
+                                      for stage in block_map.stages])
     elif recipe.kind == 'first':
         count = int(recipe.value)
         if count > len(block_map.blocks):
             raise UsageError(f'subnet first{count}: {block_map.model_name} has only {len(block_map.blocks)} blocks')
-        keep[:count] = True
+        keep = torch.arange(len(block_map.blocks)) < count
     else:
-        rates = torch.full((len(keep),), recipe.value, dtype=torch.float64).masked_fill(fixed, 0.0)
+        rates = torch.full((len(block_map.blocks),), recipe.value, dtype=torch.float64).masked_fill(fixed, 0.0)
         keep = bernoulli_keep(1, rates, _draw_generator(seed, recipe.value, recipe.draw))[0]
     return keep | fixed
 

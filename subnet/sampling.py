@@ -56,13 +56,12 @@ def stage_prefix_keep(block_map: BlockMap, min_keep: Union[int, Sequence[int]] =
     if len(min_keep) != len(stages):
         raise UsageError(f'{block_map.model_name}: min_keep has {len(min_keep)} entries but the model has '
                          f'{len(stages)} stages')
-    keep = torch.zeros(len(block_map.blocks), dtype=torch.bool)
+    kept = []
     for stage, wanted in zip(stages, min_keep):
         depth = len(stage.blocks)
         low = max(min(depth, int(wanted)), stage.min_keep)
-        kept = int(torch.randint(low, depth + 1, (1,), generator=generator))
-        keep[list(stage.blocks[:kept])] = True
-    return keep
+        kept.append(int(torch.randint(low, depth + 1, (1,), generator=generator)))
+    return block_map.prefix_keep(kept)
 
 
 def nested_keep(parent: torch.Tensor, q: float, generator: Optional[torch.Generator] = None,
