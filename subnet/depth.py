@@ -278,19 +278,24 @@ class DepthEngine:
                     module.__dict__[slot] = original
         undo.append(restore)
 
-    def _scale_slot(self, block: Block, factor: float):
+    @staticmethod
+    def _reused_slot(cache: dict, block: Block, new, **fields):
+        """A ``make_slot`` for ``_set_slots``: one module per (block, slot), kept across steps and given ``fields``
+        (torch.compile guards on these objects, so reusing them keeps its graphs)."""
         def make(slot):
-            module = self._scale_slots.setdefault((block.index, slot), _BranchScale())
-            module.factor = factor
-            return module
+            key = (block.index, slot)
+            if key not in cache:
+                cache[key] = new()
+            for name, value in fields.items():
+                setattr(cache[key], name, value)
+            return cache[key]
         return make
 
+    def _scale_slot(self, block: Block, factor: float):
+        return self._reused_slot(self._scale_slots, block, _BranchScale, factor=factor)
+
     def _mask_slot(self, block: Block, factor: torch.Tensor):
-        def make(slot):
-            module = self._mask_slots.setdefault((block.index, slot), _RowMask(self.name))
-            module.factor = factor
-            return module
-        return make
+        return self._reused_slot(self._mask_slots, block, lambda: _RowMask(self.name), factor=factor)
 
     # ---- the modes --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -366,13 +371,9 @@ class DepthEngine:
         rates = self._rates(rates, 'drop-path rates')
         with self._session() as undo:
             for block in self.block_map.blocks:
-                rate = float(rates[block.index])
-
-                def make(slot, block=block, rate=rate):
-                    module = self._drop_path_slots.setdefault((block.index, slot), _DropPathSlot())
-                    module.drop_prob = rate
-                    module.train(block.module.training)
-                    return module
+                # a slot module has no children: setting ``training`` is its ``train()``
+                make = self._reused_slot(self._drop_path_slots, block, _DropPathSlot,
+                                         drop_prob=float(rates[block.index]), training=block.module.training)
                 self._set_slots(undo, block, make, keep_inner=False)
             yield
 
