@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,7 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .errors import UsageError
 
-__all__ = ['Block', 'Stage', 'BlockMap', 'find_blocks', 'drop_path_slots', 'unwrap_model', 'model_name']
+__all__ = ['Block', 'Stage', 'BlockMap', 'find_blocks', 'drop_path_slots', 'swap_slots', 'restore_slots',
+           'unwrap_model', 'model_name']
 
 # Batch size of the discovery forward. An extra block argument whose first dimension equals it is taken to be
 # per-row (gathered with the kept rows in per-sample mode); anything else (rope tables, relative position biases,
@@ -148,16 +149,20 @@ class _ZeroBranch(nn.Module):
         return x * 0.
 
 
-def _swap_slots(module: nn.Module, slots: Sequence[str], value: Optional[nn.Module]) -> dict:
+def swap_slots(module: nn.Module, slots: Sequence[str],
+               make: Callable[[str, Optional[nn.Module]], nn.Module]) -> dict:
+    """Put ``make(slot, original)`` into each drop_path slot as a submodule (ResNet's ``None`` slots included);
+    returns what ``restore_slots`` needs to put the originals back."""
     saved = {}
     for name in slots:
-        saved[name] = (name in module._modules, getattr(module, name))
+        original = getattr(module, name)
+        saved[name] = (name in module._modules, original)
         module.__dict__.pop(name, None)
-        module._modules[name] = value
+        module._modules[name] = make(name, original)
     return saved
 
 
-def _restore_slots(module: nn.Module, saved: dict) -> None:
+def restore_slots(module: nn.Module, saved: dict) -> None:
     for name, (was_module, value) in saved.items():
         if was_module:
             module._modules[name] = value
@@ -168,11 +173,12 @@ def _restore_slots(module: nn.Module, saved: dict) -> None:
 
 def _is_pure_residual(module: nn.Module, slots: Sequence[str], args: tuple, kwargs: dict) -> bool:
     """Zeroing every branch must give back the input: otherwise something sits on the main path."""
-    saved = _swap_slots(module, slots, _ZeroBranch())
+    zero = _ZeroBranch()
+    saved = swap_slots(module, slots, lambda slot, original: zero)
     try:
         out = module(*args, **kwargs)
     finally:
-        _restore_slots(module, saved)
+        restore_slots(module, saved)
     x = args[0]
     tol = 1e-6 * max(1.0, float(x.abs().max()))
     return torch.is_tensor(out) and out.shape == x.shape and bool(((out - x).abs() <= tol).all())

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from timm.layers import drop_path
 
-from .blocks import Block, BlockMap, find_blocks, unwrap_model
+from .blocks import Block, BlockMap, find_blocks, restore_slots, swap_slots, unwrap_model
 from .errors import UsageError
 
 __all__ = ['DepthEngine']
@@ -257,26 +257,13 @@ class DepthEngine:
 
     @staticmethod
     def _set_slots(undo: List, block: Block, make_slot, keep_inner: bool) -> None:
-        module = block.module
-        saved = []
-        for slot in block.slots:
-            was_module = slot in module._modules
-            original = module._modules[slot] if was_module else module.__dict__.get(slot)
+        def make(slot, original):
             new = make_slot(slot)
             new.set_original(original)
             new.inner = original if keep_inner else None
-            module.__dict__.pop(slot, None)
-            module._modules[slot] = new
-            saved.append((slot, was_module, original))
-
-        def restore():
-            for slot, was_module, original in saved:
-                if was_module:
-                    module._modules[slot] = original
-                else:
-                    module._modules.pop(slot, None)
-                    module.__dict__[slot] = original
-        undo.append(restore)
+            return new
+        saved = swap_slots(block.module, block.slots, make)
+        undo.append(lambda: restore_slots(block.module, saved))
 
     @staticmethod
     def _reused_slot(cache: dict, block: Block, new, **fields):
