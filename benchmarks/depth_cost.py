@@ -89,8 +89,12 @@ class Bench:
         keep[skippable[order[:n_drop]]] = False
         return keep
 
+    def constant_rates(self, rate):
+        """DeiT III's constant drop rate on every skippable block (0 on the others)."""
+        return drop_rates(len(self.block_map), rate, 'constant') * self.block_map.skippable
+
     def per_sample_mask(self, rate):
-        rates = drop_rates(len(self.block_map), rate, 'constant') * self.block_map.skippable
+        rates = self.constant_rates(rate)
         return bernoulli_keep(self.batch, rates, self.generator), 1 - rates
 
     def rows(self):
@@ -110,7 +114,7 @@ class Bench:
             mask, keep_prob = self.per_sample_mask(0.2)
             return self.engine.per_sample(mask, keep_prob, mode='mask'), 1.0
         rows.append(('per-sample mask, drop 0.20', make_mask))
-        rates = drop_rates(len(self.block_map), 0.2, 'constant') * self.block_map.skippable
+        rates = self.constant_rates(0.2)
         rows.append(('timm DropPath, drop 0.20', lambda: (self.engine.timm_drop_path(rates), 1.0)))
         return rows
 
@@ -177,8 +181,7 @@ def run_compile_check(args):
         modes = {
             'full model only': lambda: (contextlib.nullcontext(), None),
             'per-sample mask (0.2)': lambda: _skip(bench, mode='mask'),
-            'timm DropPath (0.2)': lambda: (bench.engine.timm_drop_path(
-                drop_rates(len(bench.block_map), 0.2, 'constant') * bench.block_map.skippable), None),
+            'timm DropPath (0.2)': lambda: (bench.engine.timm_drop_path(bench.constant_rates(0.2)), None),
             'per-batch ST prefix (min 1)': lambda: _prefix(bench),
             'per-sample skip (0.2)': lambda: _skip(bench),
         }
