@@ -7,18 +7,18 @@ timm loads). Add ``--method cosub|st|st++|gkt`` for the methods; ``--method none
     python train.py --data-dir data/fashion-mnist -c hparams/quickstart.yaml
     torchrun --nproc_per_node 8 train.py --data-dir /imagenet -c hparams/cosub_deit3_vit_base.yaml
 
-The script reads top to bottom: parse → build (model, data, task, optimizer, run folder) → loop → report.
-The epoch loop lives in ``subnet/engine.py``, the methods in ``subnet/tasks.py``.
+The script reads top to bottom: parse → check → build (model, data, task, optimizer, run folder, schedule) →
+loop (train an epoch, evaluate, checkpoint) → report. The epoch loop is ``subnet/loop.py``; the methods are
+``subnet/methods/``, one module each.
 """
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
-from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -29,38 +29,26 @@ from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
-from timm.utils import NativeScaler, trim_summary
+from timm.utils import trim_summary
 
-from subnet import output, plots
-from subnet.data import (build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
+from subnet import logs, plots, run_folder
+from subnet.criterion import build_criterion
+from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
-from subnet.engine import StepSetup, evaluate, train_one_epoch
-from subnet.evaluation import SubnetMonitor
+from subnet.device import check_precision_args, model_dtype as dtype_of, training_device, training_precision
 from subnet.errors import UsageError
+from subnet.evaluation import SubnetMonitor
+from subnet.loop import StepSetup, evaluate, train_one_epoch
+from subnet.methods import method_class
 from subnet.models import check_state_dict_fits, load_checkpoint_file, load_initial_checkpoint, resolve_model_name
-from subnet.options import parse_train_args
-from subnet.tasks import build_criterion, build_task, check_method_args, method_model_kwargs
+from subnet.timm_options import parse_train_args
 
 _logger = logging.getLogger('train')
 
 
-def resolve_device(args) -> torch.device:
-    """timm's ``init_distributed_device``, falling back to the CPU (with a warning) where timm asserts CUDA."""
-    for module in args.device_modules or ():
-        importlib.import_module(module)
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        _logger.warning(f'--device {args.device} asked for but no CUDA GPU is present: training on the CPU.')
-        args.device = 'cpu'
-    device = utils.init_distributed_device(args)
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    if args.distributed:
-        _logger.info(f'Training in distributed mode with multiple processes, 1 device per process. '
-                     f'Process {args.rank}, total {args.world_size}, device {args.device}.')
-    else:
-        _logger.info(f'Training with a single process on 1 device ({args.device}).')
-    return device
+def check_method_args(args) -> None:
+    """The chosen method's configuration checks (one line each); they may fill the method's defaults."""
+    method_class(args.method).check_args(args)
 
 
 def preflight(args) -> None:
@@ -69,12 +57,7 @@ def preflight(args) -> None:
         raise UsageError(f'--stop-epoch {args.stop_epoch} must be between 1 and --epochs ({args.epochs})')
     if args.resume == 'auto' and not args.experiment:
         raise UsageError('--resume auto needs --experiment NAME (the run folder to continue)')
-    if args.model_dtype and args.model_dtype not in ('float32', 'float16', 'bfloat16'):
-        raise UsageError(f'--model-dtype must be float32, float16 or bfloat16, got {args.model_dtype}')
-    if args.amp and args.amp_dtype not in ('float16', 'bfloat16'):
-        raise UsageError(f'--amp-dtype must be float16 or bfloat16, got {args.amp_dtype}')
-    if args.amp and args.model_dtype not in (None, 'float32'):
-        raise UsageError('--amp needs a float32 model (drop --model-dtype)')
+    check_precision_args(args, amp_needs_fp32_model=True)
     if args.grad_accum_steps < 1:
         raise UsageError(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}')
     if args.aug_splits == 1:
@@ -89,18 +72,30 @@ def preflight(args) -> None:
         raise UsageError(f'mixup/cutmix need an even batch size, got --batch-size {args.batch_size}')
     if args.experiment and utils.is_primary(args):
         folder = os.path.join(args.output or './output/train', args.experiment)
-        resuming_here = args.resume == 'auto' or (
-            args.resume and os.path.realpath(os.path.dirname(args.resume)) == os.path.realpath(folder))
-        if not resuming_here:
-            output.check_output_dir(folder)
+        if not resumes_in(args, args.resume, folder):
+            run_folder.check_output_dir(folder)
     if args.resume and args.resume != 'auto':
         load_checkpoint_file(args.resume, '--resume')
     if args.initial_checkpoint and not args.initial_checkpoint.endswith(('.safetensors', '.npz', '.npy')):
         load_checkpoint_file(args.initial_checkpoint, '--initial-checkpoint')
 
 
+def resumes_in(args, checkpoint_path: str, folder: str) -> bool:
+    """Whether this run continues the run in ``folder`` (``--resume auto``, or a checkpoint from that folder)."""
+    return args.resume == 'auto' or bool(checkpoint_path) and checkpoint_path != 'auto' and (
+        os.path.realpath(os.path.dirname(checkpoint_path)) == os.path.realpath(folder))
+
+
+# ------------------------------------------------------------------------------------------------- building
+
+# create_model keyword arguments that take a train.py option as it is
+_MODEL_ARGS = (('num_classes', 'num_classes'), ('drop_rate', 'drop'), ('drop_path_rate', 'drop_path'),
+               ('drop_block_rate', 'drop_block'), ('global_pool', 'gp'), ('bn_momentum', 'bn_momentum'),
+               ('bn_eps', 'bn_eps'))
+
+
 def build_model(args) -> nn.Module:
-    """timm's ``create_model`` with train.py's arguments and checked initial weights."""
+    """timm's ``create_model`` with train.py's arguments (and the method's kwargs), checked initial weights."""
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
     factory_kwargs = {}
     if args.pretrained_path:
@@ -109,22 +104,11 @@ def build_model(args) -> nn.Module:
         utils.set_jit_fuser(args.fuser)
     if args.fast_norm:
         set_fast_norm()
-    create = partial(
-        create_model,
-        args.model,
-        pretrained=args.pretrained,
-        in_chans=in_chans,
-        num_classes=args.num_classes,
-        drop_rate=args.drop,
-        drop_path_rate=args.drop_path,
-        drop_block_rate=args.drop_block,
-        global_pool=args.gp,
-        bn_momentum=args.bn_momentum,
-        bn_eps=args.bn_eps,
-        scriptable=args.torchscript,
-        **factory_kwargs,
-    )
-    method_kwargs = {k: v for k, v in method_model_kwargs(args).items() if k not in args.model_kwargs}
+    create = partial(create_model, args.model, pretrained=args.pretrained, in_chans=in_chans,
+                     scriptable=args.torchscript, **{kwarg: getattr(args, option) for kwarg, option in _MODEL_ARGS},
+                     **factory_kwargs)
+    method_kwargs = {k: v for k, v in method_class(args.method).model_kwargs(args).items()
+                     if k not in args.model_kwargs}
     try:
         model = create(**method_kwargs, **args.model_kwargs)
     except TypeError:  # a model without the option (e.g. dynamic_img_size on a CNN) does not need it
@@ -161,17 +145,6 @@ def place_model(args, model: nn.Module, device: torch.device, model_dtype, num_a
     if args.torchscript:
         model = torch.jit.script(model)
     return model
-
-
-def mixed_precision(args, device: torch.device):
-    """timm's AMP: autocast in the chosen dtype, a grad scaler only for CUDA float16."""
-    if not args.amp:
-        _logger.info(f'AMP not enabled. Training in {args.model_dtype or torch.float32}.')
-        return suppress, None
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    scaler = NativeScaler(device=device.type) if device.type == 'cuda' and amp_dtype == torch.float16 else None
-    _logger.info('Using native Torch AMP. Training in mixed precision.')
-    return partial(torch.autocast, device_type=device.type, dtype=amp_dtype), scaler
 
 
 def derive_lr(args, batch_size_reference: float) -> None:
@@ -217,51 +190,54 @@ def restore(args, path: str, task, optimizer, loss_scaler) -> int:
 
 
 @dataclass
-class TrainRun:
-    """What a finished run leaves behind, for scripts and tests that call ``run`` in-process."""
+class Training:
+    """Everything the epoch loop needs, built once by ``build``."""
     args: argparse.Namespace
     task: object
+    optimizer: torch.optim.Optimizer
+    loaders: Loaders
+    setup: StepSetup
     output_dir: str
-    results: list
+    checkpoint_path: str
+    start_epoch: int = 0
+    lr_scheduler: object = None
+    num_epochs: int = 0
+    saver: Optional[run_folder.AtomicCheckpointSaver] = None
+    subnet_monitor: Optional[SubnetMonitor] = None
+    tensorboard: Optional[plots.TensorBoardLog] = None
+    results: list = field(default_factory=list)
+    best: tuple = (None, None)
+
+    @property
+    def eval_metric(self) -> str:
+        return self.args.eval_metric if self.loaders.eval is not None else 'loss'
+
+    @property
+    def decreasing(self) -> bool:
+        return self.eval_metric == 'loss'
+
+    @property
+    def end_epoch(self) -> int:
+        return min(self.num_epochs, self.args.stop_epoch or self.num_epochs)
 
 
-def run(argv=None) -> TrainRun:
-    """Train as the command line says; raises UsageError on bad input."""
-    rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
-    output.setup_logging(primary=rank == 0, to_file_later=True)
-    try:
-        return _train(argv)
-    finally:
-        output.close_log_file()
-
-
-def _train(argv) -> TrainRun:
-    args, args_text = parse_train_args(argv)
-    if args.plot_summary:  # a picture of a finished (or running) run, no training
-        png = plots.plot_summary(args.plot_summary)
-        _logger.info(f'Wrote {png}')
-        return TrainRun(args, None, os.path.dirname(png), [])
-    args.rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
-    preflight(args)
-    args.prefetcher = not args.no_prefetcher
-    device = resolve_device(args)
-    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
+def build(args) -> Training:
+    """Model, data, task (the method), optimizer, resume, EMA, compile and DDP, in timm's order."""
+    device = training_device(args)
+    model_dtype = dtype_of(args)
     utils.random_seed(args.seed, args.rank)
-
-    # ---- model and data
     model = build_model(args)
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
     patch_size = model.get_patch_size() if args.naflex_loader and hasattr(model, 'get_patch_size') else None
     model = place_model(args, model, device, model_dtype, num_aug_splits)
-    amp_autocast, loss_scaler = mixed_precision(args, device)
+    amp_autocast, loss_scaler = training_precision(args, device)
     loaders = build_loaders(args, data_config, device, model_dtype, num_aug_splits, patch_size)
     derive_lr(args, loaders.batch_size_reference)
 
-    # ---- task (the method), optimizer, resume, EMA, compile, DDP: timm's order
     criterion = build_criterion(args, num_aug_splits, mixup_kwargs(args) is not None).to(device)
-    task = build_task(args, model, criterion, device, model_dtype, verbose=utils.is_primary(args),
-                      input_size=data_config['input_size'])
+    task = method_class(args.method).from_args(args, model, criterion, device=device, dtype=model_dtype,
+                                               input_size=data_config['input_size'], verbose=utils.is_primary(args))
     optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     if utils.is_primary(args):
         defaults = dict(optimizer.defaults, weight_decay=args.weight_decay)
@@ -269,7 +245,7 @@ def _train(argv) -> TrainRun:
                      + ', '.join(f'{k}: {v}' for k, v in defaults.items()))
 
     output_dir = os.path.join(args.output or './output/train',
-                              output.experiment_name(args, data_config['input_size'][-1]))
+                              run_folder.experiment_name(args, data_config['input_size'][-1]))
     checkpoint_path = resume_path(args, output_dir) if args.resume else ''
     start_epoch = restore(args, checkpoint_path, task, optimizer, loss_scaler) if checkpoint_path else 0
     if args.model_ema:
@@ -286,122 +262,187 @@ def _train(argv) -> TrainRun:
         task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
                                  broadcast_buffers=not args.no_ddp_bb)
 
-    # ---- run folder (rank 0): args.yaml, log.txt, summary.csv, checkpoints
-    eval_metric = args.eval_metric if loaders.eval is not None else 'loss'
-    decreasing = eval_metric == 'loss'
-    saver = None
-    in_place = args.resume == 'auto' or (
-        checkpoint_path and os.path.realpath(os.path.dirname(checkpoint_path)) == os.path.realpath(output_dir))
-    if utils.is_primary(args):
-        output.claim_output_dir(output_dir, resuming_in_place=bool(in_place))
-        output.log_to_file(os.path.join(output_dir, 'log.txt'))
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
-        saver = output.AtomicCheckpointSaver(
-            model=task.get_trainable_module(), optimizer=optimizer, args=args, amp_scaler=loss_scaler,
-            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing,
-            max_history=args.checkpoint_hist, task=task)
-        if in_place and checkpoint_path:
-            saver.load_state_dict_from_checkpoint(checkpoint_path)
-        trim_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
-        if args.log_wandb:
-            start_wandb(args, os.path.basename(output_dir))
+    setup = StepSetup(device=device, amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_dtype=model_dtype,
+                      mixup_fn=loaders.mixup_fn, naflex=loaders.naflex, scheduled_batches=loaders.scheduled_batches,
+                      batch_size_reference=loaders.batch_size_reference)
+    training = Training(args, task, optimizer, loaders, setup, output_dir, checkpoint_path, start_epoch)
+    if loaders.eval is not None:
+        training.subnet_monitor = SubnetMonitor.from_args(args, task, data_config['input_size'])
+    return training
 
-    # ---- schedule
-    updates_per_epoch = (len(loaders.train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing), updates_per_epoch=updates_per_epoch)
+
+def open_run_folder(training: Training, args_text: str) -> None:
+    """Rank 0: the run folder with args.yaml, log.txt, summary.csv (trimmed on resume) and the checkpoint saver."""
+    args, out = training.args, training.output_dir
+    if not utils.is_primary(args):
+        return
+    in_place = resumes_in(args, training.checkpoint_path, out)
+    run_folder.claim_output_dir(out, resuming_in_place=in_place)
+    logs.log_to_file(os.path.join(out, 'log.txt'))
+    with open(os.path.join(out, 'args.yaml'), 'w') as f:
+        f.write(args_text)
+    training.saver = run_folder.AtomicCheckpointSaver(
+        model=training.task.get_trainable_module(), optimizer=training.optimizer, args=args,
+        amp_scaler=training.setup.loss_scaler, checkpoint_dir=out, recovery_dir=out,
+        decreasing=training.decreasing, max_history=args.checkpoint_hist, task=training.task)
+    if in_place and training.checkpoint_path:
+        training.saver.load_state_dict_from_checkpoint(training.checkpoint_path)
+    trim_summary(os.path.join(out, 'summary.csv'), training.start_epoch)
+    if args.log_wandb:
+        start_wandb(args, os.path.basename(out))
+    if args.log_tensorboard:
+        training.tensorboard = plots.TensorBoardLog.open(os.path.join(out, 'tensorboard'))
+
+
+def build_schedule(training: Training) -> None:
+    """timm's scheduler, moved on to the start epoch; ``--start-epoch`` overrides the checkpoint's."""
+    args = training.args
+    updates_per_epoch = (len(training.loaders.train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    training.lr_scheduler, training.num_epochs = create_scheduler_v2(
+        training.optimizer, **scheduler_kwargs(args, decreasing_metric=training.decreasing),
+        updates_per_epoch=updates_per_epoch)
     if args.start_epoch is not None:
-        start_epoch = args.start_epoch
-    if lr_scheduler is not None and start_epoch > 0:
+        training.start_epoch = args.start_epoch
+    if training.lr_scheduler is not None and training.start_epoch > 0:
         if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+            training.lr_scheduler.step_update(training.start_epoch * updates_per_epoch)
         else:
-            lr_scheduler.step(start_epoch)
-    end_epoch = min(num_epochs, args.stop_epoch or num_epochs)
+            training.lr_scheduler.step(training.start_epoch)
     if utils.is_primary(args):
         explain = ('(warmup_epochs + epochs + cooldown_epochs). Warmup added to total when warmup_prefix=True'
                    if args.warmup_prefix else
                    '(epochs + cooldown_epochs). Warmup within epochs when warmup_prefix=False')
-        _logger.info(f'Scheduled epochs: {num_epochs} {explain}. '
-                     f'LR stepped per {"epoch" if lr_scheduler.t_in_epochs else "update"}.')
+        _logger.info(f'Scheduled epochs: {training.num_epochs} {explain}. '
+                     f'LR stepped per {"epoch" if training.lr_scheduler.t_in_epochs else "update"}.')
 
-    # ---- loop
-    setup = StepSetup(device=device, amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_dtype=model_dtype,
-                      mixup_fn=loaders.mixup_fn, naflex=loaders.naflex, scheduled_batches=loaders.scheduled_batches,
-                      batch_size_reference=loaders.batch_size_reference)
-    results, best = [], (None, None)
-    milestones = set(args.save_epochs or ())
-    subnet_monitor = SubnetMonitor.from_args(args, task, data_config['input_size']) \
-        if loaders.eval is not None else None
-    tensorboard = plots.TensorBoardLog.open(os.path.join(output_dir, 'tensorboard')) \
-        if args.log_tensorboard and saver is not None else None
+
+# --------------------------------------------------------------------------------------------------- the loop
+
+def evaluate_all(training: Training, evaluate_model: Callable) -> tuple:
+    """The live model, the EMA (timm reports its metrics in eval_*) and the --subnet-eval subnets."""
+    args, task = training.args, training.task
+    task.before_eval(loader_images(training.loaders.train, training.setup.device, training.setup.model_dtype,
+                                   args.channels_last))
+    if training.loaders.eval is None:
+        return None, {}
+    eval_metrics, extra = evaluate_model(task.get_eval_model()), {}
+    ema = task.get_trainable_module(ema=True)
+    if ema is not None and not args.model_ema_force_cpu:
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            utils.distribute_bn(ema, args.world_size, args.dist_bn == 'reduce')
+        extra = {f'model_{k}': v for k, v in eval_metrics.items()}
+        eval_metrics = evaluate_model(task.get_eval_model(ema=True), log_suffix=' (EMA)')
+    if training.subnet_monitor is not None:
+        extra.update(training.subnet_monitor.columns(
+            lambda subnet: evaluate_model(task.get_eval_model(), log_suffix=f' (subnet {subnet.name})')))
+    return eval_metrics, extra
+
+
+def end_of_epoch(training: Training, epoch: int, train_metrics: dict) -> None:
+    """Evaluate, then (rank 0) the summary row, the logs, the checkpoints; then step the schedule."""
+    args, setup = training.args, training.setup
+    evaluate_model = partial(evaluate, loader=training.loaders.eval, args=args, device=setup.device,
+                             amp_autocast=setup.amp_autocast, model_dtype=setup.model_dtype)
+    eval_metrics, extra = evaluate_all(training, evaluate_model)
+    latest_metric = (eval_metrics or train_metrics)[training.eval_metric]
+    saver = training.saver
+    if saver is not None:
+        lrs = [group['lr'] for group in training.optimizer.param_groups]
+        row = run_folder.summary_row(epoch, train_metrics, eval_metrics, sum(lrs) / len(lrs), extra)
+        run_folder.append_summary(os.path.join(training.output_dir, 'summary.csv'), row)
+        if training.tensorboard is not None:
+            training.tensorboard.log(epoch, row)
+        if args.log_wandb:
+            log_wandb(epoch, train_metrics, eval_metrics, extra)
+        training.best = saver.save_checkpoint(epoch, metric=latest_metric)
+        if epoch + 1 in set(args.save_epochs or ()):
+            saver.save_milestone(epoch + 1)
+    if training.lr_scheduler is not None:
+        training.lr_scheduler.step(epoch + 1, latest_metric)
+    training.results.append({'epoch': epoch, 'train': train_metrics,
+                             **({'validation': eval_metrics} if eval_metrics is not None else {})})
+
+
+def skips_eval(training: Training, completed: int) -> bool:
+    """timm's ``--val-interval``: no eval or checkpoint between intervals, except at the end and milestones."""
+    args = training.args
+    return bool(completed % args.val_interval) and completed not in (training.num_epochs, training.end_epoch) \
+        and completed not in set(args.save_epochs or ())
+
+
+def train_epochs(training: Training) -> None:
+    args, task, loaders = training.args, training.task, training.loaders
+    for epoch in range(training.start_epoch, training.end_epoch):
+        seed_epoch(args.seed, epoch, args.rank)
+        set_loader_epoch(loaders.train, epoch)
+        train_metrics = train_one_epoch(epoch, task, loaders.train, training.optimizer, args, training.setup,
+                                        lr_scheduler=training.lr_scheduler, saver=training.saver,
+                                        output_dir=training.output_dir)
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            _logger.info('Distributing BatchNorm running means and vars')
+            utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
+        if skips_eval(training, epoch + 1):
+            _logger.info('Skipping eval and checkpointing ')
+            if training.lr_scheduler is not None:
+                training.lr_scheduler.step(epoch + 1, metric=None)
+            continue
+        end_of_epoch(training, epoch, train_metrics)
+
+
+def report(training: Training) -> None:
+    """timm's closing lines: the best metric and the ``--result`` JSON of the last ten epochs."""
+    if training.best[0] is not None:
+        _logger.info(f'*** Best metric: {training.best[0]} (epoch {training.best[1]})')
+    if not utils.is_primary(training.args):
+        return
+    if training.tensorboard is not None:
+        training.tensorboard.close()
+    plots.summary_after_training(training.output_dir)
+    metric = training.eval_metric
+    ranked = sorted(training.results, key=lambda r: r.get('validation', r['train']).get(metric, 0),
+                    reverse=training.decreasing)
+    print(f'--result\n{json.dumps(ranked[-10:], indent=4)}')
+
+
+@dataclass
+class TrainRun:
+    """What a finished run leaves behind, for scripts and tests that call ``run`` in-process."""
+    args: argparse.Namespace
+    task: object
+    output_dir: str
+    results: list
+
+
+def run(argv=None) -> TrainRun:
+    """Train as the command line says; raises UsageError on bad input."""
+    rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
+    logs.setup_logging(primary=rank == 0, to_file_later=True)
     try:
-        for epoch in range(start_epoch, end_epoch):
-            seed_epoch(args.seed, epoch, args.rank)
-            set_loader_epoch(loaders.train, epoch)
-            train_metrics = train_one_epoch(epoch, task, loaders.train, optimizer, args, setup,
-                                            lr_scheduler=lr_scheduler, saver=saver, output_dir=output_dir)
-            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-                _logger.info('Distributing BatchNorm running means and vars')
-                utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
+        return _train(argv)
+    finally:
+        logs.close_log_file()
 
-            completed = epoch + 1
-            if completed % args.val_interval and completed not in (num_epochs, end_epoch) \
-                    and completed not in milestones:
-                _logger.info('Skipping eval and checkpointing ')
-                if lr_scheduler is not None:
-                    lr_scheduler.step(completed, metric=None)
-                continue
 
-            eval_metrics, extra = None, {}
-            if hasattr(task, 'before_eval'):
-                task.before_eval(loader_images(loaders.train, device, model_dtype, args.channels_last))
-            if loaders.eval is not None:
-                eval_metrics = evaluate(task.get_eval_model(), loaders.eval, args, device, amp_autocast, model_dtype)
-                ema = task.get_trainable_module(ema=True)
-                if ema is not None and not args.model_ema_force_cpu:
-                    if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-                        utils.distribute_bn(ema, args.world_size, args.dist_bn == 'reduce')
-                    # timm reports the EMA's metrics in the eval_* columns; the live model's are kept beside
-                    extra = {f'model_{k}': v for k, v in eval_metrics.items()}
-                    eval_metrics = evaluate(task.get_eval_model(ema=True), loaders.eval, args, device,
-                                            amp_autocast, model_dtype, log_suffix=' (EMA)')
-                if subnet_monitor is not None:
-                    extra.update(subnet_monitor.columns(lambda subnet: evaluate(
-                        task.get_eval_model(), loaders.eval, args, device, amp_autocast, model_dtype,
-                        log_suffix=f' (subnet {subnet.name})')))
-            latest_metric = (eval_metrics or train_metrics)[eval_metric]
-            if saver is not None:
-                lrs = [group['lr'] for group in optimizer.param_groups]
-                row = output.summary_row(epoch, train_metrics, eval_metrics, sum(lrs) / len(lrs), extra)
-                output.append_summary(os.path.join(output_dir, 'summary.csv'), row)
-                if tensorboard is not None:
-                    tensorboard.log(epoch, row)
-                if args.log_wandb:
-                    log_wandb(epoch, train_metrics, eval_metrics, extra)
-                best = saver.save_checkpoint(epoch, metric=latest_metric)
-                if completed in milestones:
-                    saver.save_milestone(completed)
-            if lr_scheduler is not None:
-                lr_scheduler.step(completed, latest_metric)
-            results.append({'epoch': epoch, 'train': train_metrics,
-                            **({'validation': eval_metrics} if eval_metrics is not None else {})})
+def _train(argv) -> TrainRun:
+    args, args_text = parse_train_args(argv)
+    if args.plot_summary:  # a picture of a finished (or running) run, no training
+        png = plots.plot_summary(args.plot_summary)
+        _logger.info(f'Wrote {png}')
+        return TrainRun(args, None, os.path.dirname(png), [])
+    args.rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
+    preflight(args)
+    args.prefetcher = not args.no_prefetcher
+    training = build(args)
+    open_run_folder(training, args_text)
+    build_schedule(training)
+    try:
+        train_epochs(training)
     except KeyboardInterrupt:
         _logger.warning('Interrupted: the last completed epoch is in last.pth.tar (continue with --resume).')
-
     if args.distributed:
         torch.distributed.destroy_process_group()
-    if best[0] is not None:
-        _logger.info(f'*** Best metric: {best[0]} (epoch {best[1]})')
-    if utils.is_primary(args):
-        if tensorboard is not None:
-            tensorboard.close()
-        plots.summary_after_training(output_dir)
-        ranked = sorted(results, key=lambda r: r.get('validation', r['train']).get(eval_metric, 0),
-                        reverse=decreasing)
-        print(f'--result\n{json.dumps(ranked[-10:], indent=4)}')
-    return TrainRun(args, task, output_dir, results)
+    report(training)
+    return TrainRun(args, training.task, training.output_dir, training.results)
 
 
 def start_wandb(args, run_name: str) -> None:

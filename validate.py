@@ -10,7 +10,7 @@ classes and the input settings of the training run's evaluation come from the ch
 on the command line wins. (timm's validate.py needs ``--model ... --model-kwargs ... --img-size ...
 --use-train-size`` for the same numbers.)
 
-Subnets (``subnet/evaluation.py``): ``--subnets SPEC`` adds one row per subnet after the full net's (which is
+Subnets (``subnet/evaluation.py``, SPEC grammar in ``subnet/spec.py``): ``--subnets SPEC`` adds one row per subnet after the full net's (which is
 the plain validation's row), with its description and cost; ``--bn-recal N`` re-estimates each subnet's
 BatchNorm statistics first; ``--plot FILE.png`` draws top-1 against FLOPs, one colour per checkpoint (a folder,
 or a glob pattern such as ``'output/train/*/model_best.pth.tar'`` to compare runs).
@@ -24,7 +24,6 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from contextlib import suppress
 from functools import partial
 
 import torch
@@ -36,12 +35,13 @@ from timm.models import create_model, is_model, list_models, load_checkpoint
 from timm.task.evaluator import ClassificationEvaluator
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
 
-from subnet import evaluation, output, plots
-from subnet.data import check_image_folders, loader_images
-from subnet.engine import predict_batches, update_evaluator
+from subnet import evaluation, logs, plots
+from subnet.data import FixedSample, check_image_folders, loader_images
+from subnet.device import autocast_for, check_precision_args, model_dtype as dtype_of, validation_device
 from subnet.errors import UsageError
+from subnet.loop import predict_batches, update_evaluator
 from subnet.models import check_state_dict_fits, load_checkpoint_file, resolve_model_name
-from subnet.options import validate_parser
+from subnet.timm_options import validate_parser
 
 _logger = logging.getLogger('validate')
 
@@ -122,7 +122,7 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
         input_key=args.input_key, input_img_mode=input_img_mode, target_key=args.target_key,
         trust_remote_code=args.dataset_trust_remote_code, seed=args.seed)
     if sample and not isinstance(dataset, torch.utils.data.IterableDataset):
-        dataset = evaluation.FixedSample(dataset, sample, args.seed)
+        dataset = FixedSample(dataset, sample, args.seed)
     crop_pct = 1.0 if test_time_pool else data_config['crop_pct']
     common = dict(batch_size=args.batch_size, use_prefetcher=args.prefetcher,
                   interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
@@ -186,28 +186,17 @@ def validate(args):
     full net's first, then one per subnet with the SUBNET_FIELDS appended)."""
     args.pretrained = args.pretrained or not args.checkpoint
     args.prefetcher = not args.no_prefetcher
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        _logger.warning(f'--device {args.device} asked for but no CUDA GPU is present: validating on the CPU.')
-        args.device = 'cpu'
-    device = torch.device(args.device)
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    device = validation_device(args)
     if args.metrics_avg:
         try:
             import sklearn  # noqa: F401
         except ImportError:
             _logger.warning("scikit-learn not installed, disabling --metrics-avg: pip install scikit-learn")
             args.metrics_avg = None
-    if args.model_dtype and args.model_dtype not in ('float32', 'float16', 'bfloat16'):
-        raise UsageError(f'--model-dtype must be float32, float16 or bfloat16, got {args.model_dtype}')
-    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else None
-    amp_autocast = suppress
+    check_precision_args(args)
+    model_dtype = dtype_of(args)
+    amp_autocast = autocast_for(args, device)
     if args.amp:
-        if args.amp_dtype not in ('float16', 'bfloat16'):
-            raise UsageError(f'--amp-dtype must be float16 or bfloat16, got {args.amp_dtype}')
-        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
         _logger.info('Validating in mixed precision with native PyTorch AMP.')
     else:
         _logger.info(f'Validating in {model_dtype or torch.float32}. AMP not enabled.')
@@ -393,14 +382,14 @@ def run(argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    output.setup_logging(primary=True)
+    logs.setup_logging(primary=True)
     try:
         return run(argv)
     except UsageError as e:
         print(f'validate.py: error: {e}', file=sys.stderr)
         return 2
     finally:
-        output.close_log_file()
+        logs.close_log_file()
 
 
 if __name__ == '__main__':

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from subnet import tasks  # noqa: E402
+from subnet.methods import CosubTask, GroupKnowledgeTask, StimulativePlusPlusTask, StimulativeTask  # noqa: E402
 from subnet.depth import DepthEngine  # noqa: E402
 from subnet.sampling import drop_rates  # noqa: E402
 
@@ -80,13 +80,12 @@ def build(method: str, model: nn.Module, depth: DepthEngine):
     if method.startswith('cosub'):
         impl = {'cosub': 'skip', 'cosub-timm': 'timm', 'cosub-mask': 'mask'}[method]
         rates = drop_rates(depth.num_blocks, COSUB_DROP, 'constant') * depth.block_map.skippable
-        return tasks.CosubTask(model, drop_rate=rates, impl=impl, **common)
+        return CosubTask(model, drop_rate=rates, impl=impl, **common)
     if method == 'st':
-        return tasks.StimulativeTask(model, nn.CrossEntropyLoss(), **common)
+        return StimulativeTask(model, nn.CrossEntropyLoss(), **common)
     if method == 'st++':
-        return tasks.StimulativeTask(model, nn.CrossEntropyLoss(), method='st++', subnets=6, min_keep=3,
-                                     loss='kl-', norm_ce=True, min_size=0.43, **common)
-    return tasks.GroupKnowledgeTask(model, nn.CrossEntropyLoss(), groups=3, loops=2, drop=0.2, **common)
+        return StimulativePlusPlusTask(model, nn.CrossEntropyLoss(), **common)  # ST++'s published defaults
+    return GroupKnowledgeTask(model, nn.CrossEntropyLoss(), groups=3, loops=2, drop=0.2, **common)
 
 
 class Recorder:

@@ -2,11 +2,12 @@
 
 A subnet pass in training mode normalises with its own batch statistics (what it should do), but it also
 folds them into the running statistics that evaluation uses, so the full net would be evaluated with a mix
-of shallow-subnet statistics. Two remedies (st.md §6):
+of shallow-subnet statistics. Two remedies:
 
 - ``frozen_running_stats``: subnet passes leave the running statistics alone (our default; EMA-safe);
 - ``recalibrate``: re-estimate them with the full net on training images (the official ST code, before
-  every evaluation; ``validate.py --bn-recal`` does it per subnet).
+  every evaluation); ``recalibrated`` does it for the time of a ``with`` block (``validate.py --bn-recal``
+  per subnet) and puts the model's own statistics back.
 
 LayerNorm models (ViT, ConvNeXt) need neither.
 """
@@ -70,3 +71,21 @@ def recalibrate(model: nn.Module, batches: Iterable[torch.Tensor], num_images: i
             m.momentum = momentum
             m.train(training)
     return seen
+
+
+@contextlib.contextmanager
+def recalibrated(model: nn.Module, batches: Iterable[torch.Tensor], num_images: int) -> Iterator[int]:
+    """BN running statistics re-estimated on ``num_images`` images inside, the model's own ones back on exit.
+
+    Yields the number of images used (0 for a model without BatchNorm). Only the buffers change, in memory:
+    the checkpoint file is never touched.
+    """
+    layers = batchnorm_layers(model)
+    saved = [{name: buffer.clone() for name, buffer in layer.named_buffers(recurse=False)} for layer in layers]
+    try:
+        yield recalibrate(model, batches, num_images) if layers and num_images > 0 else 0
+    finally:
+        with torch.no_grad():
+            for layer, buffers in zip(layers, saved):
+                for name, value in buffers.items():
+                    getattr(layer, name).copy_(value)

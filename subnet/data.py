@@ -111,6 +111,22 @@ class NamedFailures(DatasetView):
         return getattr(self.dataset, name)
 
 
+class FixedSample(DatasetView):
+    """``count`` items of ``dataset`` in a seeded random order (an image folder is sorted by class, so its first
+    images are one class, which would give BN recalibration one class's statistics)."""
+
+    def __init__(self, dataset, count: int, seed: int):
+        super().__init__(dataset)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+        self.indices = order[:count].tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+
 def build_dataset(args, split: str, is_training: bool, input_img_mode: str, num_samples=None):
     """``timm.data.create_dataset`` with train.py's arguments; folder datasets fail clearly."""
     try:
@@ -163,130 +179,108 @@ class Loaders:
     batch_size_reference: float = 0.
 
 
+def _common_loader_kwargs(args, data_config: dict, device: torch.device, model_dtype) -> dict:
+    return dict(mean=data_config['mean'], std=data_config['std'], pin_memory=args.pin_mem,
+                img_dtype=model_dtype or torch.float32, device=device, distributed=args.distributed,
+                use_prefetcher=args.prefetcher)
+
+
+def _augmentation_kwargs(args, data_config: dict, num_aug_splits: int) -> dict:
+    """timm's training transform and loader options, as its train.py passes them."""
+    interpolation = (data_config['interpolation'] if args.no_aug or not args.train_interpolation
+                     else args.train_interpolation)
+    return dict(batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
+                re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
+                train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
+                vflip=args.vflip, color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
+                grayscale_prob=args.grayscale_prob, gaussian_blur_prob=args.gaussian_blur_prob,
+                auto_augment=args.aa, num_aug_repeats=args.aug_repeats, num_aug_splits=num_aug_splits,
+                interpolation=interpolation, num_workers=args.workers, worker_seeding=args.worker_seeding)
+
+
+def _naflex_train_loader(args, dataset, patch_size, common: dict, train_kwargs: dict):
+    from timm.data import NaFlexMixup, create_naflex_loader
+    mixup = mixup_kwargs(args)
+    naflex_mixup = None
+    if mixup is not None:
+        naflex_mixup = NaFlexMixup(**{k: v for k, v in mixup.items() if k not in ('mode', 'cutmix_minmax')})
+    patch = dict(patch_size=patch_size or (16, 16))
+    if args.naflex_patch_sizes:
+        patch = dict(patch_size_choices=args.naflex_patch_sizes)
+        if args.naflex_patch_size_probs:
+            patch['patch_size_choice_probs'] = args.naflex_patch_size_probs
+    return create_naflex_loader(
+        dataset=dataset, train_seq_lens=args.naflex_train_seq_lens, mixup_fn=naflex_mixup, rank=args.rank,
+        world_size=args.world_size, patchify_channels_last=not args.naflex_patchify_channels_first,
+        **patch, **common, **train_kwargs)
+
+
+def _train_loader(args, dataset, data_config: dict, num_aug_splits: int, common: dict, train_kwargs: dict):
+    """timm's loader (standard or scheduled sizes) and, without the prefetcher, the Mixup the loop applies."""
+    mixup, collate_fn, mixup_fn = mixup_kwargs(args), None, None
+    if mixup is not None:
+        if args.prefetcher:
+            if num_aug_splits:
+                raise UsageError('mixup with the prefetcher cannot be combined with --aug-splits; '
+                                 'add --no-prefetcher')
+            collate_fn = FastCollateMixup(**mixup)
+        else:
+            mixup_fn = Mixup(**mixup)
+    if num_aug_splits > 1:
+        dataset = AugMixDataset(dataset, num_splits=num_aug_splits)
+    loader = create_loader(
+        dataset, input_size=data_config['input_size'], input_size_choices=args.train_img_sizes,
+        batch_size_choices=args.train_batch_sizes, batch_choice_weights=args.train_size_probs,
+        batch_choice_seed=args.seed, batch_choice_schedule=args.train_size_schedule,
+        batch_schedule_epochs=args.epochs if args.train_size_schedule == 'progressive' else None,
+        batch_schedule_spread=args.train_size_schedule_spread, batch_schedule_random_mix=args.train_size_random_mix,
+        num_batches=args.train_batches_per_epoch, collate_fn=collate_fn,
+        use_multi_epochs_loader=args.use_multi_epochs_loader,
+        # workers restart every epoch from the re-seeded main RNG, so a resumed run sees the same
+        # augmentations as an uninterrupted one (timm keeps them alive, which makes resume inexact)
+        persistent_workers=False, **common, **train_kwargs)
+    return loader, mixup_fn
+
+
+def _eval_loader(args, dataset, data_config: dict, patch_size, common: dict):
+    workers = args.workers
+    if args.distributed and ('tfds' in args.dataset or 'wds' in args.dataset):
+        workers = min(2, args.workers)  # timm: limits padding issues of iterable datasets
+    kwargs = dict(batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+                  interpolation=data_config['interpolation'], num_workers=workers, crop_pct=data_config['crop_pct'])
+    if args.naflex_loader:
+        from timm.data import create_naflex_loader
+        return create_naflex_loader(
+            dataset=dataset, patch_size=patch_size or (16, 16), max_seq_len=args.naflex_max_seq_len,
+            patchify_channels_last=not args.naflex_patchify_channels_first, **common, **kwargs)
+    return create_loader(dataset, input_size=data_config['input_size'], **common, **kwargs)
+
+
 def build_loaders(args, data_config: dict, device: torch.device, model_dtype, num_aug_splits: int,
                   patch_size=None) -> Loaders:
     """Train and eval loaders as timm's train.py builds them (standard, scheduled-resolution or NaFlex).
 
     The data folders and the batch size have been checked by train.py's preflight.
     """
-    mixup = mixup_kwargs(args)
-
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     dataset_train = build_dataset(args, args.train_split, True, input_img_mode, args.train_num_samples)
-    dataset_eval = None
-    if args.val_split:
-        dataset_eval = build_dataset(args, args.val_split, False, input_img_mode, args.val_num_samples)
-
-    common = dict(
-        mean=data_config['mean'],
-        std=data_config['std'],
-        pin_memory=args.pin_mem,
-        img_dtype=model_dtype or torch.float32,
-        device=device,
-        distributed=args.distributed,
-        use_prefetcher=args.prefetcher,
-    )
-    train_kwargs = dict(
-        batch_size=args.batch_size,
-        is_training=True,
-        no_aug=args.no_aug,
-        re_prob=args.reprob,
-        re_mode=args.remode,
-        re_count=args.recount,
-        re_split=args.resplit,
-        train_crop_mode=args.train_crop_mode,
-        scale=args.scale,
-        ratio=args.ratio,
-        hflip=args.hflip,
-        vflip=args.vflip,
-        color_jitter=args.color_jitter,
-        color_jitter_prob=args.color_jitter_prob,
-        grayscale_prob=args.grayscale_prob,
-        gaussian_blur_prob=args.gaussian_blur_prob,
-        auto_augment=args.aa,
-        num_aug_repeats=args.aug_repeats,
-        num_aug_splits=num_aug_splits,
-        interpolation=(data_config['interpolation'] if args.no_aug or not args.train_interpolation
-                       else args.train_interpolation),
-        num_workers=args.workers,
-        worker_seeding=args.worker_seeding,
-    )
-
+    common = _common_loader_kwargs(args, data_config, device, model_dtype)
+    train_kwargs = _augmentation_kwargs(args, data_config, num_aug_splits)
     loaders = Loaders(train=None, eval=None, mixup_fn=None, batch_size_reference=float(args.batch_size))
     if args.naflex_loader:
-        from timm.data import NaFlexMixup, create_naflex_loader
-        naflex_mixup = None
-        if mixup is not None:
-            naflex_mixup = NaFlexMixup(**{k: v for k, v in mixup.items() if k not in ('mode', 'cutmix_minmax')})
-        patch = dict(patch_size=patch_size or (16, 16))
-        if args.naflex_patch_sizes:
-            patch = dict(patch_size_choices=args.naflex_patch_sizes)
-            if args.naflex_patch_size_probs:
-                patch['patch_size_choice_probs'] = args.naflex_patch_size_probs
-        loaders.train = create_naflex_loader(
-            dataset=dataset_train, train_seq_lens=args.naflex_train_seq_lens, mixup_fn=naflex_mixup,
-            rank=args.rank, world_size=args.world_size,
-            patchify_channels_last=not args.naflex_patchify_channels_first,
-            **patch, **common, **train_kwargs)
+        loaders.train = _naflex_train_loader(args, dataset_train, patch_size, common, train_kwargs)
         loaders.naflex = True
     else:
-        collate_fn = None
-        if mixup is not None:
-            if args.prefetcher:
-                if num_aug_splits:
-                    raise UsageError('mixup with the prefetcher cannot be combined with --aug-splits; '
-                                     'add --no-prefetcher')
-                collate_fn = FastCollateMixup(**mixup)
-            else:
-                loaders.mixup_fn = Mixup(**mixup)
-        if num_aug_splits > 1:
-            dataset_train = AugMixDataset(dataset_train, num_splits=num_aug_splits)
-        loaders.train = create_loader(
-            dataset_train,
-            input_size=data_config['input_size'],
-            input_size_choices=args.train_img_sizes,
-            batch_size_choices=args.train_batch_sizes,
-            batch_choice_weights=args.train_size_probs,
-            batch_choice_seed=args.seed,
-            batch_choice_schedule=args.train_size_schedule,
-            batch_schedule_epochs=args.epochs if args.train_size_schedule == 'progressive' else None,
-            batch_schedule_spread=args.train_size_schedule_spread,
-            batch_schedule_random_mix=args.train_size_random_mix,
-            num_batches=args.train_batches_per_epoch,
-            collate_fn=collate_fn,
-            use_multi_epochs_loader=args.use_multi_epochs_loader,
-            # workers restart every epoch from the re-seeded main RNG, so a resumed run sees the same
-            # augmentations as an uninterrupted one (timm keeps them alive, which makes resume inexact)
-            persistent_workers=False,
-            **common,
-            **train_kwargs,
-        )
+        loaders.train, loaders.mixup_fn = _train_loader(args, dataset_train, data_config, num_aug_splits, common,
+                                                        train_kwargs)
         if args.train_img_sizes is not None:
             loaders.scheduled_batches = True
             loaders.batch_size_reference = loaders.train.batch_sampler.average_batch_size
-
     if len(loaders.train) == 0:
         raise UsageError(f'the training split has fewer images than one batch (--batch-size {args.batch_size})')
-
-    if dataset_eval is not None:
-        eval_workers = args.workers
-        if args.distributed and ('tfds' in args.dataset or 'wds' in args.dataset):
-            eval_workers = min(2, args.workers)  # timm: limits padding issues of iterable datasets
-        eval_kwargs = dict(
-            batch_size=args.validation_batch_size or args.batch_size,
-            is_training=False,
-            interpolation=data_config['interpolation'],
-            num_workers=eval_workers,
-            crop_pct=data_config['crop_pct'],
-        )
-        if args.naflex_loader:
-            from timm.data import create_naflex_loader
-            loaders.eval = create_naflex_loader(
-                dataset=dataset_eval, patch_size=patch_size or (16, 16), max_seq_len=args.naflex_max_seq_len,
-                patchify_channels_last=not args.naflex_patchify_channels_first, **common, **eval_kwargs)
-        else:
-            loaders.eval = create_loader(dataset_eval, input_size=data_config['input_size'], **common,
-                                         **eval_kwargs)
+    if args.val_split:
+        dataset_eval = build_dataset(args, args.val_split, False, input_img_mode, args.val_num_samples)
+        loaders.eval = _eval_loader(args, dataset_eval, data_config, patch_size, common)
     return loaders
 
 

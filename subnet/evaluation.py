@@ -1,73 +1,34 @@
-"""Evaluate a model's subnets: a SPEC names fixed keep masks, each is measured with the depth engine.
+"""Evaluate a model's subnets: a SPEC (``subnet/spec.py``) names fixed keep masks, each measured with the depth engine.
 
 The papers' claim is about subnets (plain training leaves them weak, ST / GKT / cosub make them strong), so
-``validate.py --subnets SPEC`` and ``train.py --subnet-eval SPEC`` measure them. A SPEC is ``;``-separated terms:
-
-    prefix:F[,F...]      ST's shape: every stage i keeps its first max(ceil(F * d_i), m_i) blocks, F in (0, 1]
-                         (m_i: the stage's non-skippable minimum, e.g. a ResNet stage's downsampling block)
-    random:N@R[,R...]    stochastic depth's shape: N fixed subsets per rate R in [0, 1]; each skippable block is
-                         dropped with probability R. Draw j at rate R depends on (--seed, j, R) only, so
-                         random:4@0.2 gives the first four subsets of random:8@0.2 in any SPEC
-    first:K[,K...]       the first K blocks of the model (isotropic models: ViT, DeiT), plus every block that
-                         cannot be skipped (CaiT's class-attention blocks), K in [1, number of blocks]
-
-e.g. ``prefix:0.25,0.5,0.75;random:8@0.2;first:4,8``. Subnets are named ``prefix0.5``, ``random0.2_3`` (draw 3,
-counting from 1) and ``first4``; ``full`` is the full net. Masks are per batch: a subnet is one fixed block subset.
+``validate.py --subnets SPEC`` and ``train.py --subnet-eval SPEC`` measure them. Masks are per batch: a subnet is
+one fixed block subset, installed with ``DepthEngine.subnet`` while it is measured.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import logging
 import math
-import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
 
-from .batchnorm import batchnorm_layers, recalibrate
+from .batchnorm import batchnorm_layers, recalibrated
 from .blocks import BlockMap, unwrap_model
-from .data import DatasetView
 from .depth import DepthEngine
 from .errors import UsageError
 from .sampling import bernoulli_keep, step_generator
+from .spec import Recipe, parse_spec
 
-__all__ = ['GRAMMAR', 'SPEC_HELP', 'SUBNET_FIELDS', 'Subnet', 'SubnetSpecError', 'subnet_spec', 'parse_spec',
-           'build_subnets', 'kind_of', 'recalibrated', 'FixedSample', 'SubnetEvaluation',
-           'subnet_fields', 'SubnetMonitor']
+__all__ = ['SUBNET_FIELDS', 'Subnet', 'build_subnets', 'SubnetEvaluation', 'subnet_fields', 'SubnetMonitor']
 
 _logger = logging.getLogger('train')
 
-KINDS = ('prefix', 'random', 'first')
-GRAMMAR = 'prefix:F[,F...]; random:N@R[,R...]; first:K[,K...] (e.g. prefix:0.25,0.5;random:8@0.2;first:4)'
-SPEC_HELP = ("';'-separated terms: prefix:F[,F...] (every stage keeps its first ceil(F x depth) blocks: ST's "
-             'subnets), random:N@R[,R...] (N fixed subsets per drop rate R, each skippable block dropped with '
-             'probability R), first:K[,K...] (the first K blocks: ViT-like models); '
-             "e.g. 'prefix:0.25,0.5,0.75;random:8@0.2;first:4,8'")
 # what validate.py adds to timm's result fields, in this order
 SUBNET_FIELDS = ('subnet', 'depths', 'blocks', 'kept_fraction', 'flop_fraction', 'bn_recal')
 
 T = TypeVar('T')
-
-
-class SubnetSpecError(UsageError, argparse.ArgumentTypeError):
-    """A bad SPEC: argparse reports it as ``argument --subnets: ...``, a YAML key as the UsageError line."""
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """One subnet a SPEC asks for, before there is a model: kind, its number (F, K or R) and the draw."""
-    kind: str
-    value: float
-    draw: int = 0
-
-    @property
-    def name(self) -> str:
-        if self.kind == 'random':
-            return f'random{self.value:g}_{self.draw}'
-        return f'{self.kind}{self.value:g}'
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,62 +52,6 @@ class Subnet:
     def describe(self) -> str:
         return (f'{self.name}: depths {"-".join(map(str, self.depths))}, {int(self.keep.sum())}/{len(self.keep)} '
                 f'blocks, {100 * self.flop_fraction:.1f}% of the FLOPs')
-
-
-# ------------------------------------------------------------------------------------------------ the grammar
-
-def _number(text: str, term: str, convert):
-    try:
-        return convert(text.strip())
-    except ValueError:
-        raise SubnetSpecError(f'subnet spec term {term!r}: {text.strip()!r} is not a number; expected {GRAMMAR}')
-
-
-def parse_spec(spec: str) -> List[Recipe]:
-    """The subnets a SPEC names, in its order, duplicates dropped; raises SubnetSpecError (one line)."""
-    if not spec or not spec.strip():
-        raise SubnetSpecError(f'empty subnet spec; expected {GRAMMAR}')
-    recipes = []
-    for term in (t.strip() for t in spec.split(';')):
-        if not term:
-            continue
-        kind, colon, values = term.partition(':')
-        kind = kind.strip().lower()
-        if kind not in KINDS or not colon or not values.strip():
-            raise SubnetSpecError(f'subnet spec term {term!r} is not one of {GRAMMAR}')
-        if kind == 'random':
-            count, at, rates = values.partition('@')
-            if not at:
-                raise SubnetSpecError(f'subnet spec term {term!r}: write random:N@R (N subsets at drop rate R)')
-            count = _number(count, term, int)
-            if count < 1:
-                raise SubnetSpecError(f'subnet spec term {term!r}: the number of subsets must be at least 1')
-            for rate in (_number(r, term, float) for r in rates.split(',')):
-                if not 0.0 <= rate <= 1.0:
-                    raise SubnetSpecError(f'subnet spec term {term!r}: drop rate {rate:g} must lie in [0, 1]')
-                recipes += [Recipe('random', rate, draw) for draw in range(1, count + 1)]
-        elif kind == 'prefix':
-            for fraction in (_number(f, term, float) for f in values.split(',')):
-                if not 0.0 < fraction <= 1.0:
-                    raise SubnetSpecError(f'subnet spec term {term!r}: fraction {fraction:g} must lie in (0, 1]')
-                recipes.append(Recipe('prefix', fraction))
-        else:
-            for count in (_number(k, term, int) for k in values.split(',')):
-                if count < 1:
-                    raise SubnetSpecError(f'subnet spec term {term!r}: K must be at least 1')
-                recipes.append(Recipe('first', count))
-    if not recipes:
-        raise SubnetSpecError(f'empty subnet spec; expected {GRAMMAR}')
-    unique = {}
-    for recipe in recipes:
-        unique.setdefault(recipe.name, recipe)
-    return list(unique.values())
-
-
-def subnet_spec(text: str) -> str:
-    """argparse type for SPEC options: checks the grammar at parse time, keeps the text (args.yaml stays plain)."""
-    parse_spec(text)
-    return text
 
 
 # ------------------------------------------------------------------------------------------------ the masks
@@ -185,48 +90,6 @@ def build_subnets(spec: str, block_map: BlockMap, seed: int = 42, include_full: 
     for recipe in parse_spec(spec):
         subnets.append(_subnet(recipe.name, recipe.kind, _keep_mask(recipe, block_map, seed), block_map))
     return subnets
-
-
-def kind_of(name: str) -> str:
-    """'prefix', 'random', 'first' or 'full' from a subnet name (result rows carry only the name)."""
-    match = re.match(r'[a-z]+', name or '')
-    return match.group(0) if match and match.group(0) in KINDS + ('full',) else 'full'
-
-
-# ------------------------------------------------------------------------------------------------ BatchNorm
-
-@contextlib.contextmanager
-def recalibrated(model: nn.Module, batches: Iterable[torch.Tensor], num_images: int) -> Iterator[int]:
-    """BN running statistics re-estimated on ``num_images`` images inside, the model's own ones back on exit.
-
-    Yields the number of images used (0 for a model without BatchNorm). Only the buffers change, in memory:
-    the checkpoint file is never touched.
-    """
-    layers = batchnorm_layers(model)
-    saved = [{name: buffer.clone() for name, buffer in layer.named_buffers(recurse=False)} for layer in layers]
-    try:
-        yield recalibrate(model, batches, num_images) if layers and num_images > 0 else 0
-    finally:
-        with torch.no_grad():
-            for layer, buffers in zip(layers, saved):
-                for name, value in buffers.items():
-                    getattr(layer, name).copy_(value)
-
-
-class FixedSample(DatasetView):
-    """``count`` items of ``dataset`` in a seeded random order (an image folder is sorted by class, so its first
-    images are one class, which would give BN recalibration one class's statistics)."""
-
-    def __init__(self, dataset, count: int, seed: int):
-        super().__init__(dataset)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-        self.indices = order[:count].tolist()
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int):
-        return self.dataset[self.indices[index]]
 
 
 # ------------------------------------------------------------------------------------------------ evaluating
@@ -285,7 +148,7 @@ class SubnetMonitor:
     """
 
     def __init__(self, task, spec: str, seed: int, input_size: Optional[Sequence[int]] = None):
-        engine = getattr(task, 'depth', None)  # the method's engine; --method none has none, build one once
+        engine = task.depth  # the method's engine; --method none has none, build one once
         if engine is None:
             engine = DepthEngine(unwrap_model(task.get_eval_model()), input_size=input_size)
         self.evaluation = SubnetEvaluation(engine.model, spec, seed=seed, engine=engine, include_full=False)

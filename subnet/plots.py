@@ -17,7 +17,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import UsageError
-from .evaluation import kind_of
+from .spec import kind_of
 
 __all__ = ['MissingPackage', 'require_matplotlib', 'check_figure_path', 'plot_subnets', 'run_labels',
            'plot_summary', 'summary_paths', 'summary_after_training', 'TensorBoardLog']

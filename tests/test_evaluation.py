@@ -14,10 +14,11 @@ from PIL import Image
 
 import train
 import validate
-from subnet.batchnorm import batchnorm_layers
+from subnet.batchnorm import batchnorm_layers, recalibrated
 from subnet.errors import UsageError
-from subnet.evaluation import (SUBNET_FIELDS, FixedSample, SubnetEvaluation, SubnetSpecError, build_subnets,
-                               parse_spec, recalibrated)
+from subnet.data import FixedSample
+from subnet.evaluation import SUBNET_FIELDS, SubnetEvaluation, build_subnets
+from subnet.spec import SubnetSpecError, parse_spec
 from train_helpers import TINY_VIT, make_subset, run_train, train_argv
 
 from conftest import create_tiny, tiny_input_size

@@ -3,7 +3,6 @@ import copy
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,12 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import subnet.tasks as tasks
+import subnet.methods.stimulative as stimulative
+import train
+from subnet.methods import CosubTask, GroupKnowledgeTask, StimulativeTask
 from subnet.depth import DepthEngine
 from subnet.errors import UsageError
 from subnet.losses import GroupKnowledge, group_knowledge_loss, kl_distill, standardize_logits
-from subnet.options import parse_train_args
-from train_helpers import ROOT, TINY_RESNET, TINY_VIT, make_subset, run_train, state_dict_of, train_argv
+from subnet.sampling import drop_rates
+from subnet.timm_options import parse_train_args
+from train_helpers import ROOT, TINY_RESNET, TINY_VIT, make_subset, run_train, state_dict_of, torchrun, train_argv
 
 METHOD_FLAGS = {
     'cosub': ['--method', 'cosub', '--mixup', '0.2', '--drop-path', '0.1'],
@@ -58,8 +60,8 @@ def grads(model):
 
 def cosub_task(model, impl='skip', rate=0.3, **kwargs):
     depth = DepthEngine(model, input_size=(3, 28, 28))
-    rates = tasks.drop_rates(depth.num_blocks, rate, 'constant') * depth.block_map.skippable
-    return tasks.CosubTask(model, depth, rates, impl=impl, **kwargs).train()
+    rates = drop_rates(depth.num_blocks, rate, 'constant') * depth.block_map.skippable
+    return CosubTask(model, depth, rates, impl=impl, **kwargs).train()
 
 
 def test_cosub_submodels_differ_on_identical_images_and_loss_weights_add_up():
@@ -109,7 +111,7 @@ class FixedMasks:
 
 def st_task(model, **kwargs):
     depth = DepthEngine(model, input_size=(3, 28, 28))
-    return tasks.StimulativeTask(model, nn.CrossEntropyLoss(), depth, **kwargs).train()
+    return StimulativeTask(model, nn.CrossEntropyLoss(), depth, **kwargs).train()
 
 
 def _resnet_masks(model):
@@ -122,7 +124,7 @@ def test_st_gradient_is_label_ce_plus_the_sum_of_subnet_kl(monkeypatch):
     model = tiny_resnet()
     reference = copy.deepcopy(model).train()
     masks = _resnet_masks(model)[:3]
-    monkeypatch.setattr(tasks, 'stage_prefix_keep', FixedMasks(masks))
+    monkeypatch.setattr(stimulative, 'stage_prefix_keep', FixedMasks(masks))
     task = st_task(model, subnets=3, bn_mode='freeze')
     images, labels = batch()
     result = task(images, labels)
@@ -173,9 +175,9 @@ def test_st_plus_plus_resizes_the_original_batch_to_patch_multiples_and_standard
 
 def test_gkt_with_one_group_is_st_with_r_subnets(monkeypatch):
     masks = _resnet_masks(tiny_resnet())[:3]
-    monkeypatch.setattr(tasks, 'stage_prefix_keep', FixedMasks(masks))
+    monkeypatch.setattr(stimulative, 'stage_prefix_keep', FixedMasks(masks))
     st = st_task(tiny_resnet(), subnets=3)
-    gkt = tasks.GroupKnowledgeTask(tiny_resnet(), nn.CrossEntropyLoss(),
+    gkt = GroupKnowledgeTask(tiny_resnet(), nn.CrossEntropyLoss(),
                                    DepthEngine(tiny_resnet(), input_size=(3, 28, 28)), groups=1, loops=3,
                                    sampler=FixedMasks(masks)).train()
     gkt.depth = DepthEngine(gkt.trainable_module, input_size=(3, 28, 28))
@@ -190,7 +192,7 @@ def test_gkt_with_one_group_is_st_with_r_subnets(monkeypatch):
 def test_gkt_step_matches_the_group_knowledge_reference_and_nests_its_subnets():
     model = tiny_resnet()
     depth = DepthEngine(model, input_size=(3, 28, 28))
-    task = tasks.GroupKnowledgeTask(model, nn.CrossEntropyLoss(), depth, groups=3, loops=2, drop=0.3,
+    task = GroupKnowledgeTask(model, nn.CrossEntropyLoss(), depth, groups=3, loops=2, drop=0.3,
                                     ema=0.5).train()
     children = []
     sampler = task.sample_child
@@ -217,7 +219,7 @@ def test_each_method_steps_under_bf16_autocast_with_fp32_losses(method):
         images, target = batch(dense=True)
     else:
         depth = DepthEngine(model, input_size=(3, 28, 28))
-        cls = tasks.StimulativeTask if method == 'st' else tasks.GroupKnowledgeTask
+        cls = StimulativeTask if method == 'st' else GroupKnowledgeTask
         task = cls(model, nn.CrossEntropyLoss(), depth).train()
         images, target = batch()
     with torch.autocast('cpu', dtype=torch.bfloat16):
@@ -256,22 +258,22 @@ def test_task_state_carries_the_step_so_a_resume_replays_the_subnets():
 def test_bad_method_configurations_are_one_line_usage_errors(argv, message):
     args, _ = parse_train_args(argv)
     with pytest.raises(UsageError, match=message.replace('+', r'\+')):
-        tasks.check_method_args(args)
+        train.check_method_args(args)
 
 
 def test_cosub_on_a_model_built_without_drop_path_is_refused():
     args = SimpleNamespace(cosub_drop_schedule='linear', drop_path=None)
     with pytest.raises(UsageError, match='built without it'):
-        tasks._cosub_drop_rate(args, DepthEngine(tiny_resnet(), input_size=(3, 28, 28)))
+        CosubTask.drop_rates_for(args, DepthEngine(tiny_resnet(), input_size=(3, 28, 28)))
 
 
 def test_st_plus_plus_defaults_are_the_papers():
     args, _ = parse_train_args(['--method', 'st++'])
-    tasks.check_method_args(args)
+    train.check_method_args(args)
     assert (args.st_subnets, args.st_min_keep, args.st_loss, args.st_min_size, args.st_norm_ce) == \
         (6, 3, 'kl-', 0.43, True)
     args, _ = parse_train_args(['--method', 'st'])
-    tasks.check_method_args(args)
+    train.check_method_args(args)
     assert (args.st_subnets, args.st_min_keep, args.st_loss, args.st_min_size, args.st_norm_ce) == \
         (1, 1, 'kl', 1.0, False)
 
@@ -310,9 +312,7 @@ def test_two_process_gloo_run_per_method_identical_weights_and_one_allreduce_per
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT), SUBNET_COUNT_ALLREDUCE='1')
     flags = METHOD_FLAGS.get(method, [])
     argv = train_argv(data, tmp_path, 'ddp', *flags, '-b', '8')
-    port = str(29600 + list(METHOD_FLAGS).index(method) if method != 'none' else 29599)
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', port,
-           str(ROOT / 'tests' / 'ddp_harness.py'), str(tmp_path), '--', *argv]
+    cmd = torchrun(str(ROOT / 'tests' / 'ddp_harness.py'), str(tmp_path), '--', *argv)
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
@@ -331,6 +331,11 @@ def test_each_method_composes_with_timms_training_options(method, data, tmp_path
                                     '--smoothing', '0.1', '--cutmix', '1.0', '--drop-path', '0.05']
     if '--mixup' not in flags:
         flags += ['--mixup', '0.2']
+    if method == 'st++':
+        # oneDNN's bf16 convolution backward (PyTorch 2.14 CPU) returns NaN weight gradients at random for a 1x1
+        # input with stride 2 (README, known problems); ST++'s smallest inputs (12 px) bring this tiny ResNet
+        # there, so its subnets here stay at 17 px or more (layer4 then sees 2x2)
+        flags += ['--st-min-size', '0.61']
     run = run_train(train_argv(data, tmp_path, 'all', *flags, '-b', '8'))
     with open(Path(run.output_dir) / 'summary.csv') as f:
         row = next(iter(__import__('csv').DictReader(f)))

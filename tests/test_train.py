@@ -2,7 +2,6 @@
 import csv
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from timm.utils import load_checkpoint_metadata
 
 import train
 import validate
-from train_helpers import (ROOT, SHIPPED, TINY_RESNET, assert_same_weights, make_subset, run_train, state_dict_of,
+from train_helpers import (ROOT, SHIPPED, assert_same_weights, make_subset, run_train, state_dict_of, torchrun,
                            train_argv)
 
 TIMM_SUMMARY_COLUMNS = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
@@ -146,8 +145,7 @@ def test_a_fresh_run_never_overwrites_a_previous_run(one_epoch, data, capsys):
 def test_two_process_gloo_run_ends_with_identical_weights_on_both_ranks(data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
     argv = train_argv(data, tmp_path, 'ddp', '--epochs', '1')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29561',
-           str(ROOT / 'tests' / 'ddp_harness.py'), str(tmp_path), '--', *argv]
+    cmd = torchrun(str(ROOT / 'tests' / 'ddp_harness.py'), str(tmp_path), '--', *argv)
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')

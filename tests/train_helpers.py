@@ -1,5 +1,6 @@
 """Helpers for tests that run train.py / validate.py on (a slice of) the shipped Fashion-MNIST subset."""
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -31,6 +32,19 @@ def train_argv(data: Path, output: Path, experiment: str, *extra: str, model=TIN
     return ['--data-dir', str(data), '--output', str(output), '--experiment', experiment, '--device', 'cpu',
             '--workers', '0', '-b', '16', '--epochs', '1', '--lr', '0.05', '--warmup-epochs', '0',
             '--log-interval', '5', *model, *extra]
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now (fixed ports collide when two test runs share a machine)."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return str(sock.getsockname()[1])
+
+
+def torchrun(*args: str) -> list:
+    """The command line of a 2-process CPU torchrun on a free port."""
+    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', free_port(),
+            *args]
 
 
 def run_train(argv):

@@ -18,7 +18,8 @@ from typing import List, Optional, Tuple
 import yaml
 from timm.utils import ParseKwargs
 
-from .args import add_train_options, add_validate_options
+from .methods import import_extra_methods
+from .subnet_options import add_train_options, add_validate_options
 from .errors import UsageError
 
 _logger = logging.getLogger('train')
@@ -39,6 +40,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
     def _get_option_tuples(self, option_string):
+        # argparse has no public hook for resolving abbreviations; this private method is the one place we
+        # override (tests/test_timm_private.py fails if argparse stops calling it)
         matches = super()._get_option_tuples(option_string)
         if len(matches) > 1:
             timm_matches = [m for m in matches if m[1] in self.timm_flags]
@@ -48,6 +51,18 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------------- train.py
+
+def _dataset_reading_options(parser) -> None:
+    """How a dataset is read: the same options, with the same meaning, in timm's train.py and validate.py."""
+    parser.add_argument('--dataset-download', action='store_true', default=False,
+                        help='download torch/ and tfds/ datasets when missing')
+    parser.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='class name to index map file')
+    parser.add_argument('--input-img-mode', default=None, type=str, help='PIL mode images are converted to')
+    parser.add_argument('--input-key', default=None, type=str, help='input field of dict-style datasets')
+    parser.add_argument('--target-key', default=None, type=str, help='target field of dict-style datasets')
+    parser.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
+                        help='let Hugging Face datasets run their own loading code')
+
 
 def _dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('data', nargs='?', metavar='DIR', const=None,
@@ -63,14 +78,7 @@ def _dataset_options(parser: argparse.ArgumentParser) -> None:
                    help='samples in the train split, for iterable datasets')
     g.add_argument('--val-num-samples', default=None, type=int, metavar='N',
                    help='samples in the validation split, for iterable datasets')
-    g.add_argument('--dataset-download', action='store_true', default=False,
-                   help='download torch/ and tfds/ datasets when missing')
-    g.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='class name to index map file')
-    g.add_argument('--input-img-mode', default=None, type=str, help='PIL mode images are converted to')
-    g.add_argument('--input-key', default=None, type=str, help='input field of dict-style datasets')
-    g.add_argument('--target-key', default=None, type=str, help='target field of dict-style datasets')
-    g.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
-                   help='let Hugging Face datasets run their own loading code')
+    _dataset_reading_options(g)
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
@@ -118,13 +126,18 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                            help='torch.compile with this backend (bare flag: inductor)')
 
 
+def _precision_options(parser) -> None:
+    """Device and precision: the same options in timm's train.py and validate.py."""
+    parser.add_argument('--device', default='cuda', type=str,
+                        help='device; cuda falls back to the CPU with a warning when no GPU is present')
+    parser.add_argument('--amp', action='store_true', default=False, help='mixed precision (torch.autocast)')
+    parser.add_argument('--amp-dtype', default='float16', type=str, help='AMP dtype: float16 or bfloat16')
+    parser.add_argument('--model-dtype', default=None, type=str, help='model dtype without AMP (default: float32)')
+
+
 def _device_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('Device parameters')
-    g.add_argument('--device', default='cuda', type=str,
-                   help='device; cuda falls back to the CPU with a warning when no GPU is present')
-    g.add_argument('--amp', action='store_true', default=False, help='mixed precision (torch.autocast)')
-    g.add_argument('--amp-dtype', default='float16', type=str, help='AMP dtype: float16 or bfloat16')
-    g.add_argument('--model-dtype', default=None, type=str, help='model dtype without AMP (default: float32)')
+    _precision_options(g)
     g.add_argument('--no-ddp-bb', action='store_true', default=False, help='DDP without broadcast_buffers')
     g.add_argument('--synchronize-step', action='store_true', default=False,
                    help='synchronize the device at the end of each step (timing)')
@@ -313,7 +326,7 @@ def _timm_1031_options(parser: argparse.ArgumentParser) -> None:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    """timm's train.py parser, then subnet's own groups (``subnet/args.py``)."""
+    """timm's train.py parser, then subnet's own groups (``subnet/subnet_options.py``, the method registry)."""
     parser = OneLineParser(prog='train.py', description='Train a timm model, optionally with a submodel method.')
     for add in (_dataset_options, _model_options, _device_options, _optimizer_options, _schedule_options,
                 _augment_options, _norm_ema_options, _misc_options, _distillation_options):
@@ -326,9 +339,18 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def config_parser() -> argparse.ArgumentParser:
+    """timm's pre-parser: the YAML file, read before the full parser is built."""
     parser = OneLineParser(prog='train.py', add_help=False)
     parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                         help='YAML file of defaults (underscore keys); the command line wins')
+    return parser
+
+
+def extra_methods_parser() -> argparse.ArgumentParser:
+    """``--extra-methods`` must be imported before the full parser exists (its methods add options); only the
+    exact spelling is taken here, so no abbreviation of another option is swallowed."""
+    parser = OneLineParser(prog='train.py', add_help=False, allow_abbrev=False)
+    parser.add_argument('--extra-methods', default=None, nargs='+', metavar='MODULE')
     return parser
 
 
@@ -376,8 +398,8 @@ def _convert(action: argparse.Action, value, key: str):
     return one(value)
 
 
-def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
-    """Read a timm hparams YAML file into parser defaults (validated, unknown keys dropped with a warning)."""
+def read_config(path: str) -> dict:
+    """The mapping in a timm hparams YAML file, or one line saying why it cannot be read."""
     try:
         with open(path, 'r') as f:
             cfg = yaml.safe_load(f)
@@ -391,25 +413,53 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
         return {}
     if not isinstance(cfg, dict):
         raise UsageError(f'config file {path} must hold a mapping of option names to values')
-    actions = {a.dest: a for a in parser._actions}
+    return cfg
+
+
+def _actions_by_key(parser: argparse.ArgumentParser) -> dict:
+    """YAML key -> option: every dest, and every other long spelling with underscores (``st_bn`` is the old
+    name of ``--subnet-bn``, ``dr`` of timm's ``--decay-rate``)."""
+    actions = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        for option in action.option_strings:
+            if option.startswith('--'):
+                actions.setdefault(option[2:].replace('-', '_'), action)
+    actions.update((a.dest, a) for a in parser._actions if not isinstance(a, argparse._HelpAction))
+    return actions
+
+
+def config_defaults(cfg: dict, path: str, parser: argparse.ArgumentParser) -> dict:
+    """A config mapping as parser defaults: validated and converted, unknown keys dropped with a warning."""
+    actions = _actions_by_key(parser)
     defaults = {}
     for key, value in cfg.items():
         action = actions.get(key)
-        if action is None or isinstance(action, argparse._HelpAction):
+        if action is None:
             if key not in _RETIRED_KEYS:
                 _logger.warning(f"Ignoring unknown key '{key}' in config file {path}.")
             continue
-        defaults[key] = _convert(action, value, key)
+        defaults[action.dest] = _convert(action, value, key)
     return defaults
 
 
 def parse_train_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, str]:
-    """Parse a train.py command line (with an optional ``-c`` YAML) into args and the args.yaml text."""
+    """Parse a train.py command line (with an optional ``-c`` YAML) into args and the args.yaml text.
+
+    Modules named by ``--extra-methods`` (command line or YAML) are imported before the full parser is built, so
+    the methods they register, and their options, are known to it.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     config_args, remaining = config_parser().parse_known_args(argv)
+    cfg = read_config(config_args.config) if config_args.config else {}
+    early = extra_methods_parser()
+    modules = early.parse_known_args(remaining)[0].extra_methods
+    if modules is None and cfg.get('extra_methods') is not None:
+        modules = _convert(_actions_by_key(early)['extra_methods'], cfg['extra_methods'], 'extra_methods')
+    import_extra_methods(modules or ())
     parser = train_parser()
-    if config_args.config:
-        parser.set_defaults(**load_config(config_args.config, parser))
+    parser.set_defaults(**config_defaults(cfg, config_args.config, parser))
     args = parser.parse_args(remaining)
     # the namespace as given (lr: null when it will be derived), replayable with -c, as timm writes it
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
@@ -426,13 +476,7 @@ def validate_parser() -> argparse.ArgumentParser:
     p.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name; empty: image folder')
     p.add_argument('--split', metavar='NAME', default='validation', help='split to evaluate (default: validation)')
     p.add_argument('--num-samples', default=None, type=int, metavar='N', help='samples, for iterable datasets')
-    p.add_argument('--dataset-download', action='store_true', default=False, help='download when missing')
-    p.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='class name to index map file')
-    p.add_argument('--input-key', default=None, type=str, help='input field of dict-style datasets')
-    p.add_argument('--input-img-mode', default=None, type=str, help='PIL mode images are converted to')
-    p.add_argument('--target-key', default=None, type=str, help='target field of dict-style datasets')
-    p.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
-                   help='let Hugging Face datasets run their own loading code')
+    _dataset_reading_options(p)
     p.add_argument('--model', '-m', metavar='NAME', default='dpn92',
                    help="model name, wildcard, 'all' or a file of names (default: dpn92)")
     p.add_argument('--pretrained', dest='pretrained', action='store_true', help='use pretrained weights')
@@ -459,11 +503,7 @@ def validate_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-prefetcher', action='store_true', default=False, help='no fast prefetcher')
     p.add_argument('--pin-mem', action='store_true', default=False, help='pin loader memory')
     p.add_argument('--channels-last', action='store_true', default=False, help='channels_last memory layout')
-    p.add_argument('--device', default='cuda', type=str,
-                   help='device; cuda falls back to the CPU with a warning when no GPU is present')
-    p.add_argument('--amp', action='store_true', default=False, help='mixed precision (torch.autocast)')
-    p.add_argument('--amp-dtype', default='float16', type=str, help='AMP dtype: float16 or bfloat16')
-    p.add_argument('--model-dtype', default=None, type=str, help='model dtype without AMP')
+    _precision_options(p)
     p.add_argument('--tf-preprocessing', action='store_true', default=False, help='TensorFlow preprocessing')
     p.add_argument('--use-ema', dest='use_ema', action='store_true', help="use the checkpoint's EMA weights")
     p.add_argument('--fuser', default='', type=str, help='TorchScript fuser')

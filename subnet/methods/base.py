@@ -1,0 +1,208 @@
+"""What every method is, and what the methods that sample subnets share.
+
+``Method`` is the project's side of a training task: its command line (an option group, configuration checks,
+the ``create_model`` kwargs it needs, how it is built from parsed arguments) and the hooks the epoch loop calls
+(``bind_backward``, ``before_eval``, ``owns_backward``, the ``depth`` engine it owns). Every task train.py
+builds is a ``Method``; the defaults are plain timm training's, so a method overrides only what it changes.
+
+``SubnetTask`` is the base of the methods that run subnets: the depth engine, a step counter that seeds each
+step's masks (the same on every DDP rank; checkpointed as ``task_state``, so a resumed run replays them) and the
+loop's ``StepBackward``. ``DistillFromFullNet`` adds what ST and GKT share: the full net's label pass, subnet
+passes that distil from teachers, and the BatchNorm handling they need.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from typing import Callable, Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from timm.task import ClassificationTask
+
+from ..backward import StepBackward
+from ..batchnorm import frozen_running_stats, recalibrate
+from ..depth import DepthEngine
+from ..errors import UsageError
+from ..sampling import step_generator
+
+__all__ = ['Method', 'SubnetTask', 'DistillFromFullNet', 'distillation_options', 'check_distillation_args']
+
+_logger = logging.getLogger('train')
+
+
+class Method:
+    """The command line and loop hooks of a task; mixed into a ``timm.task.TrainingTask`` subclass.
+
+    Class-level (before any model exists): ``options`` (functions that add option groups to train.py's parser;
+    a group shared by several methods is added once), ``check_args`` (one ``UsageError`` per configuration the
+    method cannot run), ``model_kwargs`` (extra ``create_model`` kwargs) and ``from_args`` (the task itself).
+    """
+
+    method: str = ''  # the --method name, set by register_method
+    options: Tuple[Callable[[argparse.ArgumentParser], None], ...] = ()
+    owns_backward: bool = False  # True: forward back-propagates through the loop's StepBackward itself
+    depth: Optional[DepthEngine] = None  # the depth engine of a task that runs subnets
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> None:
+        """Refuse configurations the method cannot run (one UsageError each); may fill method defaults."""
+
+    @classmethod
+    def model_kwargs(cls, args: argparse.Namespace) -> dict:
+        """Extra ``create_model`` keyword arguments the method needs (the user's ``--model-kwargs`` win)."""
+        return {}
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, model: nn.Module, criterion: nn.Module, *, device=None,
+                  dtype=None, input_size: Optional[Sequence[int]] = None, verbose: bool = True):
+        """The task for this run, wrapping ``model`` (on its device, not yet compiled or in DDP).
+
+        ``criterion`` is timm's label loss for these options; ``input_size`` (C, H, W) is the training input.
+        """
+        raise NotImplementedError(f'{cls.__qualname__} does not say how it is built from arguments')
+
+    # ---- hooks the loop calls
+    def bind_backward(self, step_backward: StepBackward) -> None:
+        """The loop's backward for this epoch (AMP scaling, accumulation, clipping, optimizer step)."""
+
+    def before_eval(self, batches: Iterable[torch.Tensor]) -> None:
+        """Called before every evaluation with (lazily loaded) training image batches."""
+
+
+class SubnetTask(Method, ClassificationTask):
+    """A method that runs subnets: the depth engine, the step counter (checkpointed), the loop's backward."""
+
+    owns_backward = True
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, depth: DepthEngine, seed: int = 42,
+                 device=None, dtype=None, verbose: bool = True):
+        super().__init__(model=model, criterion=criterion, device=device, dtype=dtype, verbose=verbose)
+        self.depth = depth
+        self.seed = seed
+        self.step = 0
+        self.backward = StepBackward()  # the loop binds its own; this one just back-propagates (tests)
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        if args.kd_model_name is not None:
+            raise UsageError(f'--method {args.method} cannot be combined with --kd-model-name (timm distillation)')
+        if args.naflex_loader:
+            raise UsageError(f'--method {args.method} does not support --naflex-loader (dict inputs)')
+        if args.aug_splits or args.jsd_loss or args.split_bn:
+            raise UsageError(f'--method {args.method} does not support --aug-splits/--jsd-loss/--split-bn')
+
+    @staticmethod
+    def depth_engine(model: nn.Module, input_size, verbose: bool) -> DepthEngine:
+        """The engine for ``model``, its block table logged once."""
+        depth = DepthEngine(model, input_size=input_size)
+        if verbose:
+            _logger.info(depth.block_map.describe())
+        return depth
+
+    def bind_backward(self, step_backward: StepBackward) -> None:
+        self.backward = step_backward
+
+    def next_generator(self, rank: int = 0) -> torch.Generator:
+        """A generator for this step's masks: rank 0's seed on every rank unless a method asks per rank."""
+        self.step += 1
+        return step_generator(self.seed, self.step, rank)
+
+    def get_task_state(self, module=None, ema: bool = False) -> dict:
+        return {} if ema else {'method': self.method, 'step': self.step}
+
+    def load_task_state(self, state, strict: bool = True, module=None, ema: bool = False) -> None:
+        if state and not ema:
+            self.step = int(state.get('step', 0))
+
+    def forward_pass(self, input: torch.Tensor) -> torch.Tensor:
+        logits = self.trainable_module(input)
+        return logits[0] if isinstance(logits, (tuple, list)) else logits
+
+
+# ---------------------------------------------------------------------------------------- distilling subnets
+
+BN_MODES = ('freeze', 'recal')
+
+
+def distillation_options(parser: argparse.ArgumentParser) -> None:
+    """What every method that distils subnets from a teacher shares (st, st++, gkt; the old per-method names stay
+    as aliases, also as YAML keys: st_temperature, gkt_weight, st_bn, ...)."""
+    g = parser.add_argument_group('Subnet distillation (st, st++, gkt)')
+    g.add_argument('--subnet-temperature', '--st-temperature', '--gkt-temperature', type=float, default=1.0,
+                   metavar='T', help='distillation temperature; each KL term is multiplied by T^2 '
+                                     "(default: 1, the ST code's --Temp)")
+    g.add_argument('--subnet-kd-weight', '--st-kl-weight', '--gkt-weight', type=float, default=1.0, metavar='W',
+                   help="weight of each subnet's KL term; the terms are summed (default: 1, the ST code's "
+                        '--kl_coef)')
+    g.add_argument('--subnet-bn', '--st-bn', '--gkt-bn', default='freeze', choices=BN_MODES,
+                   help="BatchNorm running statistics: 'freeze' them during subnet passes (default), or 'recal': "
+                        're-estimate them with the full net before each evaluation (the official ST code)')
+    g.add_argument('--subnet-bn-images', '--st-recal-images', '--gkt-recal-images', type=int, default=2048,
+                   metavar='N', help='training images for --subnet-bn recal (default: 2048, the official ST code)')
+
+
+def check_distillation_args(args) -> None:
+    if args.subnet_temperature <= 0:
+        raise UsageError(f'--subnet-temperature must be > 0, got {args.subnet_temperature}')
+    if args.subnet_bn_images < 1:
+        raise UsageError(f'--subnet-bn-images must be >= 1, got {args.subnet_bn_images}')
+
+
+class DistillFromFullNet(SubnetTask):
+    """Shared by ST and GKT: the full net's label pass first, then subnet passes that distil from teachers.
+
+    Every pass is back-propagated right after its forward (peak memory of plain training); all but the step's
+    last pass run under DDP ``no_sync``, so there is one gradient all-reduce per step.
+    """
+
+    options = (distillation_options,)
+
+    def __init__(self, model, criterion, depth: DepthEngine, bn_mode: str = 'freeze', recal_images: int = 2048,
+                 **kwargs):
+        super().__init__(model, criterion, depth, **kwargs)
+        self.bn_mode = bn_mode
+        self.recal_images = recal_images
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        super().check_args(args)
+        check_distillation_args(args)
+
+    @staticmethod
+    def distillation_kwargs(args) -> dict:
+        """Constructor arguments from the shared distillation options."""
+        return dict(bn_mode=args.subnet_bn, recal_images=args.subnet_bn_images)
+
+    def label_pass(self, input: torch.Tensor, target: torch.Tensor, normalize=None):
+        """Full net on the batch: label loss back-propagated at once (its graph freed), logits returned."""
+        with self.no_sync():
+            logits = self.forward_pass(input)
+            label_loss = self.criterion(logits if normalize is None else normalize(logits), target)
+            self.backward.early(label_loss)
+        return logits.detach(), label_loss.detach()
+
+    @contextlib.contextmanager
+    def subnet_pass(self, keep: torch.Tensor, last: bool):
+        """A subnet installed (and BN running statistics frozen) for one pass; DDP syncs only the last one."""
+        sync = contextlib.nullcontext() if last else self.no_sync()
+        bn = frozen_running_stats(self.depth.model) if self.bn_mode == 'freeze' else contextlib.nullcontext()
+        with sync, bn, self.depth.subnet(keep):
+            yield
+
+    def distill_backward(self, loss: torch.Tensor, last: bool) -> None:
+        if last:
+            self.backward.final(loss)
+        else:
+            self.backward.early(loss)
+
+    def before_eval(self, batches) -> None:
+        """``--subnet-bn recal``: the official ST code re-estimates BN statistics with the full net first."""
+        if self.bn_mode == 'recal':
+            model = self.depth.model
+            was_training = model.training
+            model.eval()
+            seen = recalibrate(model, batches, self.recal_images)
+            model.train(was_training)
+            _logger.info(f'Re-estimated BatchNorm statistics of the full net on {seen} training images.')

@@ -1,0 +1,92 @@
+"""``--method gkt``: group knowledge training (Tang et al., AAAI 2024), as we reconstruct it.
+
+The authors never released their code and the paper's method section could not be read; what the abstract and the
+figure caption say is: subnets are sampled subnet-in-subnet, so they fall into hierarchical groups; each group's
+knowledge is an exponential moving average of its subnets' logits; the knowledge of a group supervises the group
+below; several sampling loops restart from the main network. This module commits to one reading of that
+(``docs/methods.md`` says which, and what it cannot express); the defaults without a source in the paper follow the
+same group's ST code (T = 1, weight 1 per term, EMA weight 0.5 from its ``--direct_KD_ema``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..depth import DepthEngine
+from ..errors import UsageError
+from ..losses import GroupKnowledge, kl_distill
+from ..sampling import nested_keep
+from .base import DistillFromFullNet, distillation_options
+
+__all__ = ['GroupKnowledgeTask', 'group_knowledge_options']
+
+
+def group_knowledge_options(parser) -> None:
+    g = parser.add_argument_group('gkt: group knowledge training (Tang et al. 2024; a reconstruction)')
+    g.add_argument('--gkt-groups', type=int, default=3, metavar='G',
+                   help="nested subnets per loop (default: 3, the paper's figure)")
+    g.add_argument('--gkt-loops', type=int, default=2, metavar='R',
+                   help="sampling loops per step (default: 2, the paper's figure)")
+    g.add_argument('--gkt-drop', type=float, default=0.2, metavar='Q',
+                   help="a child subnet drops each of its parent's blocks with probability Q (default: 0.2, ours)")
+    g.add_argument('--gkt-ema', type=float, default=0.5, metavar='BETA',
+                   help="group knowledge: weight of the newest subnet logits in the EMA (default: 0.5, the ST "
+                        "code's --direct_KD_ema)")
+
+
+class GroupKnowledgeTask(DistillFromFullNet):
+    """Per step: the full net's label loss (its logits are group 0's knowledge); then R loops of G nested subnets,
+    each a random subset of its parent's blocks (every kept block dropped with probability q). Subnet g is taught
+    by the knowledge of group g − 1 with T²·KL and then folded into group g's knowledge, an EMA (β) of that group's
+    detached logits within the step. With G = 1 every subnet is taught by the full net: ST with R subnets.
+    """
+
+    options = (distillation_options, group_knowledge_options)
+
+    def __init__(self, model, criterion, depth: DepthEngine, groups: int = 3, loops: int = 2, drop: float = 0.2,
+                 ema: float = 0.5, temperature: float = 1.0, weight: float = 1.0, sampler=None, **kwargs):
+        super().__init__(model, criterion, depth, **kwargs)
+        self.knowledge = GroupKnowledge(groups, ema)
+        self.groups, self.loops, self.drop = groups, loops, drop
+        self.temperature, self.weight = temperature, weight
+        self.sample_child = sampler or self.nested_child
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        super().check_args(args)
+        if args.gkt_groups < 1 or args.gkt_loops < 1:
+            raise UsageError('--gkt-groups and --gkt-loops must be >= 1')
+        if not 0 <= args.gkt_drop <= 1 or not 0 < args.gkt_ema <= 1:
+            raise UsageError('--gkt-drop must be in [0, 1] and --gkt-ema in (0, 1]')
+
+    @classmethod
+    def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):
+        return cls(model, criterion, cls.depth_engine(model, input_size, verbose), groups=args.gkt_groups,
+                   loops=args.gkt_loops, drop=args.gkt_drop, ema=args.gkt_ema, temperature=args.subnet_temperature,
+                   weight=args.subnet_kd_weight, seed=args.seed, device=device, dtype=dtype, verbose=verbose,
+                   **cls.distillation_kwargs(args))
+
+    def nested_child(self, parent: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return nested_keep(parent, self.drop, generator, droppable=self.depth.block_map.skippable)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict:
+        generator = self.next_generator()
+        main_logits, label_loss = self.label_pass(input, target)
+        self.knowledge.reset()
+        self.knowledge.update(0, main_logits)
+        full = torch.ones(len(self.depth.block_map.blocks), dtype=torch.bool)
+        kd_sum, flops, passes = torch.zeros((), device=main_logits.device), 0.0, self.loops * self.groups
+        for loop in range(self.loops):
+            parent = full
+            for group in range(1, self.groups + 1):
+                keep = self.sample_child(parent, generator)
+                last = loop == self.loops - 1 and group == self.groups
+                with self.subnet_pass(keep, last):
+                    logits = self.forward_pass(input)
+                    kd = self.weight * kl_distill(logits, self.knowledge.teacher(group - 1), self.temperature)
+                    self.distill_backward(kd, last)
+                self.knowledge.update(group, logits)
+                kd_sum += kd.detach()
+                flops += self.depth.block_map.flop_fraction(keep) / passes
+                parent = keep
+        return {'loss': label_loss + kd_sum, 'output': main_logits, 'gkt_label': label_loss, 'gkt_kd': kd_sum,
+                'gkt_subnet_flops': torch.tensor(flops)}

@@ -1,0 +1,41 @@
+"""``--method none``: timm's own training, with timm's knowledge distillation when ``--kd-model-name`` is given.
+
+The tasks are timm's (``ClassificationTask`` and the three distillation tasks) with the loop's hooks mixed in at
+their defaults (``Method``): nothing of the step changes.
+"""
+from timm.task import ClassificationTask, FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
+
+from .base import Method
+
+__all__ = ['PlainTask', 'LogitDistillation', 'FeatureDistillation', 'TokenDistillation']
+
+
+class LogitDistillation(Method, LogitDistillationTask):
+    """timm's logit distillation from a teacher (``--kd-distill-type logit``)."""
+
+
+class FeatureDistillation(Method, FeatureDistillationTask):
+    """timm's feature distillation from a teacher (``--kd-distill-type feature``)."""
+
+
+class TokenDistillation(Method, TokenDistillationTask):
+    """timm's token distillation from a teacher (``--kd-distill-type token``)."""
+
+
+class PlainTask(Method, ClassificationTask):
+    """timm's classification task: one forward, the label loss, the loop's backward."""
+
+    @classmethod
+    def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):
+        if args.kd_model_name is None:
+            return cls(model=model, criterion=criterion, device=device, dtype=dtype, verbose=verbose)
+        # built as timm's train.py builds them
+        common = dict(student_model=model, teacher_model=args.kd_model_name, criterion=criterion,
+                      distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
+                      device=device, dtype=dtype, verbose=verbose)
+        if args.kd_distill_type == 'logit':
+            return LogitDistillation(loss_type=args.kd_loss_type, temperature=args.kd_temperature, **common)
+        if args.kd_distill_type == 'feature':
+            return FeatureDistillation(student_feature_dim=args.kd_student_feature_dim,
+                                       teacher_feature_dim=args.kd_teacher_feature_dim, **common)
+        return TokenDistillation(distill_type=args.kd_token_distill_type, temperature=args.kd_temperature, **common)

@@ -1,0 +1,145 @@
+"""``--method st`` and ``--method st++``: stimulative training (Ye et al., NeurIPS 2022; ST++, arXiv 2305.02507).
+
+Per step: the full net's label loss, then K subnets, each keeping the first k_i blocks of every stage (k_i uniform
+in [min(d_i, M), d_i], the official "ordered residual sampling"), each taught by the detached full-net logits with
+T²·KL, summed over subnets. ST++ adds the direction-only "KL-" on standardised logits (with the full net's label
+loss on standardised logits too, as the official code does), six subnets, M = 3 (the official ``space3`` on
+ResNet-50) and smaller random inputs for the subnets. The defaults of both come from the official code
+(Sunshine-Ye/NIPS22-ST: ``train.py`` defaults and the README's ST++ command), listed in ``DEFAULTS``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from ..depth import DepthEngine
+from ..errors import UsageError
+from ..losses import direction_kl, kl_distill, standardize_logits
+from ..sampling import stage_prefix_keep
+from .base import DistillFromFullNet, distillation_options
+
+__all__ = ['StimulativeTask', 'StimulativePlusPlusTask', 'stimulative_options']
+
+
+def stimulative_options(parser) -> None:
+    g = parser.add_argument_group('st / st++: stimulative training (Ye et al. 2022, 2023); defaults per method')
+    g.add_argument('--st-subnets', type=int, default=None, metavar='K',
+                   help='subnets sampled per step, their KL terms summed (st: 1, st++: 6)')
+    g.add_argument('--st-min-keep', type=int, default=None, metavar='M',
+                   help='each stage keeps at least min(depth, M) blocks (st: 1, st++: 3, the official space3)')
+    g.add_argument('--st-loss', default=None, choices=('kl', 'kl-'),
+                   help="'kl' (ST) or the direction-only 'kl-' on standardised logits (ST++) (st: kl, st++: kl-)")
+    g.add_argument('--st-norm-ce', default=None, action=argparse.BooleanOptionalAction,
+                   help="full net's label loss on the standardised logits, as the official ST++ code does "
+                        "(default: on with kl-)")
+    g.add_argument('--st-min-size', type=float, default=None, metavar='FRACTION',
+                   help='subnet inputs are resized to a random side in [FRACTION * crop, crop] (st: 1.0, st++: 0.43)')
+    g.add_argument('--st-amplitude', type=float, default=1.0, metavar='A', help='scale of the standardised logits')
+
+
+class StimulativeTask(DistillFromFullNet):
+    """ST: one subnet per step, any prefix depth per stage, plain KL to the full net of the same step.
+
+    ST++'s smaller inputs are the original batch resized once per subnet to a random side in
+    [⌊min_size·crop⌋, crop], not re-normalised (the official code resizes cumulatively, subnet k seeing
+    r₁…r_k, and normalises again each time: an accident of overwriting its input tensor in the loop).
+    """
+
+    options = (distillation_options, stimulative_options)
+    # the official code's defaults (train.py: --multi_Snet 1, default sample space, no --norm_kd, no --Snet_Dtrans)
+    DEFAULTS = dict(subnets=1, min_keep=1, loss='kl', norm_ce=False, min_size=1.0)
+
+    def __init__(self, model, criterion, depth: DepthEngine, subnets: int = None, min_keep: int = None,
+                 loss: str = None, norm_ce: bool = None, min_size: float = None, temperature: float = 1.0,
+                 amplitude: float = 1.0, kl_weight: float = 1.0, **kwargs):
+        super().__init__(model, criterion, depth, **kwargs)
+        given = dict(subnets=subnets, min_keep=min_keep, loss=loss, norm_ce=norm_ce, min_size=min_size)
+        settings = {k: self.DEFAULTS[k] if v is None else v for k, v in given.items()}
+        self.subnets, self.min_keep, self.loss = settings['subnets'], settings['min_keep'], settings['loss']
+        self.norm_ce, self.min_size = settings['norm_ce'], settings['min_size']
+        self.temperature = temperature
+        self.amplitude = amplitude
+        self.kl_weight = kl_weight
+        patch = getattr(getattr(depth.model, 'patch_embed', None), 'patch_size', None)
+        self.size_multiple = int(patch[0] if isinstance(patch, (tuple, list)) else patch or 1)
+
+    # ---- command line
+    @classmethod
+    def fill_defaults(cls, args) -> None:
+        """The method's published values for the ST options left unset (``--st-norm-ce``: on with KL-)."""
+        for key, value in cls.DEFAULTS.items():
+            if key != 'norm_ce' and getattr(args, f'st_{key}') is None:
+                setattr(args, f'st_{key}', value)
+        if args.st_norm_ce is None:
+            args.st_norm_ce = args.st_loss == 'kl-'
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        super().check_args(args)
+        cls.fill_defaults(args)
+        if args.st_subnets < 1 or args.st_min_keep < 1:
+            raise UsageError('--st-subnets and --st-min-keep must be >= 1')
+        if not 0 < args.st_min_size <= 1:
+            raise UsageError(f'--st-min-size must be in (0, 1], got {args.st_min_size}')
+
+    @classmethod
+    def model_kwargs(cls, args) -> dict:
+        """ViT-like models must accept the subnets' smaller inputs (timm's ``dynamic_img_size``)."""
+        cls.fill_defaults(args)
+        return {'dynamic_img_size': True} if args.st_min_size < 1.0 else {}
+
+    @classmethod
+    def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):
+        cls.fill_defaults(args)
+        return cls(model, criterion, cls.depth_engine(model, input_size, verbose), subnets=args.st_subnets,
+                   min_keep=args.st_min_keep, loss=args.st_loss, norm_ce=args.st_norm_ce, min_size=args.st_min_size,
+                   temperature=args.subnet_temperature, amplitude=args.st_amplitude, kl_weight=args.subnet_kd_weight,
+                   seed=args.seed, device=device, dtype=dtype, verbose=verbose, **cls.distillation_kwargs(args))
+
+    # ---- the step
+    def standardized(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.amplitude * standardize_logits(logits)
+
+    def distill(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if self.loss == 'kl-':
+            return direction_kl(student, teacher, self.temperature, self.amplitude)
+        return kl_distill(student, teacher, self.temperature)
+
+    def subnet_input(self, input: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The batch resized to a random side (rounded to the patch size of ViT-like models)."""
+        crop = input.shape[-1]
+        if self.min_size >= 1.0:
+            return input
+        side = int(torch.randint(int(crop * self.min_size), crop + 1, (1,), generator=generator))
+        side = max(self.size_multiple, round(side / self.size_multiple) * self.size_multiple)
+        if side == crop:
+            return input
+        return F.interpolate(input, size=(side, side), mode='bilinear', align_corners=False)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict:
+        generator = self.next_generator()
+        teacher, label_loss = self.label_pass(input, target, self.standardized if self.norm_ce else None)
+        kl_sum, flops = torch.zeros((), device=teacher.device), 0.0
+        for k in range(self.subnets):
+            keep = stage_prefix_keep(self.depth.block_map, self.min_keep, generator)
+            last = k == self.subnets - 1
+            with self.subnet_pass(keep, last):
+                kl = self.kl_weight * self.distill(self.forward_pass(self.subnet_input(input, generator)), teacher)
+                self.distill_backward(kl, last)
+            kl_sum += kl.detach()
+            flops += self.depth.block_map.flop_fraction(keep) / self.subnets
+        return {'loss': label_loss + kl_sum, 'output': teacher, 'st_label': label_loss, 'st_kl': kl_sum,
+                'st_subnet_flops': torch.tensor(flops)}
+
+
+class StimulativePlusPlusTask(StimulativeTask):
+    """ST++: six subnets, each stage keeps at least min(d_i, 3) blocks, KL- on standardised logits with the label
+    loss on them too, subnet inputs of a random side in [⌊0.43·crop⌋, crop].
+
+    Values from the official ST++ ImageNet command (README: ``--multi_Snet 6 --sample_space space3 --norm_kd
+    --Snet_Dtrans --Dtrans Dtrans7``; ``mini_size = 0.43`` in train.py).
+    """
+
+    DEFAULTS = dict(subnets=6, min_keep=3, loss='kl-', norm_ce=True, min_size=0.43)

@@ -1,0 +1,62 @@
+"""The options subnet adds to timm's scripts: method selection, each method's group, reporting, subnet evaluation.
+
+They live in new namespaces (``--method*``, ``--cosub-*``, ``--st-*``, ``--gkt-*``, ``--subnet-*``,
+``--plot-summary``, ``--log-tensorboard``), so none of them makes an abbreviation of a timm option ambiguous. As
+with every option, the YAML key is the underscore name (``method: cosub``); an option's other spellings are YAML
+keys too (``st_bn`` for ``--subnet-bn``). The methods' own groups come from the method registry.
+"""
+import argparse
+
+from .methods import add_method_options, method_names
+from .spec import SPEC_HELP, subnet_spec
+
+
+def _method_selection(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('Submodel method (subnet)')
+    g.add_argument('--method', default='none', choices=method_names(),
+                   help="submodel training method; 'none' is plain timm training (default: none)")
+    g.add_argument('--extra-methods', default=None, nargs='+', metavar='MODULE',
+                   help='import these python modules first, so the methods they register can be chosen with '
+                        '--method (docs/extending.md)')
+
+
+def add_report_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group('Reporting (subnet)')
+    g.add_argument('--subnet-eval', default=None, type=subnet_spec, metavar='SPEC',
+                   help='at every eval also evaluate these fixed subnets of the live model and append their top-1 '
+                        'to summary.csv as subnet_<name>_top1 (BN statistics as trained, no recalibration); '
+                        f'SPEC: {SPEC_HELP}; off by default')
+    g.add_argument('--plot-summary', default='', metavar='RUN',
+                   help='only write RUN/summary.png from RUN/summary.csv (RUN: a run folder or its summary.csv) '
+                        'and exit without training; every run writes it at its end anyway (needs matplotlib)')
+    g.add_argument('--log-tensorboard', action='store_true', default=False,
+                   help="also log the summary.csv numbers to TensorBoard, in the run folder's tensorboard/ "
+                        '(needs tensorboard)')
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """Everything train.py accepts beyond timm's options."""
+    _method_selection(parser)
+    add_method_options(parser)
+    add_report_options(parser)
+
+
+def add_validate_options(parser: argparse.ArgumentParser) -> None:
+    """Everything validate.py accepts beyond timm's options: subnet evaluation and its picture."""
+    g = parser.add_argument_group('Subnet evaluation (subnet)')
+    g.add_argument('--subnets', default=None, type=subnet_spec, metavar='SPEC',
+                   help='evaluate the full net and these subnets, one result row each (with subnet, depths, '
+                        f'blocks, kept_fraction, flop_fraction, bn_recal); random subsets are drawn from --seed; '
+                        f'SPEC: {SPEC_HELP}')
+    g.add_argument('--bn-recal', type=int, default=0, metavar='N',
+                   help='re-estimate the BatchNorm statistics of each subnet on N training images before '
+                        "evaluating it (ST's code uses 2048); the full net keeps the checkpoint's, the checkpoint "
+                        'file is never changed (default: 0, off: measure the checkpoint as it is, no training '
+                        'data needed)')
+    g.add_argument('--bn-recal-split', default='train', metavar='NAME',
+                   help='split of --data-dir the --bn-recal images come from (a seeded random sample), read with '
+                        'the evaluation transforms: the statistics of the inputs being evaluated, the same every '
+                        'run (default: train)')
+    g.add_argument('--plot', default='', metavar='FILE.png',
+                   help='draw top-1 against FLOPs of the --subnets rows, one colour per checkpoint (a folder or '
+                        "a glob pattern in --checkpoint gives several) (needs matplotlib)")

@@ -1,0 +1,193 @@
+"""subnet as a library others extend: a method defined outside the project, registered and trained with --method,
+and the package installed with pip and used from another training loop."""
+import copy
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import yaml
+
+import train
+from subnet.depth import DepthEngine
+from subnet.errors import UsageError
+from subnet.losses import kl_distill
+from subnet.methods import SubnetTask, method_class, method_names, register_method
+from subnet.sampling import nested_keep, stage_prefix_keep, step_generator
+from subnet.timm_options import parse_train_args
+from train_helpers import ROOT, make_subset, run_train, train_argv
+
+
+def toy_options(parser):
+    group = parser.add_argument_group('toy: the full net and one random subnet learn the labels')
+    group.add_argument('--toy-drop', type=float, default=0.5, metavar='Q',
+                       help='each skippable block of the subnet is dropped with probability Q')
+
+
+@register_method('toy')
+class ToyTask(SubnetTask):
+    """A method defined only here: each step the full net and one random subnet (every skippable block dropped
+    with probability Q) both learn the labels."""
+
+    options = (toy_options,)
+
+    def __init__(self, model, criterion, depth, drop=0.5, **kwargs):
+        super().__init__(model, criterion, depth, **kwargs)
+        self.drop = drop
+
+    @classmethod
+    def check_args(cls, args):
+        super().check_args(args)
+        if not 0 <= args.toy_drop <= 1:
+            raise UsageError(f'--toy-drop must be in [0, 1], got {args.toy_drop}')
+
+    @classmethod
+    def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):
+        return cls(model, criterion, cls.depth_engine(model, input_size, verbose), args.toy_drop, seed=args.seed,
+                   device=device, dtype=dtype, verbose=verbose)
+
+    def forward(self, input, target):
+        keep = nested_keep(torch.ones(self.depth.num_blocks, dtype=torch.bool), self.drop, self.next_generator(),
+                           droppable=self.depth.block_map.skippable)
+        with self.no_sync():
+            logits = self.forward_pass(input)
+            label_loss = self.criterion(logits, target)
+            self.backward.early(label_loss)
+        with self.depth.subnet(keep):
+            subnet_loss = self.criterion(self.forward_pass(input), target)
+            self.backward.final(subnet_loss)
+        return {'loss': label_loss.detach() + subnet_loss.detach(), 'output': logits.detach(),
+                'toy_subnet': subnet_loss.detach()}
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_subset(tmp_path_factory.mktemp('fmnist'), train_per_class=8, val_per_class=4)
+
+
+def test_a_method_registered_outside_the_project_trains_with_its_own_options(data, tmp_path):
+    run = run_train(train_argv(data, tmp_path, 'toy', '--method', 'toy', '--toy-drop', '0.3', '-b', '8'))
+    assert isinstance(run.task, ToyTask) and run.task.drop == 0.3 and run.task.step == 10
+    with open(Path(run.output_dir) / 'summary.csv') as f:
+        row = next(csv.DictReader(f))
+    assert float(row['train_toy_subnet']) > 0  # the method's loss part is a summary column, as the built-in ones
+    checkpoint = torch.load(Path(run.output_dir) / 'last.pth.tar', map_location='cpu', weights_only=False)
+    assert checkpoint['task_state'] == {'method': 'toy', 'step': 10}
+
+
+def test_a_registered_methods_checks_stop_bad_input_with_one_line(data, tmp_path, capsys):
+    assert train.main(train_argv(data, tmp_path, 'toy', '--method', 'toy', '--toy-drop', '2')) == 2
+    assert capsys.readouterr().err.strip() == 'train.py: error: --toy-drop must be in [0, 1], got 2.0'
+
+
+def docs_example(folder: Path) -> Path:
+    """docs/extending.md's example method, written where the user would put it: my_methods.py."""
+    text = (ROOT / 'docs' / 'extending.md').read_text()
+    code = next(block for block in re.findall(r'```python\n(.*?)```', text, re.S) if 'my_methods.py' in block)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'my_methods.py').write_text(code)
+    return folder
+
+
+def test_the_documented_method_in_the_users_own_module_trains_with_extra_methods(data, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(docs_example(tmp_path / 'user')))
+    args, text = parse_train_args(['--extra-methods', 'my_methods', '--method', 'prefix-kd'])
+    assert 'prefix-kd' in method_names() and 'extra_methods:\n- my_methods\n' in text  # args.yaml replays it
+    assert args.prefix_kd_label_weight == 0.5
+    run = run_train(train_argv(data, tmp_path, 'mine', '--extra-methods', 'my_methods', '--method', 'prefix-kd',
+                               '--prefix-kd-label-weight', '0.3', '-b', '8'))
+    assert type(run.task).__name__ == 'PrefixDistillation' and run.task.label_weight == 0.3
+    with open(Path(run.output_dir) / 'summary.csv') as f:
+        assert float(next(csv.DictReader(f))['train_prefix_kd_subnet']) > 0
+
+
+def test_the_documented_methods_step_is_its_label_loss_plus_the_mixed_subnet_loss(tmp_path, monkeypatch):
+    """The documented method computes what the page says: its gradient, written out by hand."""
+    monkeypatch.syspath_prepend(str(docs_example(tmp_path / 'user')))
+    from my_methods import PrefixDistillation
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', channels=(8, 16, 32, 64), stem_width=8, num_classes=10,
+                              zero_init_last=False).train()
+    reference = copy.deepcopy(model)
+    task = PrefixDistillation(model, torch.nn.CrossEntropyLoss(), DepthEngine(model, input_size=(3, 28, 28)), 0.3)
+    images, labels = torch.randn(4, 3, 28, 28), torch.tensor([1, 2, 3, 4])
+    result = task.train()(images, labels)
+    keep = stage_prefix_keep(task.depth.block_map, 1, step_generator(42, 1))  # the task's first step
+    assert not keep.all()
+    logits = reference(images)
+    with DepthEngine(reference, input_size=(3, 28, 28)).subnet(keep):
+        subnet_logits = reference(images)
+    total = F.cross_entropy(logits, labels) + 0.3 * F.cross_entropy(subnet_logits, labels) + \
+        0.7 * kl_distill(subnet_logits, logits.detach())
+    total.backward()
+    assert result['loss'].item() == pytest.approx(total.item(), rel=1e-5)
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(ours.grad, theirs.grad, atol=1e-6), name
+
+
+def test_unknown_methods_and_modules_are_one_line_errors_never_a_fallback(tmp_path, capsys):
+    with pytest.raises(UsageError, match="unknown method 'gtk' \\(closest: gkt\\)"):
+        method_class('gtk')
+    with pytest.raises(SystemExit):
+        parse_train_args(['--method', 'gtk'])
+    assert "invalid choice: 'gtk'" in capsys.readouterr().err
+    with pytest.raises(UsageError, match='--extra-methods no_such_module: cannot import it'):
+        parse_train_args(['--extra-methods', 'no_such_module'])
+    config = tmp_path / 'hparams.yaml'
+    config.write_text('method: gtk\n')
+    with pytest.raises(UsageError, match="config key 'method': expected one of none, cosub"):
+        parse_train_args(['-c', str(config)])
+
+
+def test_registering_twice_under_another_name_or_a_taken_name_is_refused():
+    with pytest.raises(ValueError, match='already registered'):
+        register_method('st', ToyTask)
+    with pytest.raises(ValueError, match="already registered as 'toy'"):
+        register_method('toy2', ToyTask)
+
+
+def test_shared_options_are_defined_once_and_the_old_names_still_work(tmp_path):
+    args, _ = parse_train_args(['--method', 'gkt', '--gkt-bn', 'recal', '--st-temperature', '2'])
+    assert (args.subnet_bn, args.subnet_temperature) == ('recal', 2.0)
+    config = tmp_path / 'old.yaml'
+    config.write_text('method: st\nst_bn: recal\ngkt_weight: 0.5\nst_kl_weight: 0.25\n')
+    args, text = parse_train_args(['-c', str(config)])
+    assert (args.subnet_bn, args.subnet_kd_weight) == ('recal', 0.25)
+    saved = yaml.safe_load(text)  # args.yaml carries the one name
+    assert saved['subnet_bn'] == 'recal' and not {'st_bn', 'gkt_weight', 'st_kl_weight'} & set(saved)
+
+
+def test_pip_install_makes_the_library_importable_from_another_loop(tmp_path):
+    """``pip install .`` (no network: no build isolation, no dependencies) then the public pieces in a new process
+    that does not see this checkout."""
+    source = tmp_path / 'src'
+    shutil.copytree(ROOT / 'subnet', source / 'subnet', ignore=shutil.ignore_patterns('__pycache__'))
+    for name in ('pyproject.toml', 'README.md'):
+        shutil.copy(ROOT / name, source / name)
+    target = tmp_path / 'site'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
+                    '--target', str(target), str(source)], check=True, capture_output=True, timeout=300)
+    script = textwrap.dedent('''
+        import subnet, timm, torch
+        from subnet.depth import DepthEngine
+        from subnet.methods import StimulativeTask, method_names
+        model = timm.create_model('resnet18', channels=(8, 16, 32, 64), stem_width=8, num_classes=10)
+        task = StimulativeTask(model, torch.nn.CrossEntropyLoss(), DepthEngine(model, input_size=(3, 28, 28)))
+        result = task(torch.randn(4, 3, 28, 28), torch.tensor([0, 1, 2, 3]))
+        print(subnet.__file__, sorted(method_names()), bool(torch.isfinite(result['loss'])))
+    ''')
+    env = dict(os.environ, PYTHONPATH=str(target))
+    done = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    location, methods, finite = done.stdout.split(' ', 1)[0], done.stdout.split(' ', 1)[1], done.stdout.split()[-1]
+    assert location.startswith(str(target)) and finite == 'True'
+    assert "'cosub', 'gkt', 'none', 'st', 'st++'" in methods
