@@ -40,7 +40,8 @@ from subnet.errors import UsageError
 from subnet.evaluation import SubnetMonitor
 from subnet.loop import StepSetup, evaluate, train_one_epoch
 from subnet.methods import method_class
-from subnet.models import check_state_dict_fits, load_checkpoint_file, load_initial_checkpoint, resolve_model_name
+from subnet.models import (check_state_dict_fits, constant_drop_path, load_checkpoint_file, load_initial_checkpoint,
+                           model_drop_path_rate, resolve_model_name)
 from subnet.timm_options import parse_train_args
 
 _logger = logging.getLogger('train')
@@ -113,6 +114,9 @@ def build_model(args) -> nn.Module:
         model = create(**method_kwargs, **args.model_kwargs)
     except TypeError:  # a model without the option (e.g. dynamic_img_size on a CNN) does not need it
         model = create(**args.model_kwargs)
+    schedule = args.drop_schedule or method_class(args.method).drop_schedule
+    if schedule == 'constant':
+        constant_drop_path(model, args.drop_path if args.drop_path is not None else model_drop_path_rate(model))
     if args.initial_checkpoint:
         load_initial_checkpoint(model, args.initial_checkpoint)
     if args.head_init_scale is not None:

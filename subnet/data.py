@@ -14,7 +14,10 @@ import torch
 import torch.utils.data
 from timm import utils
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader
+from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
 from timm.data.dataset import ImageDataset
+from timm.data.scheduled_sampler import ScheduledTransformDataset
+from torchvision import transforms
 
 from .errors import UsageError
 
@@ -169,6 +172,23 @@ def mixup_kwargs(args) -> Optional[dict]:
     )
 
 
+def keep_color_jitter(dataset, color_jitter: float, color_jitter_prob: Optional[float] = None) -> None:
+    """Put back the colour jitter timm's transform factory leaves out when an auto-augment policy is set.
+
+    timm's ``transforms_imagenet_train`` keeps it only when called with ``force_color_jitter``, which
+    ``create_loader`` and ``create_transform`` do not pass on. The jitter goes where timm puts it then: right
+    after the policy, with timm's arguments (one strength for brightness, contrast and saturation).
+    """
+    composes = dataset.transforms if isinstance(dataset, ScheduledTransformDataset) else (dataset.transform,)
+    jitter = transforms.ColorJitter(*((float(color_jitter),) * 3))
+    if color_jitter_prob is not None:
+        jitter = transforms.RandomApply([jitter], p=color_jitter_prob)
+    for compose in composes:
+        ops = compose.transforms
+        policy = next(i for i, op in enumerate(ops) if isinstance(op, (AutoAugment, RandAugment, AugMixAugment)))
+        ops.insert(policy + 1, jitter)
+
+
 @dataclass
 class Loaders:
     train: Any
@@ -239,6 +259,10 @@ def _train_loader(args, dataset, data_config: dict, num_aug_splits: int, common:
         # workers restart every epoch from the re-seeded main RNG, so a resumed run sees the same
         # augmentations as an uninterrupted one (timm keeps them alive, which makes resume inexact)
         persistent_workers=False, **common, **train_kwargs)
+    if args.force_color_jitter and args.aa and '3a' not in args.aa and args.color_jitter and not args.no_aug:
+        if num_aug_splits:
+            raise UsageError('--force-color-jitter does not support --aug-splits')
+        keep_color_jitter(loader.dataset, args.color_jitter, args.color_jitter_prob)
     return loader, mixup_fn
 
 

@@ -12,8 +12,10 @@ import zipfile
 
 import timm
 import torch
+from timm.layers import DropPath, resample_abs_pos_embed
 from timm.models import is_model, split_model_name_tag
 
+from .blocks import drop_path_slots
 from .errors import UsageError
 
 _logger = logging.getLogger('train')
@@ -95,6 +97,39 @@ def load_initial_checkpoint(model: torch.nn.Module, path: str) -> None:
             raise UsageError(f'--initial-checkpoint {path} cannot be loaded: {str(e).splitlines()[0][:160]}') from None
         return
     checkpoint = load_checkpoint_file(path, '--initial-checkpoint')
+    resample_position_embedding(model, checkpoint_weights(checkpoint, use_ema=True))
     check_state_dict_fits(model, checkpoint, path, '--initial-checkpoint', use_ema=True)
     model.load_state_dict(timm.models.clean_state_dict(checkpoint_weights(checkpoint, use_ema=True)))
     _logger.info(f"Loaded initial weights from '{path}'")
+
+
+def resample_position_embedding(model: torch.nn.Module, state_dict: dict) -> None:
+    """Fit a ViT's absolute position embedding in ``state_dict`` to the model's patch grid, in place (bicubic).
+
+    DeiT III pre-trains ViT-B/L/H at 192 or 160 px and fine-tunes them at 224 from that checkpoint; its
+    ``--finetune`` resamples the embedding this way, as timm does when it loads pretrained weights.
+    """
+    target, source = getattr(model, 'pos_embed', None), state_dict.get('pos_embed')
+    if not isinstance(target, torch.Tensor) or not isinstance(source, torch.Tensor) or source.shape == target.shape:
+        return
+    prefix = 0 if getattr(model, 'no_embed_class', False) else getattr(model, 'num_prefix_tokens', 0)
+    state_dict['pos_embed'] = resample_abs_pos_embed(
+        source, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix, interpolation='bicubic',
+        antialias=False)
+    _logger.info(f'Resampled the position embedding from {tuple(source.shape)} to {tuple(target.shape)}.')
+
+
+def model_drop_path_rate(model: torch.nn.Module) -> float:
+    """The highest drop-path rate of any of the model's drop-path slots (0 when it has none)."""
+    return max((float(getattr(getattr(m, slot), 'drop_prob', 0.0) or 0.0)
+                for m in model.modules() for slot in drop_path_slots(m)), default=0.0)
+
+
+def constant_drop_path(model: torch.nn.Module, rate: float) -> None:
+    """DeiT III's stochastic depth: every drop-path slot at ``rate`` (timm ramps it from 0 at the first block).
+
+    timm's own DropPath in timm's own slots (parameter-free), so the state_dict and checkpoints are unchanged.
+    """
+    for module in list(model.modules()):
+        for slot in drop_path_slots(module):
+            setattr(module, slot, DropPath(rate) if rate > 0 else torch.nn.Identity())

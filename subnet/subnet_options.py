@@ -20,6 +20,18 @@ def _method_selection(parser: argparse.ArgumentParser) -> None:
                         '--method (docs/extending.md)')
 
 
+def add_model_and_data_options(parser: argparse.ArgumentParser) -> None:
+    """What the papers' recipes need and timm's train.py cannot say."""
+    g = parser.add_argument_group('Model and data (subnet)')
+    g.add_argument('--drop-schedule', '--cosub-drop-schedule', default=None, choices=('linear', 'constant'),
+                   help="per-block drop-path rates of the model: timm's linear ramp from 0 to --drop-path, or "
+                        "DeiT III's constant --drop-path in every block (default: the method's; constant for "
+                        "cosub, as DeiT III, linear otherwise, as timm)")
+    g.add_argument('--force-color-jitter', action='store_true', default=False,
+                   help="keep --color-jitter when --aa is set: timm's transform factory drops it then (the official "
+                        "ST++ 400-epoch run uses both)")
+
+
 def add_report_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('Reporting (subnet)')
     g.add_argument('--subnet-eval', default=None, type=subnet_spec, metavar='SPEC',
@@ -38,6 +50,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     """Everything train.py accepts beyond timm's options."""
     _method_selection(parser)
     add_method_options(parser)
+    add_model_and_data_options(parser)
     add_report_options(parser)
 
 

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import timm
@@ -262,9 +261,8 @@ def test_bad_method_configurations_are_one_line_usage_errors(argv, message):
 
 
 def test_cosub_on_a_model_built_without_drop_path_is_refused():
-    args = SimpleNamespace(cosub_drop_schedule='linear', drop_path=None)
     with pytest.raises(UsageError, match='built without it'):
-        CosubTask.drop_rates_for(args, DepthEngine(tiny_resnet(), input_size=(3, 28, 28)))
+        CosubTask.drop_rates_for(DepthEngine(tiny_resnet(), input_size=(3, 28, 28)))
 
 
 def test_st_plus_plus_defaults_are_the_papers():

@@ -33,9 +33,10 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from torchvision import transforms
 
 import train
-from subnet.data import build_loaders
-from subnet.options import parse_train_args
-from subnet.tasks import build_criterion
+from subnet.criterion import build_criterion
+from subnet.data import build_loaders, mixup_kwargs
+from subnet.device import training_precision
+from subnet.timm_options import parse_train_args
 
 ROOT = Path(__file__).parents[1]
 HPARAMS = ROOT / 'hparams'
@@ -84,14 +85,14 @@ def build_recipe(name: str) -> Built:
         model = train.build_model(args)
     data_config = resolve_data_config(vars(args), model=model, verbose=False)
     loaders = build_loaders(args, data_config, torch.device('cpu'), None, 0)
-    criterion = build_criterion(args, 0, train.mixup_kwargs(args) is not None)
+    criterion = build_criterion(args, 0, mixup_kwargs(args) is not None)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     gpus = header_gpus(path)
     images = IMAGENET_TRAIN_IMAGES if 'quickstart' not in name else len(loaders.train.dataset)
     updates_per_epoch = images // (args.batch_size * gpus)  # timm's train loader drops the last batch
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=False), updates_per_epoch=updates_per_epoch)
-    autocast, _ = train.mixed_precision(args, torch.device('cpu'))
+    autocast, _ = training_precision(args, torch.device('cpu'))
     return Built(args, gpus, model, loaders, criterion, optimizer, scheduler, updates_per_epoch, num_epochs, autocast)
 
 
@@ -185,10 +186,7 @@ def measure(b: Built) -> dict:
     mixing = loader.collate_fn if hasattr(loader.collate_fn, 'mixup_alpha') else None
     per_epoch = 1 if b.scheduler.t_in_epochs else b.updates_per_epoch
     block_rates = _block_drop_rates(model)
-    if args.method == 'cosub':
-        schedule = args.cosub_drop_schedule
-    else:
-        schedule = 'constant' if len(set(block_rates)) == 1 else 'linear'
+    schedule = 'constant' if len(set(block_rates)) == 1 else 'linear'
     layer_scales = {m.init_values for m in model.modules() if isinstance(m, LayerScale)}
     last_bns = [m.bn3.weight for m in model.modules() if hasattr(m, 'bn3')]
     measured = dict(
@@ -207,8 +205,8 @@ def measure(b: Built) -> dict:
         warmup_epochs=b.scheduler.warmup_t / per_epoch,
         final_lr=_lr_at(b, b.num_epochs * per_epoch),
         lr_per_iteration=not b.scheduler.t_in_epochs,
-        drop_path=max(block_rates) if args.method != 'cosub' else args.drop_path,
-        drop_path_schedule=schedule if max(block_rates, default=0) > 0 or args.method == 'cosub' else None,
+        drop_path=max(block_rates),
+        drop_path_schedule=schedule if max(block_rates, default=0) > 0 else None,
         layer_scale_init=layer_scales.pop() if len(layer_scales) == 1 else (sorted(layer_scales) or None),
         last_bn_init=None if not last_bns or last_bns[0].is_meta else
         sorted({float(v) for w in last_bns for v in w.detach().unique()}),
@@ -232,10 +230,10 @@ def measure(b: Built) -> dict:
 
 METHOD_KEYS = {
     'cosub': ('cosub_label_weight',),
-    'st': ('st_subnets', 'st_min_keep', 'st_loss', 'st_norm_ce', 'st_min_size', 'st_temperature', 'st_amplitude',
-           'st_kl_weight', 'st_bn', 'st_recal_images'),
-    'gkt': ('gkt_groups', 'gkt_loops', 'gkt_drop', 'gkt_ema', 'gkt_temperature', 'gkt_weight', 'gkt_bn',
-            'gkt_recal_images'),
+    'st': ('st_subnets', 'st_min_keep', 'st_loss', 'st_norm_ce', 'st_min_size', 'st_amplitude', 'subnet_temperature',
+           'subnet_kd_weight', 'subnet_bn', 'subnet_bn_images'),
+    'gkt': ('gkt_groups', 'gkt_loops', 'gkt_drop', 'gkt_ema', 'subnet_temperature', 'subnet_kd_weight', 'subnet_bn',
+            'subnet_bn_images'),
 }
 METHOD_KEYS['st++'] = METHOD_KEYS['st']
 
@@ -385,11 +383,11 @@ ST_KNOBS = dict(
     st_loss=Fact('kl', 'ST train.py:602-603: KL on raw logits'),
     st_norm_ce=Fact(False, 'ST train.py:451: the full net trains on raw logits without --norm_kd'),
     st_min_size=Fact(1.0, 'ST train.py:475: no --Snet_Dtrans, subnets see the full batch'),
-    st_temperature=Fact(1.0, 'ST train.py:51: --Temp 1'),
+    subnet_temperature=Fact(1.0, 'ST train.py:51: --Temp 1'),
     st_amplitude=Fact(1.0, 'ST train.py:50: --amplitude 1'),
-    st_kl_weight=Fact(1.0, 'ST train.py:33: --kl_coef 1'),
-    st_bn=Fact('recal', 'ST train.py:331-332: BN statistics re-estimated before every evaluation'),
-    st_recal_images=Fact(2048, 'ST train.py:395: batches until >= 2000 images, 4 x 512'),
+    subnet_kd_weight=Fact(1.0, 'ST train.py:33: --kl_coef 1'),
+    subnet_bn=Fact('recal', 'ST train.py:331-332: BN statistics re-estimated before every evaluation'),
+    subnet_bn_images=Fact(2048, 'ST train.py:395: batches until >= 2000 images, 4 x 512'),
 )
 
 
@@ -411,10 +409,10 @@ GKT_KNOBS = dict(
     gkt_loops=Fact(2, 'GKT paper, Figure 3: two sampling loops'),
     gkt_drop=Fact(0.2, 'no source: our choice for the "inheriting exponential decay" rule'),
     gkt_ema=Fact(0.5, "ST train.py:55: the same group's --direct_KD_ema default"),
-    gkt_temperature=Fact(1.0, 'ST train.py:51: the same group\'s --Temp default'),
-    gkt_weight=Fact(1.0, "ST train.py:33: the same group's --kl_coef default"),
-    gkt_bn=Fact('recal', 'ST train.py:331-332, as the ST recipe it borrows'),
-    gkt_recal_images=Fact(2048, 'ST train.py:395'),
+    subnet_temperature=Fact(1.0, 'ST train.py:51: the same group\'s --Temp default'),
+    subnet_kd_weight=Fact(1.0, "ST train.py:33: the same group's --kl_coef default"),
+    subnet_bn=Fact('recal', 'ST train.py:331-332, as the ST recipe it borrows'),
+    subnet_bn_images=Fact(2048, 'ST train.py:395'),
 )
 
 

@@ -42,6 +42,7 @@ class Method:
 
     method: str = ''  # the --method name, set by register_method
     options: Tuple[Callable[[argparse.ArgumentParser], None], ...] = ()
+    drop_schedule: str = 'linear'  # the model's drop-path rates unless --drop-schedule says: timm's ramp
     owns_backward: bool = False  # True: forward back-propagates through the loop's StepBackward itself
     depth: Optional[DepthEngine] = None  # the depth engine of a task that runs subnets
 

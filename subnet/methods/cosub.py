@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..depth import DepthEngine
 from ..errors import UsageError
 from ..losses import cosub_loss
-from ..sampling import bernoulli_keep, drop_rates
+from ..sampling import bernoulli_keep
 from .base import SubnetTask
 
 __all__ = ['CosubTask', 'cosub_options']
@@ -35,9 +35,6 @@ def cosub_options(parser) -> None:
                    help="'skip': dropped blocks are not computed for the rows that drop them (fast, default); "
                         "'mask': same masks, branches multiplied (full cost); 'timm': timm's own per-branch "
                         "DropPath, DeiT's implementation")
-    g.add_argument('--cosub-drop-schedule', default='linear', choices=('linear', 'constant'),
-                   help="per-block drop-path rates: timm's linear ramp to --drop-path, or DeiT III's constant "
-                        "rate (default: linear)")
 
 
 class CosubTask(SubnetTask):
@@ -49,6 +46,7 @@ class CosubTask(SubnetTask):
     """
 
     options = (cosub_options,)
+    drop_schedule = 'constant'  # DeiT III's models_v2.py: the same drop-path rate in every block
 
     def __init__(self, model, depth: DepthEngine, drop_rate: torch.Tensor, impl: str = 'skip',
                  label_weight: float = 0.5, target_threshold: Optional[float] = None, rank: int = 0, **kwargs):
@@ -75,13 +73,9 @@ class CosubTask(SubnetTask):
                              f'(DeiT III) or a higher threshold')
 
     @staticmethod
-    def drop_rates_for(args, depth: DepthEngine) -> torch.Tensor:
-        """Per-block drop-path rates: the model's own (timm's linear ramp) or DeiT III's constant rate."""
-        if args.cosub_drop_schedule == 'constant':
-            rate = args.drop_path if args.drop_path is not None else float(depth.model_drop_path_rates().max())
-            rates = drop_rates(depth.num_blocks, rate, 'constant')
-        else:
-            rates = depth.model_drop_path_rates()
+    def drop_rates_for(depth: DepthEngine) -> torch.Tensor:
+        """Per-block drop-path rates: the model's own, as --drop-path and --drop-schedule built it."""
+        rates = depth.model_drop_path_rates()
         if float(rates.max()) <= 0:
             raise UsageError(f'cosub needs stochastic depth but {depth.name} was built without it: '
                              f'set --drop-path > 0')
@@ -95,7 +89,7 @@ class CosubTask(SubnetTask):
             _logger.warning("--cosub-impl skip changes shapes every step, which torch.compile would recompile; "
                             "using --cosub-impl mask (same masks, static graph).")
             impl = 'mask'
-        return cls(model, depth, cls.drop_rates_for(args, depth), impl=impl, label_weight=args.cosub_label_weight,
+        return cls(model, depth, cls.drop_rates_for(depth), impl=impl, label_weight=args.cosub_label_weight,
                    target_threshold=args.bce_target_thresh, rank=args.rank, seed=args.seed, device=device,
                    dtype=dtype, verbose=verbose)
 
