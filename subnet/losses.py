@@ -2,7 +2,7 @@
 GKT's group knowledge.
 
 Every function computes in float32, or float64 when given float64: under AMP the logits arrive in fp16/bf16, where
-softmax/KL lose precision and the 1e-7 eps of the standardisation is below fp16 resolution (st.md §10.5, gkt.md §8).
+softmax/KL lose precision and the 1e-7 eps of the standardisation is below fp16 resolution.
 Teachers are always detached, so a distillation term only ever sends gradient into its student.
 """
 from typing import NamedTuple, Optional, Sequence
@@ -20,7 +20,7 @@ def _at_least_fp32(tensor: Tensor) -> Tensor:
 
 
 class CosubTerms(NamedTuple):
-    """cosub's four BCE terms in the spec's order and their weighted total (cosub.md §1)."""
+    """cosub's four BCE terms, in DeiT's engine.py order, and their weighted total."""
     total: Tensor
     label_terms: tuple[Tensor, Tensor]  # BCE(z1, y), BCE(z2, y)
     peer_terms: tuple[Tensor, Tensor]  # BCE(z1, sg σ(z2)), BCE(z2, sg σ(z1))
@@ -48,7 +48,7 @@ def cosub_loss(
     total = λ·½[BCE(z1, y) + BCE(z2, y)] + (1 − λ)·½[BCE(z1, sg σ(z2)) + BCE(z2, sg σ(z1))]; λ = 0.5 is the official
     0.25 × 4. Plain mean-reduced BCE-with-logits over B·C everywhere. ``binarize_threshold`` is DeiT III's
     ``--bce-loss`` (``target.gt(t)``) and touches the label targets only: the peer targets stay soft probabilities
-    (reusing timm's thresholded BCE would binarise them too, cosub.md §8 pitfall 2).
+    (reusing timm's thresholded BCE would binarise them too).
     """
     if logits_a.shape != logits_b.shape or logits_a.ndim != 2:
         raise ValueError(f'cosub needs two (B, C) logit tensors of one shape, got {tuple(logits_a.shape)} '
@@ -73,7 +73,7 @@ def cosub_loss(
 def kl_distill(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """T²·KL(softmax(t/T) ‖ softmax(s/T)), summed over classes and averaged over the batch.
 
-    This is ST's ``KLDivLoss(reduction='batchmean')·T²`` (st.md §4.1); T² keeps the gradient scale independent of T
+    This is the ST code's ``KLDivLoss(reduction='batchmean')·T²``; T² keeps the gradient scale independent of T
     (Hinton et al. 2015). Log-space targets avoid 0·log 0 when the teacher's softmax underflows.
     """
     if student_logits.shape != teacher_logits.shape:
@@ -91,7 +91,7 @@ def kl_distill(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
 def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
     """Per-sample zero mean, unit (biased) variance over the class dim, no affine: ST++'s ``F.layer_norm`` on logits.
 
-    The official code hard-codes 1000 classes in the normalised shape (st.md §9.2); we use the logits' own C.
+    The official code hard-codes 1000 classes in the normalised shape; we use the logits' own C.
     """
     logits = _at_least_fp32(logits)
     return F.layer_norm(logits, (logits.shape[-1],), None, None, eps)
@@ -101,14 +101,14 @@ def direction_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: fl
                  amplitude: float = 1.0) -> Tensor:
     """ST++'s "KL-": ``kl_distill`` on amplitude·standardised logits, so only the logits' direction is matched.
 
-    It is invariant to scaling and shifting either side (st.md §4.2, TV3), unlike plain KL.
+    It is invariant to scaling and shifting either side, unlike plain KL.
     """
     return kl_distill(amplitude * standardize_logits(student_logits),
                       amplitude * standardize_logits(teacher_logits), temperature)
 
 
 class GroupKnowledge:
-    """GKT group knowledge (gkt.md §3.1): one detached fp32 EMA of subnet logits per group of the nested chain.
+    """GKT group knowledge (our reconstruction): one detached fp32 EMA of subnet logits per group of the nested chain.
 
     Group 0 is the main net; the subnets of group g learn from ``teacher(g - 1)``. The first ``update`` of a group
     initialises its buffer, later ones do K ← (1 − β)·K + β·z (the paper's "EMA of subnet logits", β from ST's
@@ -167,7 +167,7 @@ def group_knowledge_loss(
         temperature: float = 1.0,
         distill_weight: float = 1.0,
 ) -> GroupKnowledgeTerms:
-    """Whole-step GKT loss: CE(main, y) + λ·Σ_{r,g} T²·KL(softmax(K_{g−1}/T) ‖ softmax(z_{r,g}/T)) (gkt.md §3.1).
+    """Whole-step GKT loss: CE(main, y) + λ·Σ_{r,g} T²·KL(softmax(K_{g−1}/T) ‖ softmax(z_{r,g}/T)).
 
     ``subnet_logits`` come in sampling order, loop 1 groups 1..G, then loop 2, ...; each term sees its teacher's
     knowledge as it stands at that moment, which already includes this loop's parent. Terms are summed, not averaged

@@ -1,6 +1,9 @@
-"""subnet.losses against the spec test vectors: cosub.md §10, st.md §11, gkt.md §11 (printed to 6 decimals).
+"""subnet.losses against test vectors: small logits whose losses were computed independently (numpy, float64,
+printed to 6 decimals) from the definitions in docs/methods.md: cosub's four BCE terms as DeiT's engine.py writes
+them, ST's T^2-scaled KL and ST++'s direction-only KL- as the ST repository's train.py computes them, and our GKT
+reconstruction's group knowledge.
 
-Vectors run in float64, as the specs computed them; separate tests pin the fp32 promotion for AMP inputs.
+Vectors run in float64, as they were computed; separate tests pin the fp32 promotion for AMP inputs.
 """
 import math
 
@@ -29,7 +32,7 @@ def assert_values(tensors, expected) -> None:
     assert_close(torch.stack([t.detach() for t in tensors]), expected)
 
 
-# ---------------------------------------------------------------- cosub (cosub.md §10)
+# ---------------------------------------------------------------- cosub
 
 CASE_A_Z1 = [[2.0, -1.0, 0.5]]
 CASE_A_Z2 = [[1.5, -0.5, -1.0]]
@@ -130,7 +133,7 @@ def test_cosub_mismatched_submodel_logits_raise():
         cosub_loss(f64(CASE_C_Z1), f64(CASE_A_Z2), f64(CASE_A_Y))
 
 
-# ---------------------------------------------------------------- ST / ST++ (st.md §11)
+# ---------------------------------------------------------------- ST / ST++
 
 TEACHER = [[2.0, 1.0, 0.1, -1.0]]
 STUDENT = [[1.0, 3.0, 0.0, 0.5]]
@@ -204,7 +207,7 @@ def test_kl_distill_rejects_bad_temperature_and_shapes():
         kl_distill(f64(STUDENT), f64([[1.0, 2.0, 3.0]]))
 
 
-# ---------------------------------------------------------------- GKT (gkt.md §11)
+# ---------------------------------------------------------------- GKT
 
 MAIN = [[2.0, 0.5, -1.0]]
 TV2_SUBNETS = [[[1.0, 1.0, 0.0]], [[0.0, 1.0, 0.0]], [[1.5, 0.0, 0.0]], [[0.5, 0.5, 0.5]]]  # (1,1) (1,2) (2,1) (2,2)
