@@ -1,26 +1,35 @@
-"""Find the residual blocks and stages of any timm model, with each block's share of the FLOPs.
+"""Find the residual blocks and stages of any timm model, with each block's residual branches and FLOPs.
 
 timm gives every residual block one or more stochastic-depth slots (``drop_path``, ``drop_path1``..``3``; a
 ``DropPath``, an ``nn.Identity`` placeholder, or ``None`` in ResNet when the rate is 0). Those slots are how we
-find blocks, without a per-family list of class names. One dry forward (eval mode, frozen parameters, batch 2)
-records, per block, the forward order, the input/output shapes, the extra call arguments and the FLOPs; then each
-block runs again on its recorded input with every branch zeroed, to check that it is a pure residual
-``x + sum_i drop_path_i(f_i(x))``. Only such blocks can be skipped exactly (see timm.md section 4).
+find blocks, without a per-family list of class names (a family with other slot names can be described with
+``register_drop_path_slots``). One dry forward (eval mode, frozen parameters, batch 2) records, per block, the
+forward order, the input/output shapes, the extra call arguments and the FLOPs; then each block runs again on its
+recorded input with every branch zeroed, to check that it is a pure residual ``x + sum_i drop_path_i(f_i(x))``
+(only such blocks can be skipped exactly), and once more to record the order of its children and slot calls,
+i.e. its residual branches (see ``subnet.branches``).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from .branches import Branch, check_branches, record_branches, restore_slots, swap_slots, unbatched_args
 from .errors import UsageError
 
-__all__ = ['Block', 'Stage', 'BlockMap', 'find_blocks', 'drop_path_slots', 'swap_slots', 'restore_slots',
-           'unwrap_model', 'model_name']
+__all__ = ['Block', 'Stage', 'DropUnit', 'BlockMap', 'UNITS', 'find_blocks', 'drop_path_slots',
+           'register_drop_path_slots', 'swap_slots', 'restore_slots', 'unwrap_model', 'model_name']
+
+_logger = logging.getLogger(__name__)
+
+# What a keep mask's columns are: whole blocks, or the residual branches of blocks whose branches run apart
+UNITS = ('block', 'branch')
 
 # Batch size of the discovery forward. An extra block argument whose first dimension equals it is taken to be
 # per-row (gathered with the kept rows in per-sample mode); anything else (rope tables, relative position biases,
@@ -56,10 +65,31 @@ def model_name(model: nn.Module) -> str:
     return cfg.get('architecture') or type(model).__name__
 
 
+# Slot names of families whose slots are not called drop_path*: block class (None: any module) -> names
+_REGISTERED_SLOTS: Dict[Optional[type], Tuple[str, ...]] = {}
+
+
+def register_drop_path_slots(*names: str, block: Optional[type] = None) -> None:
+    """Describe a model family that discovery misses: its blocks' stochastic-depth slots are called ``names``.
+
+    With ``block`` (an ``nn.Module`` subclass) the names count only on instances of that class, otherwise on any
+    module. Each slot must hold what timm's hold: a module applied to one residual branch (``DropPath``,
+    ``nn.Identity``) or ``None``. Registering the same names again is harmless.
+    """
+    if not names or not all(isinstance(n, str) and n.isidentifier() for n in names):
+        raise UsageError(f'register_drop_path_slots: slot names must be attribute names, got {names!r}')
+    if block is not None and not (isinstance(block, type) and issubclass(block, nn.Module)):
+        raise UsageError(f'register_drop_path_slots: block must be an nn.Module subclass, got {block!r}')
+    _REGISTERED_SLOTS[block] = tuple(dict.fromkeys(_REGISTERED_SLOTS.get(block, ()) + names))
+
+
 def drop_path_slots(module: nn.Module) -> Tuple[str, ...]:
     """Names of the stochastic-depth slots a module owns: submodules or plain ``None`` attributes."""
     names = list(module._modules) + [k for k, v in vars(module).items() if v is None]
-    return tuple(sorted({n for n in names if n.startswith('drop_path') and not n.endswith('_rate')}))
+    registered = {n for cls, slots in _REGISTERED_SLOTS.items()
+                  if cls is None or isinstance(module, cls) for n in slots}
+    return tuple(sorted({n for n in names if (n.startswith('drop_path') and not n.endswith('_rate'))
+                         or n in registered}))
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +105,18 @@ class Block:
     flops: int                         # forward FLOPs per sample at the discovery input size
     # extra tensor arguments (position from 1, or keyword) without a batch dimension: rope tables, position biases
     shared_args: frozenset = field(default=frozenset(), repr=False)
+    branches: Tuple[Branch, ...] = ()  # its residual branches, in call order (as many as slot calls)
+    separable: bool = False            # each branch can run on its own rows (unit='branch' splits it)
+    branch_reason: str = ''            # why not ('one branch', ...; '' when separable)
+
+
+@dataclass(frozen=True)
+class DropUnit:
+    """One column of a keep mask: a whole block, or one residual branch of a block whose branches run apart."""
+    index: int                         # the column
+    block: int                         # index into ``BlockMap.blocks``
+    branch: Optional[int]              # index into that block's ``branches``; None for the whole block
+    flops: int
 
 
 @dataclass(frozen=True)
@@ -107,18 +149,41 @@ class BlockMap:
     def depths(self) -> Tuple[int, ...]:
         return tuple(len(s.blocks) for s in self.stages)
 
-    def flop_fraction(self, keep: Union[torch.Tensor, Sequence[float]]) -> float:
+    def units(self, unit: str = 'block') -> Tuple[DropUnit, ...]:
+        """The columns of a keep mask at this granularity: one per block ('block'), or one per residual branch
+        of the blocks whose branches run apart and one per other block ('branch')."""
+        if unit not in UNITS:
+            raise UsageError(f"{self.model_name}: drop unit must be one of {', '.join(UNITS)}, not {unit!r}")
+        units = []
+        for b in self.blocks:
+            if unit == 'branch' and b.separable:
+                units += [DropUnit(len(units) + j, b.index, j, branch.flops) for j, branch in enumerate(b.branches)]
+            else:
+                units.append(DropUnit(len(units), b.index, None, b.flops))
+        return tuple(units)
+
+    def per_unit(self, values: Union[torch.Tensor, Sequence[float]], unit: str = 'branch') -> torch.Tensor:
+        """Per-block values (drop rates, ``skippable``) repeated for each column of ``unit``: the branches of a
+        block share its value, as timm gives both slots of a block the same drop-path rate."""
+        values = torch.as_tensor(values)
+        if values.shape != (len(self.blocks),):
+            raise UsageError(f'{self.model_name}: expected one value per block ({len(self.blocks)}), got shape '
+                             f'{tuple(values.shape)}')
+        return values[[u.block for u in self.units(unit)]]
+
+    def flop_fraction(self, keep: Union[torch.Tensor, Sequence[float]], unit: str = 'block') -> float:
         """Fraction of the full model's FLOPs a subnet costs.
 
-        ``keep`` is per block: bools (a per-batch subnet), keep probabilities (the expected cost of per-sample
-        masks), or a (batch, num_blocks) mask whose row mean is used (the realised cost).
+        ``keep`` is per column of ``unit`` (see ``units``): bools (a per-batch subnet), keep probabilities (the
+        expected cost of per-sample masks), or a (batch, columns) mask whose row mean is used (the realised cost).
         """
+        units = self.units(unit)
         keep = torch.as_tensor(keep, dtype=torch.float64)
         if keep.ndim == 2:
             keep = keep.mean(0)
-        if keep.shape != (len(self.blocks),):
-            raise UsageError(f'{self.model_name}: keep has shape {tuple(keep.shape)}, expected ({len(self.blocks)},)')
-        flops = torch.tensor([b.flops for b in self.blocks], dtype=torch.float64)
+        if keep.shape != (len(units),):
+            raise UsageError(f'{self.model_name}: keep has shape {tuple(keep.shape)}, expected ({len(units)},)')
+        flops = torch.tensor([u.flops for u in units], dtype=torch.float64)
         return float((self.total_flops - (flops * (1 - keep)).sum()) / self.total_flops)
 
     def stage_depths(self, keep: Union[torch.Tensor, Sequence[bool]]) -> Tuple[int, ...]:
@@ -139,36 +204,15 @@ class BlockMap:
                  f'stages {list(self.depths)}, {self.total_flops / 1e9:.3f} GFLOPs at {tuple(self.input_size)}']
         for b in self.blocks:
             share = 100 * b.flops / max(self.total_flops, 1)
+            split = ' (branches: ' + ' | '.join(' '.join(branch.children) for branch in b.branches) + ')'
             lines.append(f'  {b.index:3d} stage {b.stage} {b.name:40s} {share:5.2f}%  '
-                         + ('skippable' if b.skippable else f'kept: {b.reason}'))
+                         + ('skippable' if b.skippable else f'kept: {b.reason}') + (split if b.separable else ''))
         return '\n'.join(lines)
 
 
 class _ZeroBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 0.
-
-
-def swap_slots(module: nn.Module, slots: Sequence[str],
-               make: Callable[[str, Optional[nn.Module]], nn.Module]) -> dict:
-    """Put ``make(slot, original)`` into each drop_path slot as a submodule (ResNet's ``None`` slots included);
-    returns what ``restore_slots`` needs to put the originals back."""
-    saved = {}
-    for name in slots:
-        original = getattr(module, name)
-        saved[name] = (name in module._modules, original)
-        module.__dict__.pop(name, None)
-        module._modules[name] = make(name, original)
-    return saved
-
-
-def restore_slots(module: nn.Module, saved: dict) -> None:
-    for name, (was_module, value) in saved.items():
-        if was_module:
-            module._modules[name] = value
-        else:
-            module._modules.pop(name, None)
-            module.__dict__[name] = value
 
 
 def _is_pure_residual(module: nn.Module, slots: Sequence[str], args: tuple, kwargs: dict) -> bool:
@@ -195,13 +239,6 @@ def _why_not_skippable(module: nn.Module, slots: Sequence[str], args: tuple, kwa
     if not _is_pure_residual(module, slots, args, kwargs):
         return 'not a pure residual (something besides the branches is on the main path)'
     return ''
-
-
-def _shared_args(args: tuple, kwargs: dict) -> frozenset:
-    """Extra tensor arguments (positions from 1, or keywords) without a batch dimension."""
-    extra = list(enumerate(args))[1:] + list(kwargs.items())
-    return frozenset(key for key, value in extra
-                     if torch.is_tensor(value) and not (value.ndim > 0 and value.shape[0] == PROBE_BATCH))
 
 
 def _probe(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor, name: str):
@@ -252,6 +289,34 @@ def _frozen_eval(model: nn.Module):
             m.training = flag
 
 
+def _branches(module: nn.Module, slots: Sequence[str], args: tuple, kwargs: dict, skippable: bool,
+              verdicts: dict) -> dict:
+    """The block's residual branches, and whether each can run on its own rows (checked once per block class,
+    branch layout and input shape: ``verdicts`` remembers the answers)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    branches, reason = record_branches(module, slots, args, kwargs, PROBE_BATCH, counter)
+    if not reason and not skippable:
+        reason = 'not skippable'
+    if not reason:
+        key = (type(module), tuple((b.slot, b.children) for b in branches),
+               tuple(tuple(a.shape) for a in args if torch.is_tensor(a)))
+        if key not in verdicts:
+            verdicts[key] = check_branches(module, slots, branches, args, kwargs, PROBE_BATCH)
+        reason = verdicts[key]
+    return dict(branches=branches, separable=not reason, branch_reason=reason)
+
+
+def _log_unseparated(name: str, blocks: Sequence[Block]) -> None:
+    """One line per reason naming the multi-branch blocks that branch-level masks will drop as a whole."""
+    by_reason: Dict[str, List[str]] = {}
+    for b in blocks:
+        if b.skippable and len(b.branches) > 1 and not b.separable:
+            by_reason.setdefault(b.branch_reason, []).append(b.name)
+    for reason, names in by_reason.items():
+        _logger.warning(f'{name}: the residual branches of {", ".join(names)} cannot run on their own rows, so '
+                        f'branch-level masks drop these blocks as a whole: {reason}')
+
+
 def _stages(blocks: List[dict]) -> List[Stage]:
     """Group consecutive blocks under the same parent container; record the shortest prefix that is allowed."""
     groups: List[Tuple[str, List[int]]] = []
@@ -292,16 +357,19 @@ def find_blocks(model: nn.Module, input_size: Optional[Sequence[int]] = None) ->
     with _frozen_eval(model):
         calls, total_flops = _probe(model, [m for _, m in candidates], x, name)
         ran = sorted((calls[m][0], n, m) for n, m in candidates if m in calls)
-        blocks = []
+        blocks, verdicts = [], {}
         for index, (_, qual_name, module) in enumerate(ran):
             _, args, kwargs, output, flops = calls[module]
             slots = drop_path_slots(module)
             reason = _why_not_skippable(module, slots, args, kwargs, output)
             blocks.append(dict(index=index, name=qual_name, module=module, slots=slots, skippable=not reason,
-                               reason=reason, flops=flops // PROBE_BATCH, shared_args=_shared_args(args, kwargs)))
+                               reason=reason, flops=flops // PROBE_BATCH,
+                               shared_args=unbatched_args(args, kwargs, PROBE_BATCH, first=1),
+                               **_branches(module, slots, args, kwargs, not reason, verdicts)))
     stages = _stages(blocks)
     block_objs = tuple(Block(**b) for b in blocks)
     if not any(b.skippable for b in block_objs):
         raise UsageError(f'{name}: no skippable residual block ({len(block_objs)} drop_path blocks, none with an '
                          f'identity shortcut)')
+    _log_unseparated(name, block_objs)
     return BlockMap(name, input_size, block_objs, tuple(stages), total_flops // PROBE_BATCH)

@@ -10,6 +10,9 @@ on an exception), so outside a context the model is the plain timm model: module
   own forward, scatter back); the other rows pass through untouched. The branch scaling (1/keep_prob, timm's
   ``scale_by_keep``) is a module put into the block's drop_path slots, so blocks with an activation after the
   residual sum (ResNet) are handled by their own forward.
+* ``per_sample(..., unit='branch')``: a mask column per residual branch (ViT: attention and MLP drop apart, as
+  timm's DropPath does): each branch runs only on the rows that keep it (``subnet.branches``). Blocks with one
+  branch, or whose branches cannot run apart, keep one column.
 * ``per_sample(..., mode='mask')``: every block runs on every row and its branches are multiplied by the per-row
   mask / keep_prob; same result, full cost, but a graph whose structure does not depend on the mask.
 * ``timm_drop_path(rates)``: the model's own per-branch ``DropPath`` with the given per-block rates (DeiT / cosub).
@@ -19,16 +22,15 @@ With grad checkpointing the blocks run again during backward, so call ``backward
 from __future__ import annotations
 
 import contextlib
-import copy
-import types
-from typing import Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from timm.layers import drop_path
 
-from .blocks import Block, BlockMap, find_blocks, restore_slots, swap_slots, unwrap_model
+from .blocks import Block, BlockMap, DropUnit, find_blocks, unwrap_model
+from .branches import BranchRows, InstanceForward, SlotModule, install_branch_rows, restore_slots, swap_slots
 from .errors import UsageError
 
 __all__ = ['DepthEngine']
@@ -36,21 +38,7 @@ __all__ = ['DepthEngine']
 KeepSpec = Union[torch.Tensor, Sequence[bool], Iterable[int]]
 
 
-class _SlotModule(nn.Module):
-    """Base of the modules put into drop_path slots: a deepcopy taken inside a context gets the original slot back."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = None  # the model's own slot content when it should still act (DropPath), else None
-
-    def set_original(self, original: Optional[nn.Module]) -> None:
-        object.__setattr__(self, '_original', original)  # not a submodule: invisible to state_dict / named_modules
-
-    def __deepcopy__(self, memo):
-        return copy.deepcopy(self.__dict__.get('_original'), memo)
-
-
-class _BranchScale(_SlotModule):
+class _BranchScale(SlotModule):
     """Multiplies a residual branch by a constant: 1/keep_prob for the rows that keep the block."""
 
     def __init__(self):
@@ -63,7 +51,7 @@ class _BranchScale(_SlotModule):
         return x if self.factor == 1.0 else x * self.factor
 
 
-class _RowMask(_SlotModule):
+class _RowMask(SlotModule):
     """Multiplies a residual branch by a per-row factor (keep / keep_prob): a dropped row adds exactly zero."""
 
     def __init__(self, model_name: str):
@@ -80,29 +68,20 @@ class _RowMask(_SlotModule):
         return x * self.factor.view((-1,) + (1,) * (x.ndim - 1)).to(x.dtype)
 
 
-class _BlockForward:
-    """Instance-level replacement of ``block.forward``; a deepcopy of the block gets its class forward back.
-
-    The engine keeps one per block and mode and only updates its fields, because torch.compile drops its cached
-    graphs when the object it guarded on is freed.
-    """
+class _BlockForward(InstanceForward):
+    """Instance-level replacement of ``block.forward`` (one per block and kind, reused across steps)."""
 
     def __init__(self, block: Block, model_name: str):
+        super().__init__(block.module)
         self.block = block
         self.model_name = model_name
         self.batch: Optional[int] = None
-        self.previous = None  # an instance-level forward someone installed before us, if any
         self.touch = False
 
     def check_batch(self, x: torch.Tensor) -> None:
         if self.batch is not None and x.shape[0] != self.batch:
             raise UsageError(f'{self.model_name}: keep mask has {self.batch} rows but block {self.block.name} '
                              f'got a batch of {x.shape[0]}')
-
-    def run_block(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.previous is not None:
-            return self.previous(x, *args, **kwargs)
-        return type(self.block.module).forward(self.block.module, x, *args, **kwargs)
 
     def passthrough(self, x: torch.Tensor) -> torch.Tensor:
         if self.touch and torch.is_grad_enabled():
@@ -112,10 +91,6 @@ class _BlockForward:
             if params:
                 return x + 0. * sum(p.sum() for p in params)
         return x
-
-    def __deepcopy__(self, memo):
-        copied = memo.get(id(self.block.module))
-        return types.MethodType(type(self.block.module).forward, copied) if copied is not None else self
 
 
 class _SkipBlock(_BlockForward):
@@ -148,7 +123,7 @@ class _RowSubsetBlock(_BlockForward):
             kept = kept.contiguous(memory_format=torch.channels_last)
         args = [self.gather(pos, a) for pos, a in enumerate(args, start=1)]
         kwargs = {k: self.gather(k, v) for k, v in kwargs.items()}
-        out = self.run_block(kept, *args, **kwargs)
+        out = self.run(kept, *args, **kwargs)
         # into a copy of x that keeps its memory format; index_put_ saves only the rows for backward (index_copy
         # would also keep ``out`` alive, a second copy of the kept activations)
         return x.to(dtype=out.dtype, copy=True).index_put_((self.rows,), out)
@@ -172,6 +147,10 @@ class DepthEngine:
         self._mask_slots = {}
         self._drop_path_slots = {}
         self._forwards = {}
+        # per block whose branches run apart: its step state, and the gather / scatter objects, also reused
+        self._branch_rows: Dict[int, BranchRows] = {}
+        self._gathers: Dict[int, dict] = {}
+        self._scatters: Dict[int, dict] = {}
 
     @property
     def name(self) -> str:
@@ -205,12 +184,13 @@ class DepthEngine:
             if not block.skippable:
                 raise UsageError(f'{self.name}: block {index} ({block.name}) cannot be skipped: {block.reason}')
 
-    def _rates(self, rates, what: str) -> torch.Tensor:
+    def _rates(self, rates, what: str, columns: Optional[int] = None) -> torch.Tensor:
+        columns = self.num_blocks if columns is None else columns
         rates = torch.as_tensor(rates, dtype=torch.float64).detach().cpu()
         if rates.ndim == 0:
-            rates = rates.expand(self.num_blocks)
-        if rates.shape != (self.num_blocks,):
-            raise UsageError(f'{self.name}: {what} has shape {tuple(rates.shape)}, expected ({self.num_blocks},)')
+            rates = rates.expand(columns)
+        if rates.shape != (columns,):
+            raise UsageError(f'{self.name}: {what} has shape {tuple(rates.shape)}, expected ({columns},)')
         if bool(((rates < 0) | (rates > 1)).any()):
             raise UsageError(f'{self.name}: {what} must lie in [0, 1]')
         return rates
@@ -239,21 +219,14 @@ class DepthEngine:
             self._active = False
 
     def _set_forward(self, undo: List, block: Block, kind, batch: Optional[int], **fields) -> None:
-        module = block.module
-        had = 'forward' in module.__dict__
-        previous = module.__dict__.get('forward')
-        forward = self._forwards.setdefault((block.index, kind), kind(block, self.name))
-        forward.batch, forward.previous = batch, previous
+        key = (block.index, kind)
+        if key not in self._forwards:
+            self._forwards[key] = kind(block, self.name)
+        forward = self._forwards[key]
+        forward.batch = batch
         for name, value in fields.items():
             setattr(forward, name, value)
-        module.__dict__['forward'] = forward
-
-        def restore():
-            if had:
-                module.__dict__['forward'] = previous
-            else:
-                module.__dict__.pop('forward', None)
-        undo.append(restore)
+        forward.install(undo)
 
     @staticmethod
     def _set_slots(undo: List, block: Block, make_slot, keep_inner: bool) -> None:
@@ -303,50 +276,93 @@ class DepthEngine:
             yield
 
     @contextlib.contextmanager
-    def per_sample(self, keep_mask: torch.Tensor, keep_prob=None, *, mode: str = 'skip',
+    def per_sample(self, keep_mask: torch.Tensor, keep_prob=None, *, mode: str = 'skip', unit: str = 'block',
                    model_drop_path: bool = False) -> Iterator[None]:
-        """Run each block only for the rows that keep it; ``keep_mask`` is (batch, num_blocks) bool.
+        """Run each block (or residual branch) only for the rows that keep it.
 
-        ``keep_prob`` (a float or one per block) divides the kept branches as timm's DropPath(scale_by_keep) does,
+        ``keep_mask`` is (batch, columns) bool, one column per entry of ``block_map.units(unit)``: per block
+        (``unit='block'``), or per residual branch of the blocks whose branches run apart and per other block
+        (``unit='branch'``, DeiT's stochastic depth: attention and MLP drop independently).
+        ``keep_prob`` (a float or one per column) divides the kept rows as timm's DropPath(scale_by_keep) does,
         so a Bernoulli(keep_prob) mask gives stochastic depth in expectation; None leaves them unscaled.
         ``mode='skip'`` saves the compute of dropped rows in skippable blocks (other blocks are mask-multiplied);
         ``mode='mask'`` multiplies every branch by its per-row factor (static graph, full cost).
         """
         if mode not in ('skip', 'mask'):
             raise UsageError(f"{self.name}: per-sample mode must be 'skip' or 'mask', not {mode!r}")
+        units = self.block_map.units(unit)
+        keep_mask = self._keep_mask(keep_mask, len(units), unit)
+        factors = torch.ones(len(units), dtype=torch.float64)
+        if keep_prob is not None:
+            probs = self._rates(keep_prob, 'keep_prob', len(units))
+            factors = torch.where(probs > 0, 1.0 / probs.clamp_min(1e-12), torch.ones_like(probs))
+        # float64 whatever the model's dtype: cast to the branch's dtype where it is used
+        row_factors = (keep_mask.to(torch.float64) * factors).t().contiguous().to(self._device())
+        columns: Dict[int, List[DropUnit]] = {}
+        for u in units:
+            columns.setdefault(u.block, []).append(u)
+        step = dict(keep_mask=keep_mask, factors=factors, row_factors=row_factors, mode=mode,
+                    model_drop_path=model_drop_path, touch=self._touch())
+        with self._session() as undo:
+            for block in self.block_map.blocks:
+                if columns[block.index][0].branch is None:
+                    self._per_sample_block(undo, block, columns[block.index][0].index, **step)
+                else:
+                    self._per_sample_branches(undo, block, [u.index for u in columns[block.index]], **step)
+            yield
+
+    def _keep_mask(self, keep_mask, columns: int, unit: str) -> torch.Tensor:
         keep_mask = torch.as_tensor(keep_mask)
-        if keep_mask.ndim != 2 or keep_mask.shape[1] != self.num_blocks:
+        if keep_mask.ndim != 2 or keep_mask.shape[1] != columns:
+            per = 'block' if unit == 'block' else "drop unit of block_map.units('branch')"
             raise UsageError(f'{self.name}: keep mask has shape {tuple(keep_mask.shape)}, expected '
-                             f'(batch, {self.num_blocks}) (one column per block)')
+                             f'(batch, {columns}) (one column per {per})')
         keep_mask = keep_mask.detach().cpu()
         if keep_mask.dtype != torch.bool:
             if bool(((keep_mask != 0) & (keep_mask != 1)).any()):
                 raise UsageError(f'{self.name}: keep mask must hold only 0/1 or booleans')
             keep_mask = keep_mask != 0
-        batch = keep_mask.shape[0]
-        factors = torch.ones(self.num_blocks, dtype=torch.float64)
-        if keep_prob is not None:
-            probs = self._rates(keep_prob, 'keep_prob')
-            factors = torch.where(probs > 0, 1.0 / probs.clamp_min(1e-12), torch.ones_like(probs))
-        device = self._device()
-        kept_counts = keep_mask.sum(0).tolist()
-        touch = self._touch()
-        row_factors = (keep_mask.to(torch.float32) * factors.to(torch.float32)).t().contiguous().to(device)
-        with self._session() as undo:
-            for block in self.block_map.blocks:
-                count, factor = kept_counts[block.index], float(factors[block.index])
-                if mode == 'mask' or (not block.skippable and count < batch):
-                    self._set_slots(undo, block, self._mask_slot(block, row_factors[block.index]), model_drop_path)
-                    continue
-                if count == 0:
-                    self._set_forward(undo, block, _SkipBlock, batch, touch=touch)
-                    continue
-                if count < batch:
-                    rows = keep_mask[:, block.index].nonzero().flatten().to(device)
-                    self._set_forward(undo, block, _RowSubsetBlock, batch, rows=rows)
-                if factor != 1.0 or not model_drop_path:
-                    self._set_slots(undo, block, self._scale_slot(block, factor), model_drop_path)
-            yield
+        return keep_mask
+
+    def _per_sample_block(self, undo: List, block: Block, column: int, *, keep_mask, factors, row_factors, mode,
+                          model_drop_path, touch) -> None:
+        """The whole block keeps or drops each row (column ``column`` of the mask)."""
+        batch, count, factor = keep_mask.shape[0], int(keep_mask[:, column].sum()), float(factors[column])
+        if mode == 'mask' or (not block.skippable and count < batch):
+            self._set_slots(undo, block, self._mask_slot(block, row_factors[column]), model_drop_path)
+            return
+        if count == 0:
+            self._set_forward(undo, block, _SkipBlock, batch, touch=touch)
+            return
+        if count < batch:
+            rows = keep_mask[:, column].nonzero().flatten().to(self._device())
+            self._set_forward(undo, block, _RowSubsetBlock, batch, rows=rows)
+        if factor != 1.0 or not model_drop_path:
+            self._set_slots(undo, block, self._scale_slot(block, factor), model_drop_path)
+
+    def _per_sample_branches(self, undo: List, block: Block, columns: List[int], *, keep_mask, factors,
+                             row_factors, mode, model_drop_path, touch) -> None:
+        """Each residual branch keeps or drops each row on its own (``columns``: one per branch)."""
+        batch, counts = keep_mask.shape[0], keep_mask[:, columns].sum(0).tolist()
+        if mode == 'skip' and not any(counts):
+            self._set_forward(undo, block, _SkipBlock, batch, touch=touch)
+            return
+        rows, scale = [], []
+        for column, count in zip(columns, counts):
+            if mode == 'mask':
+                rows.append(None)
+                scale.append(row_factors[column])
+            else:
+                # every row: no gather; no row: multiplied by zero at full cost (rare), like the mask mode
+                gather = 0 < count < batch
+                rows.append(keep_mask[:, column].nonzero().flatten().to(self._device()) if gather else None)
+                scale.append(float(factors[column]) if count else 0.0)
+        if block.index not in self._branch_rows:
+            self._branch_rows[block.index] = BranchRows(block.name, self.name, block.branches)
+        state = self._branch_rows[block.index]
+        state.set(batch, rows, scale)
+        install_branch_rows(block.module, state, block.branches, undo, self._gathers.setdefault(block.index, {}),
+                            self._scatters.setdefault(block.index, {}), keep_inner=model_drop_path)
 
     @contextlib.contextmanager
     def timm_drop_path(self, rates) -> Iterator[None]:
@@ -373,7 +389,7 @@ class DepthEngine:
         return torch.tensor(rates, dtype=torch.float64)
 
 
-class _DropPathSlot(_SlotModule):
+class _DropPathSlot(SlotModule):
     """timm's per-branch stochastic depth (``timm.layers.drop_path``, scale_by_keep) at a rate we set."""
 
     def __init__(self):
