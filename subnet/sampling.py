@@ -1,15 +1,20 @@
 """Keep masks for the depth engine, drawn from a ``torch.Generator`` so runs are reproducible.
 
-Masks index ``BlockMap.blocks`` (one column per drop_path-bearing block, True = the block runs):
+Masks index ``BlockMap.blocks`` (one column per drop_path-bearing block, True = the block runs), or for
+per-sample masks ``BlockMap.units(unit)`` (``unit='branch'``: one column per residual branch where branches run apart):
 
-* ``bernoulli_keep``: stochastic depth, one Bernoulli(1 - rate) per row and block (timm / DeiT III / cosub).
+* ``bernoulli_keep``: stochastic depth, one Bernoulli(1 - rate) per row and column (timm / DeiT III / cosub).
+* ``fixed_count_keep``: exactly round((1 - rate) * batch) random rows per column (DINOv2's fixed-size subsets):
+  the same shapes every step, so torch.compile keeps one graph.
+* ``draw_keep``: either of the two with the keep probabilities that make its rescaling unbiased;
+  ``unit_drop_rates``: per-column rates from a per-block schedule.
 * ``stage_prefix_keep``: ST / ST++ "ordered residual sampling", the first k_i blocks of each stage.
 * ``nested_keep``: GKT subnet-in-subnet, a child inherits its parent's drops and drops each survivor with prob q.
 * ``step_generator`` / ``broadcast_from_rank0``: the same mask on every DDP rank when a method needs it.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -17,10 +22,11 @@ import torch.distributed as dist
 from .blocks import BlockMap
 from .errors import UsageError
 
-__all__ = ['drop_rates', 'bernoulli_keep', 'stage_prefix_keep', 'nested_keep', 'step_generator',
-           'broadcast_from_rank0']
+__all__ = ['drop_rates', 'unit_drop_rates', 'bernoulli_keep', 'fixed_count_keep', 'draw_keep', 'stage_prefix_keep',
+           'nested_keep', 'step_generator', 'broadcast_from_rank0']
 
 SCHEDULES = ('linear', 'constant')
+ROWS = ('bernoulli', 'fixed')  # how per-sample masks pick the rows that keep a block or branch
 
 
 def drop_rates(num_blocks: int, rate: float, schedule: str = 'linear') -> torch.Tensor:
@@ -35,12 +41,54 @@ def drop_rates(num_blocks: int, rate: float, schedule: str = 'linear') -> torch.
     raise UsageError(f'unknown drop-rate schedule {schedule!r} (expected one of {", ".join(SCHEDULES)})')
 
 
+def unit_drop_rates(block_map: BlockMap, rate: float, schedule: str = 'constant', unit: str = 'branch') -> torch.Tensor:
+    """Drop rates for the columns of ``block_map.units(unit)``: the per-block schedule of ``drop_rates``, shared by
+    the branches of a block (as timm gives both slots of a block one rate), and 0 where a block cannot be skipped.
+    A constant rate on every branch is DeiT III's stochastic depth, the one cosub trains with."""
+    return block_map.per_unit(drop_rates(len(block_map), rate, schedule) * block_map.skippable, unit)
+
+
 def bernoulli_keep(batch: int, rates: Union[torch.Tensor, Sequence[float]],
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """A (batch, num_blocks) bool mask: row b keeps block i with probability 1 - rates[i], all independent."""
+    """A (batch, columns) bool mask: row b keeps column i with probability 1 - rates[i], all independent (timm's
+    DropPath distribution)."""
     rates = torch.as_tensor(rates, dtype=torch.float64)
     uniforms = torch.rand((batch, rates.numel()), generator=generator, dtype=torch.float64)
     return uniforms < (1.0 - rates)
+
+
+def fixed_counts(batch: int, rates: Union[torch.Tensor, Sequence[float]]) -> torch.Tensor:
+    """Rows each column keeps in ``fixed_count_keep``: (1 - rate) * batch rounded to the nearest integer, at least
+    one unless the rate is 1. (DINOv2 truncates instead, ``int(b * (1 - ratio))``; rounding keeps the realised rate
+    nearest the nominal one.)"""
+    rates = torch.as_tensor(rates, dtype=torch.float64)
+    if bool(((rates < 0) | (rates > 1)).any()):
+        raise UsageError('drop rates must lie in [0, 1]')
+    counts = torch.round((1.0 - rates) * batch).long()
+    return torch.where(rates < 1, counts.clamp(1, batch), torch.zeros_like(counts))
+
+
+def fixed_count_keep(batch: int, rates: Union[torch.Tensor, Sequence[float]],
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A (batch, columns) bool mask in which column i keeps exactly ``fixed_counts(batch, rates)[i]`` rows, a
+    uniformly random subset drawn independently per column (DINOv2's ``drop_add_residual_stochastic_depth``).
+    Scaled by batch / kept, a row's expected branch is the full branch, as with Bernoulli rows."""
+    counts = fixed_counts(batch, rates)
+    uniforms = torch.rand((batch, counts.numel()), generator=generator, dtype=torch.float64)
+    ranks = uniforms.argsort(0).argsort(0)  # a random permutation of the rows, per column
+    return ranks < counts
+
+
+def draw_keep(batch: int, rates: Union[torch.Tensor, Sequence[float]], rows: str = 'bernoulli',
+              generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A keep mask drawn as ``rows`` says ('bernoulli' or 'fixed'), and the per-column keep probabilities to pass
+    to ``DepthEngine.per_sample``: 1 - rates for Bernoulli rows, kept / batch for fixed counts."""
+    rates = torch.as_tensor(rates, dtype=torch.float64)
+    if rows == 'bernoulli':
+        return bernoulli_keep(batch, rates, generator), 1.0 - rates
+    if rows == 'fixed':
+        return fixed_count_keep(batch, rates, generator), fixed_counts(batch, rates).double() / batch
+    raise UsageError(f'unknown row sampling {rows!r} (expected one of {", ".join(ROWS)})')
 
 
 def stage_prefix_keep(block_map: BlockMap, min_keep: Union[int, Sequence[int]] = 1,
