@@ -1,9 +1,13 @@
 """Shared fixtures: tiny timm models (default depth, small width and input size) for fast CPU tests."""
+import contextlib
+
 import pytest
 import timm
 import torch
+from torch import nn
 
 from subnet.blocks import find_blocks
+from subnet.branches import restore_slots, swap_slots
 
 # The families the depth engine must support, at their default depth (so block counts are those of the real
 # architecture) with a narrow width and a small input. Values: create_model kwargs; 'img_size' is also the input.
@@ -84,6 +88,42 @@ def calibrate_batch_norm(model, batches):
         for norm in norms:
             norm.momentum = 0.1
     model.train(training)
+
+
+class CallFactors(nn.Module):
+    """Reference slot: its i-th call (cyclically) multiplies the branch by ``factors[i]``, one factor per row: what a
+    timm DropPath that drew those masks computes."""
+
+    def __init__(self, factors):
+        super().__init__()
+        self.factors, self.calls = factors, 0
+
+    def forward(self, x):
+        factor = self.factors[self.calls % len(self.factors)]
+        self.calls += 1
+        return x * factor.view((-1,) + (1,) * (x.ndim - 1)).to(x.dtype)
+
+
+@contextlib.contextmanager
+def mask_reference(block_map, keep_mask, keep_prob, unit='block'):
+    """Independent reference: every branch is computed on every row and multiplied by keep / keep_prob of its
+    column. A column per block multiplies all the block's slots; a column per branch multiplies the slot call that
+    closes that branch (CaiT closes both of a block's branches with one slot, called twice)."""
+    units = block_map.units(unit)
+    saved = []
+    for block in block_map.blocks:
+        columns = [u for u in units if u.block == block.index]
+        factors = [keep_mask[:, u.index].to(torch.float64) / float(keep_prob[u.index]) for u in columns]
+        per_slot = {slot: factors for slot in block.slots}  # one column: every call of every slot
+        if columns[0].branch is not None:
+            per_slot = {slot: [f for f, b in zip(factors, block.branches) if b.slot == slot] for slot in block.slots}
+        saved.append((block.module, swap_slots(block.module, block.slots,
+                                                lambda slot, original: CallFactors(per_slot[slot]))))
+    try:
+        yield
+    finally:
+        for module, slots in reversed(saved):
+            restore_slots(module, slots)
 
 
 @pytest.fixture

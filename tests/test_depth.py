@@ -16,53 +16,17 @@ from torch import nn
 from timm.utils import ModelEmaV3
 
 from subnet.blocks import find_blocks
-from subnet.branches import restore_slots, swap_slots
 from subnet.depth import DepthEngine
 from subnet.errors import UsageError
 from subnet.sampling import (
     bernoulli_keep, draw_keep, drop_rates, fixed_count_keep, stage_prefix_keep, step_generator, unit_drop_rates)
 
-from conftest import LAYERNORM_FAMILIES, TINY_FAMILIES, calibrate_batch_norm, create_tiny, tiny_input_size
+from conftest import (
+    LAYERNORM_FAMILIES, TINY_FAMILIES, calibrate_batch_norm, create_tiny, mask_reference, tiny_input_size)
 
 pytestmark = pytest.mark.usefixtures('single_thread')
 
 FAMILIES = list(TINY_FAMILIES)
-
-
-class CallFactors(nn.Module):
-    """Reference slot: its i-th call (cyclically) multiplies the branch by ``factors[i]``, one factor per row: what a
-    timm DropPath that drew those masks computes."""
-
-    def __init__(self, factors):
-        super().__init__()
-        self.factors, self.calls = factors, 0
-
-    def forward(self, x):
-        factor = self.factors[self.calls % len(self.factors)]
-        self.calls += 1
-        return x * factor.view((-1,) + (1,) * (x.ndim - 1)).to(x.dtype)
-
-
-@contextlib.contextmanager
-def mask_reference(block_map, keep_mask, keep_prob, unit='block'):
-    """Independent reference: every branch is computed on every row and multiplied by keep / keep_prob of its
-    column. A column per block multiplies all the block's slots; a column per branch multiplies the slot call that
-    closes that branch (CaiT closes both of a block's branches with one slot, called twice)."""
-    units = block_map.units(unit)
-    saved = []
-    for block in block_map.blocks:
-        columns = [u for u in units if u.block == block.index]
-        factors = [keep_mask[:, u.index].to(torch.float64) / float(keep_prob[u.index]) for u in columns]
-        per_slot = {slot: factors for slot in block.slots}  # one column: every call of every slot
-        if columns[0].branch is not None:
-            per_slot = {slot: [f for f, b in zip(factors, block.branches) if b.slot == slot] for slot in block.slots}
-        saved.append((block.module, swap_slots(block.module, block.slots,
-                                                lambda slot, original: CallFactors(per_slot[slot]))))
-    try:
-        yield
-    finally:
-        for module, slots in reversed(saved):
-            restore_slots(module, slots)
 
 
 def inputs(name, batch=4, seed=0):
@@ -123,6 +87,14 @@ def test_dropped_blocks_are_exact_identities(name, tiny_model):
     with torch.no_grad(), mask_reference(block_map, keep.expand(4, -1), torch.ones(len(block_map))):
         zero_branches = model(x)
     assert torch.equal(per_batch, zero_branches)
+
+
+def assert_gradients_close(actual, expected):
+    """fp32 gradients summed in another order: a gradient sums over rows and tokens, so rounding is relative to the
+    largest entries of the tensor (a ViT's cls-token gradient reaches ~300 in these tests), not to each element (in
+    float64 the branch-skip gradients agree with timm's to 1e-15)."""
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale)
 
 
 def skip_mask_and_reference(model, block_map, name, unit, seed=1):
@@ -244,10 +216,7 @@ def test_branch_skip_equals_timm_drop_path_given_the_same_draws(name):
         if g_ours is None:  # no row kept any branch of this block: timm's gradient is exactly zero
             assert not g_timm.any()
         else:
-            # a gradient sums over rows and tokens: fp32 rounding is relative to the largest terms (the cls token's
-            # gradient reaches ~300 here), not to each element; in float64 the two agree to 1e-15
-            scale = max(1.0, float(g_timm.abs().max()))
-            torch.testing.assert_close(g_ours, g_timm, rtol=1e-4, atol=1e-5 * scale)
+            assert_gradients_close(g_ours, g_timm)
 
 
 def test_skip_mode_runs_each_block_only_on_the_rows_that_keep_it(tiny_model):
@@ -270,6 +239,89 @@ def test_skip_mode_runs_each_block_only_on_the_rows_that_keep_it(tiny_model):
             h.remove()
     expected = {i: int(k) for i, k in enumerate(keep_mask.sum(0)) if k > 0}
     assert rows_seen == expected and 3 not in rows_seen
+
+
+def rows_per_branch(model, block_map, context, x):
+    """(block, child) -> rows its first argument had, for the attention and MLP children of ViT-style blocks."""
+    seen = {}
+    hooks = [getattr(b.module, child).register_forward_pre_hook(
+        lambda module, args, key=(b.index, child): seen.__setitem__(key, args[0].shape[0]))
+        for b in block_map.blocks if b.separable for child in ('attn', 'mlp')]
+    try:
+        with torch.no_grad(), context:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_patch16_224', 'cait_xxs24_224'])
+def test_branch_skip_runs_each_branch_only_on_the_rows_that_keep_it(name, tiny_model):
+    model, block_map = tiny_model(name)
+    engine = DepthEngine(model, block_map)
+    units = block_map.units('branch')
+    keep_mask = random_mask(block_map, 8, 0.5, seed=4, skippable_only=True, unit='branch')
+    split = [u for u in units if u.branch is not None]
+    keep_mask[:, split[1].index] = True  # block 0: attention on 8 rows, the MLP on none
+    keep_mask[:, split[0].index] = False
+    seen = rows_per_branch(model, block_map, engine.per_sample(keep_mask, 0.5, unit='branch'), inputs(name, 8))
+    counts = keep_mask.sum(0).tolist()
+    child = ('attn', 'mlp')
+    # a branch no row keeps still runs on every row and is multiplied by zero (rare: probability rate ** batch)
+    expected = {(u.block, child[u.branch]): counts[u.index] or 8 for u in split}
+    assert seen == expected and seen[(0, 'mlp')] == 8 and seen[(0, 'attn')] == 8
+
+
+def test_fixed_count_rows_keep_every_shape_constant_across_steps(tiny_model):
+    model, block_map = tiny_model('vit_tiny_patch16_224')
+    engine = DepthEngine(model, block_map)
+    rates = unit_drop_rates(block_map, 0.3, 'constant', 'branch')
+    generator = torch.Generator().manual_seed(0)
+    x = inputs('vit_tiny_patch16_224', batch=8)
+    shapes = {}
+    for rows in ('fixed', 'bernoulli'):
+        shapes[rows] = []
+        for _ in range(4):
+            keep_mask, keep_prob = draw_keep(8, rates, rows, generator)
+            shapes[rows].append(rows_per_branch(model, block_map, engine.per_sample(keep_mask, keep_prob,
+                                                                                    unit='branch'), x))
+    assert all(step == shapes['fixed'][0] for step in shapes['fixed'])
+    assert set(shapes['fixed'][0].values()) == {6}  # round(0.7 * 8)
+    assert any(step != shapes['bernoulli'][0] for step in shapes['bernoulli'])
+
+
+def test_inductor_compiles_the_fixed_count_branch_skip_once(single_thread):
+    """torch.compile with inductor (C++ on this CPU): 6 training steps, a fresh fixed-count mask each, one
+    compilation; the compiled steps match the eager ones."""
+    from torch._inductor.compile_fx import compile_fx
+    torch._dynamo.reset()
+    compilations = []
+
+    def counting_inductor(graph_module, example_inputs):
+        compilations.append(len(graph_module.graph.nodes))
+        return compile_fx(graph_module, example_inputs)
+
+    model = create_tiny('vit_tiny_patch16_224', depth=2).train()
+    engine = DepthEngine(model, input_size=tiny_input_size('vit_tiny_patch16_224'))
+    compiled = torch.compile(model, backend=counting_inductor)
+    rates = unit_drop_rates(engine.block_map, 0.25, 'constant', 'branch')
+    generator = torch.Generator().manual_seed(0)
+    x = inputs('vit_tiny_patch16_224', batch=8)
+    for _ in range(6):
+        keep_mask, keep_prob = draw_keep(8, rates, 'fixed', generator)
+        with engine.per_sample(keep_mask, keep_prob, unit='branch'):
+            model.zero_grad(set_to_none=True)
+            compiled(x).square().sum().backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            model.zero_grad(set_to_none=True)
+            eager = model(x)
+            eager.square().sum().backward()
+            torch.testing.assert_close(compiled(x).detach(), eager.detach(), rtol=0, atol=1e-5)
+        for g_compiled, p in zip(grads, model.parameters()):
+            assert_gradients_close(g_compiled, p.grad)
+    assert len(compilations) == 1
+    torch._dynamo.reset()
 
 
 def test_scaled_skip_equals_timm_drop_path_given_the_same_draws():
@@ -353,9 +405,15 @@ def test_model_drop_path_does_not_drop_on_top_unless_asked():
         assert torch.equal(model(x), expected)
     with engine.per_sample(torch.ones(4, n, dtype=torch.bool), mode='mask'):
         assert torch.equal(model(x), expected)
+    branches = torch.ones(4, len(engine.block_map.units('branch')), dtype=torch.bool)
+    branches[:2, 5] = False  # some rows gathered
+    with engine.per_sample(branches, unit='branch'):
+        assert torch.equal(model(x)[2:], expected[2:])
     torch.manual_seed(0)
     with engine.subnet(torch.ones(n, dtype=torch.bool), model_drop_path=True):
         assert not torch.allclose(model(x), expected)
+    with engine.per_sample(branches, unit='branch', model_drop_path=True):
+        assert not torch.allclose(model(x)[2:], expected[2:])
     assert not torch.allclose(model(x), expected)  # the model's own DropPath is back after the context
 
 
@@ -367,8 +425,11 @@ def test_contexts_restore_the_model_even_after_an_exception(name, tiny_model):
     before = model_snapshot(model)
     keep = block_map.skippable.logical_not()
     mask = random_mask(block_map, 4, 0.5, seed=0)
+    branch_mask = random_mask(block_map, 4, 0.5, seed=0, unit='branch')
     contexts = [lambda: engine.subnet(keep), lambda: engine.per_sample(mask, 0.5),
-                lambda: engine.per_sample(mask, 0.5, mode='mask'), lambda: engine.timm_drop_path(0.2)]
+                lambda: engine.per_sample(mask, 0.5, mode='mask'), lambda: engine.timm_drop_path(0.2),
+                lambda: engine.per_sample(branch_mask, 0.5, unit='branch'),
+                lambda: engine.per_sample(branch_mask, 0.5, mode='mask', unit='branch')]
     for context in contexts:
         with pytest.raises(ZeroDivisionError):
             with context():
@@ -408,6 +469,21 @@ def test_a_deepcopy_taken_inside_a_context_is_a_plain_model(tiny_model):
             assert list(copied.state_dict()) == list(model.state_dict())
 
 
+def test_a_deepcopy_taken_inside_a_branch_context_is_a_plain_model(tiny_model):
+    model, block_map = tiny_model('cait_xxs24_224')
+    engine = DepthEngine(model, block_map)
+    x = inputs('cait_xxs24_224')
+    with torch.no_grad():
+        plain = model(x)
+        with engine.per_sample(random_mask(block_map, 4, 0.5, seed=0, unit='branch'), 0.5, unit='branch'):
+            copied = copy.deepcopy(model)
+        assert torch.equal(copied(x), plain)
+        assert type(copied.blocks[0].drop_path) is type(model.blocks[0].drop_path)  # the original slot came back
+        assert list(copied.state_dict()) == list(model.state_dict())
+        copied.blocks[0].norm1.weight.mul_(2)  # a true copy: its children run their own forward on themselves
+        assert not torch.equal(copied(x), plain) and torch.equal(model(x), plain)
+
+
 def test_model_ema_copies_and_updates_an_engine_model():
     model = create_tiny('resnet18')
     engine = DepthEngine(model, input_size=tiny_input_size('resnet18'))
@@ -444,6 +520,8 @@ def test_autocast(name, dtype):
     n, x = len(engine.block_map), inputs(name)
     keep_mask = random_mask(engine.block_map, 4, 0.5, seed=5, skippable_only=True)
     keep_mask[0] = True  # every block runs on some row, so every parameter gets a gradient
+    branch_mask = random_mask(engine.block_map, 4, 0.5, seed=5, skippable_only=True, unit='branch')
+    branch_mask[0] = True
     with torch.autocast('cpu', dtype=dtype):
         plain = model(x)
         with engine.subnet(torch.ones(n, dtype=torch.bool)):
@@ -453,9 +531,15 @@ def test_autocast(name, dtype):
             skip.float().sum().backward()
         with engine.per_sample(keep_mask, 0.5, mode='mask'):
             mask = model(x)
-    assert skip.dtype == mask.dtype == plain.dtype
+        with engine.per_sample(branch_mask, 0.5, unit='branch'):
+            branch_skip = model(x)
+            branch_skip.float().sum().backward()
+        with engine.per_sample(branch_mask, 0.5, mode='mask', unit='branch'):
+            branch_mask_out = model(x)
+    assert skip.dtype == mask.dtype == plain.dtype == branch_skip.dtype == branch_mask_out.dtype
     if name.startswith('vit'):  # BatchNorm sees fewer rows in skip mode, so only the LayerNorm model matches
         torch.testing.assert_close(skip.float(), mask.float(), rtol=0.05, atol=0.05)
+        torch.testing.assert_close(branch_skip.float(), branch_mask_out.float(), rtol=0.05, atol=0.05)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
@@ -489,18 +573,20 @@ def test_grad_checkpointing_gives_the_same_gradients(name):
     model = create_tiny(name).train()
     engine = DepthEngine(model, input_size=tiny_input_size(name))
     keep_mask = random_mask(engine.block_map, 4, 0.5, seed=8, skippable_only=True)
+    branch_mask = random_mask(engine.block_map, 4, 0.5, seed=8, skippable_only=True, unit='branch')
     keep = stage_prefix_keep(engine.block_map, 1, torch.Generator().manual_seed(8))
     x = inputs(name)
     results = {}
+    contexts = {'skip': lambda: engine.per_sample(keep_mask, 0.5), 'subnet': lambda: engine.subnet(keep),
+                'branch': lambda: engine.per_sample(branch_mask, 0.5, unit='branch')}
     for checkpointing in (False, True):
         model.set_grad_checkpointing(checkpointing)
-        for label, context in (('skip', lambda: engine.per_sample(keep_mask, 0.5)),
-                               ('subnet', lambda: engine.subnet(keep))):
+        for label, context in contexts.items():
             model.zero_grad(set_to_none=True)
             with context():  # the blocks run again during backward: it must happen inside the context
                 model(x).square().sum().backward()
             results[checkpointing, label] = [p.grad for p in model.parameters()]
-    for label in ('skip', 'subnet'):
+    for label in contexts:
         for g_plain, g_ckpt in zip(results[False, label], results[True, label]):
             assert (g_plain is None) == (g_ckpt is None)  # dropped blocks: no gradient either way
             if g_plain is not None:
@@ -656,7 +742,24 @@ def test_usage_errors_name_the_model_and_the_problem(tiny_model):
                    'resnet50: keep_prob must lie in [0, 1]')
     one_line_error(lambda: enter(engine.timm_drop_path(torch.zeros(3))),
                    'resnet50: drop-path rates has shape (3,), expected (16,)')
+    one_line_error(lambda: enter(engine.per_sample(torch.ones(2, n, dtype=torch.bool), unit='layer')),
+                   "resnet50: drop unit must be one of block, branch, not 'layer'")
     assert model_snapshot(model) == before
+
+
+def test_branch_masks_are_checked_against_the_branch_columns(tiny_model):
+    model, block_map = tiny_model('vit_tiny_patch16_224')
+    engine = DepthEngine(model, block_map)
+    x = inputs('vit_tiny_patch16_224', batch=2)
+    one_line_error(lambda: engine.per_sample(torch.ones(2, 12, dtype=torch.bool), unit='branch').__enter__(),
+                   "vit_tiny_patch16_224: keep mask has shape (2, 12), expected (batch, 24) (one column per drop "
+                   "unit of block_map.units('branch'))")
+    keep_mask = torch.ones(4, 24, dtype=torch.bool)
+    keep_mask[1, 3] = False
+    with engine.per_sample(keep_mask, unit='branch'):
+        one_line_error(lambda: model(x), 'vit_tiny_patch16_224: keep mask has 4 rows but block blocks.1 got a batch of 2')
+    with engine.per_sample(keep_mask, 0.5, mode='mask', unit='branch'):
+        one_line_error(lambda: model(x), 'vit_tiny_patch16_224: keep mask has 4 rows but the batch has 2')
 
 
 def test_engine_on_a_model_without_residual_blocks_is_a_usage_error():

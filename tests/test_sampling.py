@@ -1,5 +1,5 @@
-"""subnet.sampling: drop-rate schedules, Bernoulli masks, ST stage prefixes (st.md TV12), GKT nested subsets
-(gkt.md section 2.2 and TV8), and masks shared across ranks."""
+"""subnet.sampling: drop-rate schedules (per block and per branch), Bernoulli and fixed-count masks, ST's stage
+prefixes, GKT's nested subsets, and masks shared across ranks."""
 from collections import Counter
 
 import pytest
@@ -8,7 +8,8 @@ from timm.layers import calculate_drop_path_rates
 
 from subnet.errors import UsageError
 from subnet.sampling import (
-    bernoulli_keep, broadcast_from_rank0, drop_rates, nested_keep, stage_prefix_keep, step_generator)
+    bernoulli_keep, broadcast_from_rank0, draw_keep, drop_rates, fixed_count_keep, fixed_counts, nested_keep,
+    stage_prefix_keep, step_generator, unit_drop_rates)
 
 pytestmark = pytest.mark.usefixtures('single_thread')
 
@@ -36,6 +37,44 @@ def test_bernoulli_keep_frequencies_follow_the_rates():
     assert (keep[:, 1] & keep[:, 2]).double().mean().item() == pytest.approx(0.9 * 0.5, abs=0.01)
 
 
+def test_fixed_count_keep_keeps_exactly_the_rounded_count_of_uniformly_chosen_rows():
+    rates = torch.tensor([0.0, 0.05, 0.2, 0.45, 0.99, 1.0])
+    assert fixed_counts(32, rates).tolist() == [32, 30, 26, 18, 1, 0]  # round((1 - rate) * 32), at least one row
+    g = gen(0)
+    masks = torch.stack([fixed_count_keep(32, rates, g) for _ in range(4000)])
+    assert (masks.sum(1) == fixed_counts(32, rates)).all()  # every draw, every column
+    # every row is equally likely to be kept, and columns are drawn independently
+    torch.testing.assert_close(masks[:, :, 2].double().mean(0), torch.full((32,), 26 / 32, dtype=torch.float64),
+                               rtol=0, atol=0.03)
+    joint = (masks[:, 0, 2] & masks[:, 0, 3]).double().mean().item()
+    assert joint == pytest.approx(26 / 32 * 18 / 32, abs=0.03)
+    assert len({tuple(m[:, 3].nonzero().flatten().tolist()) for m in masks[:50]}) == 50  # subsets vary
+
+
+def test_draw_keep_gives_the_unbiased_keep_probabilities_of_each_row_sampling():
+    rates = torch.tensor([0.0, 0.2, 0.45])
+    mask, keep_prob = draw_keep(32, rates, 'bernoulli', gen(1))
+    assert torch.equal(mask, bernoulli_keep(32, rates, gen(1)))
+    assert keep_prob.tolist() == pytest.approx([1.0, 0.8, 0.55])
+    mask, keep_prob = draw_keep(32, rates, 'fixed', gen(1))
+    assert torch.equal(mask, fixed_count_keep(32, rates, gen(1)))
+    assert keep_prob.tolist() == [1.0, 26 / 32, 18 / 32]  # DINOv2's scale: batch / kept rows
+    with pytest.raises(UsageError, match="unknown row sampling 'poisson'"):
+        draw_keep(32, rates, 'poisson')
+    with pytest.raises(UsageError, match='must lie in'):
+        draw_keep(32, [1.5], 'fixed')
+
+
+def test_unit_drop_rates_give_every_branch_its_blocks_rate(tiny_model):
+    _, vit = tiny_model('vit_tiny_patch16_224')
+    assert unit_drop_rates(vit, 0.1).tolist() == [0.1] * 24  # DeiT III: the same rate on every branch
+    linear = drop_rates(12, 0.1, 'linear')
+    assert torch.equal(unit_drop_rates(vit, 0.1, 'linear'), linear.repeat_interleave(2))
+    assert torch.equal(unit_drop_rates(vit, 0.1, 'linear', unit='block'), linear)
+    _, cait = tiny_model('cait_xxs24_224')  # class-attention blocks cannot be skipped: rate 0, one column each
+    assert unit_drop_rates(cait, 0.2).tolist() == [0.2] * 48 + [0.0, 0.0]
+
+
 def test_masks_are_reproducible_from_the_generator():
     rates = drop_rates(12, 0.3, 'constant')
     assert torch.equal(bernoulli_keep(8, rates, gen(5)), bernoulli_keep(8, rates, gen(5)))
@@ -52,7 +91,7 @@ def test_stage_prefix_space3_on_resnet50_gives_the_eight_st_subnets(tiny_model):
             kept = keep[list(stage.blocks)].tolist()
             assert kept == sorted(kept, reverse=True)
         depths[block_map.stage_depths(keep)] += 1
-    # st.md TV12: space3 keeps (3, {3,4}, {3..6}, 3), 8 subnets with probability 1/8 each
+    # ST's space3: (3, {3,4}, {3..6}, 3), 8 subnets with probability 1/8 each
     assert set(depths) == {(3, a, b, 3) for a in (3, 4) for b in (3, 4, 5, 6)}
     assert all(abs(count / 1600 - 1 / 8) < 0.03 for count in depths.values())
 
@@ -85,7 +124,7 @@ def test_nested_keep_inherits_every_parent_drop():
 
 
 def test_nested_keep_decays_exponentially_down_the_chain():
-    # gkt.md TV8: N=8, q=0.25 gives 6, 4.5, 3.375 active units on average for groups 1, 2, 3
+    # N=8, q=0.25: 6, 4.5, 3.375 active units on average for groups 1, 2, 3 (8 * 0.75^k)
     g = gen(4)
     parent = torch.ones(20000, 8, dtype=torch.bool)
     means = []
