@@ -22,8 +22,8 @@ from torch import nn
 
 from .errors import UsageError
 
-__all__ = ['Branch', 'BranchRows', 'swap_slots', 'restore_slots', 'record_branches', 'check_branches',
-           'unbatched_args']
+__all__ = ['Branch', 'BranchRows', 'SlotModule', 'InstanceForward', 'swap_slots', 'restore_slots',
+           'record_branches', 'check_branches', 'install_branch_rows', 'unbatched_args']
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,8 @@ class BranchRows:
     For each branch: ``rows`` (a LongTensor of the kept rows, or None for every row) and ``factor`` (a float scale
     applied to the kept rows, or a per-row (batch,) tensor that multiplies the branch on every row: mask mode).
     ``position`` follows the block's calls in the order recorded on the probe, so that a child or a slot called in
-    several branches (CaiT's one slot) knows which branch a call belongs to.
+    several branches (CaiT's one slot) knows which branch a call belongs to; the block's forward resets it
+    (``StartCalls``), also when checkpointing recomputes a block and stops early.
     """
 
     def __init__(self, block_name: str, model_name: str, branches: Sequence[Branch]):
@@ -192,12 +193,25 @@ class BranchRows:
 
     def advance(self, name: str) -> Tuple[int, frozenset]:
         """The branch of this call (and the arguments it shares), checking that the block keeps its probe order."""
-        expected, branch, shared = self.calls[self.position]
+        expected = self.calls[self.position][0] if self.position < len(self.calls) else 'nothing more'
         if name != expected:
-            raise RuntimeError(f'{self.model_name}: block {self.block_name} called {name} where the discovery probe '
-                               f'saw {expected}; its branches cannot be run on their own rows (use unit="block")')
-        self.position = (self.position + 1) % len(self.calls)
+            raise UsageError(f'{self.model_name}: block {self.block_name} called {name} where the discovery probe '
+                             f'saw {expected}, so its branches cannot run on their own rows (use unit="block")')
+        _, branch, shared = self.calls[self.position]
+        self.position += 1
         return branch, shared
+
+
+class StartCalls(InstanceForward):
+    """``forward`` of a block whose branches run on their own rows: its calls start again from the first."""
+
+    def __init__(self, module: nn.Module, state: BranchRows):
+        super().__init__(module)
+        self.state = state
+
+    def __call__(self, *args, **kwargs):
+        self.state.position = 0
+        return self.run(*args, **kwargs)
 
 
 class GatherRows(InstanceForward):
@@ -258,10 +272,14 @@ class ScatterRows(SlotModule):
 
 
 def install_branch_rows(module: nn.Module, state: BranchRows, branches: Sequence[Branch], undo: List,
-                        gathers: dict, scatters: dict, keep_inner: bool = False) -> None:
-    """Put ``GatherRows`` forwards on the branches' children and ``ScatterRows`` into their slots until ``undo``
-    runs, reusing the objects in ``gathers`` / ``scatters`` (keyed by name); ``keep_inner``: the model's own slot
-    content (its DropPath) still acts on the kept rows."""
+                        installed: dict, keep_inner: bool = False) -> None:
+    """Until ``undo`` runs: ``StartCalls`` as the block's forward, ``GatherRows`` forwards on the branches' children
+    and ``ScatterRows`` in their slots, reusing the objects kept in ``installed`` (torch.compile guards on them);
+    ``keep_inner``: the model's own slot content (its DropPath) still acts on the kept rows."""
+    if 'start' not in installed:
+        installed.update(start=StartCalls(module, state), gathers={}, scatters={})
+    installed['start'].install(undo)
+    gathers, scatters = installed['gathers'], installed['scatters']
     for name in dict.fromkeys(c for b in branches for c in b.children):
         if name not in gathers:
             gathers[name] = GatherRows(getattr(module, name), name, state)
@@ -294,6 +312,28 @@ class _MaskByCall(nn.Module):
 CHECK_ROWS = 5  # rows of the separability check: each branch keeps a different 3 of them (never 1: no broadcasting)
 
 
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def _check_inputs(args: tuple, kwargs: dict, batch: int, generator: torch.Generator) -> Tuple[list, dict]:
+    """The probe call's arguments in float64 on the CPU, per-row ones widened to ``CHECK_ROWS`` rows (the first
+    argument perturbed so that repeated rows differ)."""
+    shared = unbatched_args(args, kwargs, batch, first=1)
+    row_map = torch.arange(CHECK_ROWS) % batch
+
+    def widen(key, value):
+        if not torch.is_tensor(value):
+            return value
+        value = value.to('cpu', torch.float64) if value.is_floating_point() else value.cpu()
+        if value.ndim > 0 and value.shape[0] == batch and key not in shared:
+            value = value.index_select(0, row_map)
+        return value
+    x = widen(0, args[0])
+    x = x + 0.1 * x.std() * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+    return [x] + [widen(pos, a) for pos, a in enumerate(args) if pos > 0], {k: widen(k, v) for k, v in kwargs.items()}
+
+
 def check_branches(module: nn.Module, slots: Sequence[str], branches: Sequence[Branch], args: tuple,
                    kwargs: dict, batch: int) -> str:
     """'' if running each branch on its own rows computes what masking each branch computes, else why not.
@@ -301,42 +341,32 @@ def check_branches(module: nn.Module, slots: Sequence[str], branches: Sequence[B
     Checked on a float64 CPU copy of the block with perturbed weights (so that layer scales of 1e-6 or zero-init
     branches cannot hide a difference), on ``CHECK_ROWS`` rows made from the probe input, each branch keeping a
     different subset of 3. A block that mixes the rows of different branches (a norm shared by two branches), reads
-    the batch size of its input inside a branch, or calls a child twice in a different order fails here.
+    the batch size of its input inside a branch, or calls its children in another order fails here.
     """
-    block = copy.deepcopy(module).to('cpu', torch.float64)
     generator = torch.Generator().manual_seed(0)
+    keeps = [(torch.arange(CHECK_ROWS) - j) % CHECK_ROWS < 3 for j in range(len(branches))]
     with torch.no_grad():
-        for param in block.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=torch.float64))
-        row_map = torch.arange(CHECK_ROWS) % batch
-
-        def widen(key, value):
-            if not torch.is_tensor(value):
-                return value
-            value = value.to('cpu', torch.float64) if value.is_floating_point() else value.cpu()
-            if value.ndim > 0 and value.shape[0] == batch and key not in unbatched_args(args, kwargs, batch, 1):
-                value = value.index_select(0, row_map)
-            return value
-        x = widen(0, args[0])
-        x = x + 0.1 * x.std() * torch.randn(x.shape, generator=generator, dtype=torch.float64)
-        call_args = [x] + [widen(pos, a) for pos, a in enumerate(args) if pos > 0]
-        call_kwargs = {k: widen(k, v) for k, v in kwargs.items()}
-        keeps = [(torch.arange(CHECK_ROWS) - j) % CHECK_ROWS < 3 for j in range(len(branches))]
-
-        calls = [0]
-        saved = swap_slots(block, slots, lambda slot, original: _MaskByCall([k.double() for k in keeps], calls))
         try:
-            reference = block(*call_args, **call_kwargs)
-        finally:
-            restore_slots(block, saved)
-        state = BranchRows('', '', branches)
+            block = copy.deepcopy(module).to('cpu', torch.float64)
+            for param in block.parameters():
+                param.add_(0.1 * torch.randn(param.shape, generator=generator, dtype=torch.float64))
+            call_args, call_kwargs = _check_inputs(args, kwargs, batch, generator)
+            calls = [0]
+            saved = swap_slots(block, slots, lambda slot, original: _MaskByCall([k.double() for k in keeps], calls))
+            try:
+                reference = block(*call_args, **call_kwargs)
+            finally:
+                restore_slots(block, saved)
+        except Exception as err:  # the check itself cannot run: do not split what we cannot check
+            return f'cannot be checked on a float64 CPU copy ({_first_line(err)})'
+        state = BranchRows(type(module).__name__, 'branch check', branches)
         state.set(CHECK_ROWS, [k.nonzero().flatten() for k in keeps], [1.0] * len(branches))
         undo = []
         try:
-            install_branch_rows(block, state, branches, undo, {}, {})
+            install_branch_rows(block, state, branches, undo, {})
             separate = block(*call_args, **call_kwargs)
         except Exception as err:  # any failure on a subset of rows means the branches do not run apart
-            return f'fails on a subset of rows ({(str(err).splitlines() or [type(err).__name__])[0]})'
+            return f'fails on a subset of rows ({_first_line(err)})'
         finally:
             for restore in reversed(undo):
                 restore()

@@ -147,10 +147,9 @@ class DepthEngine:
         self._mask_slots = {}
         self._drop_path_slots = {}
         self._forwards = {}
-        # per block whose branches run apart: its step state, and the gather / scatter objects, also reused
+        # per block whose branches run apart: its step state and the objects installed for it, also reused
         self._branch_rows: Dict[int, BranchRows] = {}
-        self._gathers: Dict[int, dict] = {}
-        self._scatters: Dict[int, dict] = {}
+        self._branch_objects: Dict[int, dict] = {}
 
     @property
     def name(self) -> str:
@@ -361,8 +360,8 @@ class DepthEngine:
             self._branch_rows[block.index] = BranchRows(block.name, self.name, block.branches)
         state = self._branch_rows[block.index]
         state.set(batch, rows, scale)
-        install_branch_rows(block.module, state, block.branches, undo, self._gathers.setdefault(block.index, {}),
-                            self._scatters.setdefault(block.index, {}), keep_inner=model_drop_path)
+        installed = self._branch_objects.setdefault(block.index, {})
+        install_branch_rows(block.module, state, block.branches, undo, installed, keep_inner=model_drop_path)
 
     @contextlib.contextmanager
     def timm_drop_path(self, rates) -> Iterator[None]:

@@ -757,7 +757,8 @@ def test_branch_masks_are_checked_against_the_branch_columns(tiny_model):
     keep_mask = torch.ones(4, 24, dtype=torch.bool)
     keep_mask[1, 3] = False
     with engine.per_sample(keep_mask, unit='branch'):
-        one_line_error(lambda: model(x), 'vit_tiny_patch16_224: keep mask has 4 rows but block blocks.1 got a batch of 2')
+        one_line_error(lambda: model(x),
+                       'vit_tiny_patch16_224: keep mask has 4 rows but block blocks.1 got a batch of 2')
     with engine.per_sample(keep_mask, 0.5, mode='mask', unit='branch'):
         one_line_error(lambda: model(x), 'vit_tiny_patch16_224: keep mask has 4 rows but the batch has 2')
 
