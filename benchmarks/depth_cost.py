@@ -3,8 +3,12 @@
 For each model it measures, in one process and interleaved (so machine noise hits every row alike):
   * the full model;
   * per-batch subnets keeping 100% / 75% / 50% of the skippable blocks (a fixed random subset);
-  * per-sample keep masks (a constant Bernoulli drop rate on every skippable block, a fresh mask each repeat)
-    in skip mode at drop rates 0.1 / 0.2 / 0.45, and at 0.2 in mask mode and with timm's own DropPath.
+  * per-sample keep masks (a constant drop rate on every skippable block, a fresh mask each repeat) in skip mode
+    at drop rates 0.05 / 0.2 / 0.45 (cosub's rates for DeiT III ViT-S / B / L), and at 0.2 in mask mode and with
+    timm's own DropPath;
+  * on models whose blocks have several residual branches (ViT), per-branch masks (attention and MLP drop apart,
+    DeiT's stochastic depth) in skip mode at the same rates, with Bernoulli rows and with a fixed count of rows per
+    branch, and at 0.2 in mask mode.
 Each row prints the median time and the mean autograd-saved memory over the repeats, both as a ratio to the
 full model, next to the FLOP-ideal ratio (BlockMap.flop_fraction of the masks actually used). Memory is the bytes
 of the distinct tensors autograd saves for backward in that step (saved-tensor hooks; parameters excluded), i.e.
@@ -27,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from subnet.depth import DepthEngine  # noqa: E402
-from subnet.sampling import bernoulli_keep, drop_rates, stage_prefix_keep  # noqa: E402
+from subnet.sampling import ROWS, draw_keep, stage_prefix_keep, unit_drop_rates  # noqa: E402
 
 PER_BATCH_KEEP = (1.0, 0.75, 0.5)
-PER_SAMPLE_DROP = (0.1, 0.2, 0.45)
+PER_SAMPLE_DROP = (0.05, 0.2, 0.45)
 
 
 def parse_args():
@@ -89,13 +93,16 @@ class Bench:
         keep[skippable[order[:n_drop]]] = False
         return keep
 
-    def constant_rates(self, rate):
-        """DeiT III's constant drop rate on every skippable block (0 on the others)."""
-        return drop_rates(len(self.block_map), rate, 'constant') * self.block_map.skippable
+    @property
+    def has_branches(self):
+        return any(b.separable for b in self.block_map.blocks)
 
-    def per_sample_mask(self, rate):
-        rates = self.constant_rates(rate)
-        return bernoulli_keep(self.batch, rates, self.generator), 1 - rates
+    def per_sample(self, rate, unit='block', rows='bernoulli', mode='skip'):
+        """A fresh mask at DeiT III's constant rate on every skippable block or branch: (context, FLOP ideal)."""
+        mask, keep_prob = draw_keep(self.batch, unit_drop_rates(self.block_map, rate, 'constant', unit), rows,
+                                    self.generator)
+        ideal = self.block_map.flop_fraction(mask, unit) if mode == 'skip' else 1.0
+        return self.engine.per_sample(mask, keep_prob, mode=mode, unit=unit), ideal
 
     def rows(self):
         """(label, make_context() -> (context, flop_fraction)) for every measured row."""
@@ -105,16 +112,16 @@ class Bench:
             rows.append((f'per-batch keep {fraction:.2f}',
                          lambda keep=keep: (self.engine.subnet(keep), self.block_map.flop_fraction(keep))))
         for rate in PER_SAMPLE_DROP:
-            def make(rate=rate):
-                mask, keep_prob = self.per_sample_mask(rate)
-                return self.engine.per_sample(mask, keep_prob), self.block_map.flop_fraction(mask)
-            rows.append((f'per-sample skip, drop {rate:.2f}', make))
-
-        def make_mask():
-            mask, keep_prob = self.per_sample_mask(0.2)
-            return self.engine.per_sample(mask, keep_prob, mode='mask'), 1.0
-        rows.append(('per-sample mask, drop 0.20', make_mask))
-        rates = self.constant_rates(0.2)
+            rows.append((f'per-sample skip, drop {rate:.2f}', lambda rate=rate: self.per_sample(rate)))
+        if self.has_branches:
+            for sampling in ROWS:
+                for rate in PER_SAMPLE_DROP:
+                    rows.append((f'per-branch skip ({sampling}), drop {rate:.2f}',
+                                 lambda rate=rate, sampling=sampling: self.per_sample(rate, 'branch', sampling)))
+        rows.append(('per-sample mask, drop 0.20', lambda: self.per_sample(0.2, mode='mask')))
+        if self.has_branches:
+            rows.append(('per-branch mask, drop 0.20', lambda: self.per_sample(0.2, 'branch', mode='mask')))
+        rates = unit_drop_rates(self.block_map, 0.2, 'constant', 'block')
         rows.append(('timm DropPath, drop 0.20', lambda: (self.engine.timm_drop_path(rates), 1.0)))
         return rows
 
@@ -150,9 +157,13 @@ def run_timing(args):
             ideal = statistics.mean(ideals[label])
             print(f'| {name} | {label} | {1000 * statistics.median(times[label]):.0f} | {t:.3f} | {m:.3f} | '
                   f'{ideal:.3f} | {t / ideal:.3f} | {m / ideal:.3f} |')
-        skip, mask = statistics.median(times['per-sample skip, drop 0.20']), statistics.median(
-            times['per-sample mask, drop 0.20'])
-        print(f'| {name} | skip vs mask speed-up at drop 0.20 | | {mask / skip:.3f}x | | | | |')
+        median = {label: statistics.median(values) for label, values in times.items()}
+        print(f'| {name} | skip vs mask speed-up at drop 0.20 | | '
+              f'{median["per-sample mask, drop 0.20"] / median["per-sample skip, drop 0.20"]:.3f}x | | | | |')
+        for sampling in ROWS if bench.has_branches else ():
+            print(f'| {name} | per-branch skip ({sampling}) vs timm DropPath speed-up at drop 0.20 | | '
+                  f'{median["timm DropPath, drop 0.20"] / median[f"per-branch skip ({sampling}), drop 0.20"]:.3f}x '
+                  f'| | | | |')
         sys.stdout.flush()
 
 
@@ -178,13 +189,17 @@ def run_compile_check(args):
     print('|---|---|---:|---:|---|')
     for name in args.models.split(','):
         bench = Bench(name, args)
+        rates = unit_drop_rates(bench.block_map, 0.2, 'constant', 'block')
         modes = {
             'full model only': lambda: (contextlib.nullcontext(), None),
             'per-sample mask (0.2)': lambda: _skip(bench, mode='mask'),
-            'timm DropPath (0.2)': lambda: (bench.engine.timm_drop_path(bench.constant_rates(0.2)), None),
+            'timm DropPath (0.2)': lambda: (bench.engine.timm_drop_path(rates), None),
             'per-batch ST prefix (min 1)': lambda: _prefix(bench),
             'per-sample skip (0.2)': lambda: _skip(bench),
         }
+        if bench.has_branches:
+            modes.update({f'per-branch skip, {sampling} rows (0.2)': lambda sampling=sampling: _skip(
+                bench, unit='branch', rows=sampling) for sampling in ROWS})
         for label, make in modes.items():
             torch._dynamo.reset()
             counters.clear()
@@ -203,9 +218,10 @@ def run_compile_check(args):
         torch._dynamo.reset()
 
 
-def _skip(bench, mode='skip'):
-    mask, keep_prob = bench.per_sample_mask(0.2)
-    return bench.engine.per_sample(mask, keep_prob, mode=mode), tuple(mask.flatten().tolist())
+def _skip(bench, mode='skip', unit='block', rows='bernoulli'):
+    mask, keep_prob = draw_keep(bench.batch, unit_drop_rates(bench.block_map, 0.2, 'constant', unit), rows,
+                                bench.generator)
+    return bench.engine.per_sample(mask, keep_prob, mode=mode, unit=unit), tuple(mask.flatten().tolist())
 
 
 def _prefix(bench):
