@@ -169,6 +169,13 @@ def record_branches(module: nn.Module, slots: Sequence[str], args: tuple, kwargs
 Factor = Union[float, torch.Tensor]
 
 
+def same_format(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in ``like``'s memory format when that is channels_last (a gathered or new tensor is contiguous)."""
+    if like.ndim == 4 and like.is_contiguous(memory_format=torch.channels_last):
+        return tensor.contiguous(memory_format=torch.channels_last)
+    return tensor
+
+
 class BranchRows:
     """The per-step state of one block whose branches run on their own rows.
 
@@ -232,10 +239,7 @@ class GatherRows(InstanceForward):
     def _gather(self, key, value, rows, shared):
         if (torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == self.state.batch
                 and key not in shared):
-            kept = value.index_select(0, rows)
-            if value.ndim == 4 and value.is_contiguous(memory_format=torch.channels_last):
-                kept = kept.contiguous(memory_format=torch.channels_last)
-            return kept
+            return same_format(value.index_select(0, rows), value)
         return value
 
 
@@ -265,9 +269,7 @@ class ScatterRows(SlotModule):
                              f'got a batch of {x.shape[0]}')
         if factor != 1.0:
             x = x * factor
-        full = x.new_zeros((state.batch,) + x.shape[1:])
-        if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            full = full.contiguous(memory_format=torch.channels_last)
+        full = same_format(x.new_zeros((state.batch,) + x.shape[1:]), x)
         return full.index_put_((rows,), x)
 
 

@@ -30,7 +30,8 @@ from torch import nn
 from timm.layers import drop_path
 
 from .blocks import Block, BlockMap, DropUnit, find_blocks, unwrap_model
-from .branches import BranchRows, InstanceForward, SlotModule, install_branch_rows, restore_slots, swap_slots
+from .branches import (
+    BranchRows, InstanceForward, SlotModule, install_branch_rows, restore_slots, same_format, swap_slots)
 from .errors import UsageError
 
 __all__ = ['DepthEngine']
@@ -118,9 +119,7 @@ class _RowSubsetBlock(_BlockForward):
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.check_batch(x)
-        kept = x.index_select(0, self.rows)
-        if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            kept = kept.contiguous(memory_format=torch.channels_last)
+        kept = same_format(x.index_select(0, self.rows), x)
         args = [self.gather(pos, a) for pos, a in enumerate(args, start=1)]
         kwargs = {k: self.gather(k, v) for k, v in kwargs.items()}
         out = self.run(kept, *args, **kwargs)
