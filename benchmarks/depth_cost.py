@@ -196,6 +196,7 @@ def run_compile_check(args):
             'timm DropPath (0.2)': lambda: (bench.engine.timm_drop_path(rates), None),
             'per-batch ST prefix (min 1)': lambda: _prefix(bench),
             'per-sample skip (0.2)': lambda: _skip(bench),
+            'per-sample skip, fixed rows (0.2)': lambda: _skip(bench, rows='fixed'),
         }
         if bench.has_branches:
             modes.update({f'per-branch skip, {sampling} rows (0.2)': lambda sampling=sampling: _skip(
