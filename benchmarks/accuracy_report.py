@@ -1,0 +1,354 @@
+"""The accuracy study's report: docs/results.md (tables, verdicts, commands) and docs/results.png (top-1 against
+FLOPs, one curve per arm, error bars), from the records benchmarks/accuracy.py leaves in each run folder.
+
+Verdicts are computed, never written by hand: an arm is called better (worse) than a baseline when its mean top-1
+is more than two standard errors of the difference of the means above (below) the baseline's, and "no clear
+difference" otherwise.
+"""
+import json
+import math
+import os
+import shlex
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import yaml
+
+# the recipe settings the report shows, in this order (from the first run's args.yaml)
+RECIPE_KEYS = ('model', 'model_kwargs', 'img_size', 'epochs', 'batch_size', 'opt', 'lr', 'weight_decay', 'sched',
+               'sched_on_updates', 'warmup_epochs', 'scale', 'color_jitter', 'mixup', 'cutmix', 'smoothing',
+               'workers')
+
+
+class ReportError(Exception):
+    """The report cannot be written where asked."""
+
+
+@dataclass
+class Result:
+    """One run's numbers: top-1 and FLOP fraction per column (a random column: the mean over its subsets)."""
+    arm: object
+    seed: int
+    top1: Dict[str, float]
+    flops: Dict[str, float]
+    draws: Dict[str, int]
+    seconds: float
+    resumed: bool
+
+
+def column_of(subnet: str) -> str:
+    """'random0.2_3' -> 'random0.2' (the subsets of one rate are averaged); other names are their own column."""
+    return subnet.rsplit('_', 1)[0] if subnet.startswith('random') else subnet
+
+
+def column_order(column: str) -> tuple:
+    """The full net first, then prefixes from deep to shallow, then random subsets from light to heavy drops."""
+    for rank, kind, sign in ((1, 'prefix', -1), (2, 'first', -1), (3, 'random', 1)):
+        if column.startswith(kind):
+            return rank, sign * float(column[len(kind):])
+    return (0, 0.0) if column == 'full' else (4, 0.0)
+
+
+def column_label(column: str, draws: int) -> str:
+    if column == 'full':
+        return 'full net'
+    if column.startswith('random'):
+        return f'random drop {column[6:]}, {draws} subsets'
+    if column.startswith('prefix'):
+        return f'prefix {column[6:]}'
+    return column
+
+
+def load(runs) -> List[Result]:
+    """The numbers of each run from its study-train.json and study-eval.json."""
+    results = []
+    for run in runs:
+        trained, evaluated = run.record('study-train.json'), run.record('study-eval.json')
+        by_column: Dict[str, List[dict]] = {}
+        for row in evaluated['rows']:
+            by_column.setdefault(column_of(row['subnet']), []).append(row)
+        results.append(Result(
+            run.arm, run.seed,
+            top1={c: statistics.mean(r['top1'] for r in rows) for c, rows in by_column.items()},
+            flops={c: statistics.mean(r['flop_fraction'] for r in rows) for c, rows in by_column.items()},
+            draws={c: len(rows) for c, rows in by_column.items()},
+            seconds=trained['seconds'], resumed=trained['resumed']))
+    return results
+
+
+def mean_std(values: Sequence[float]) -> tuple:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else float('nan'))
+
+
+def cell(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    return f'{mean:.1f}' if math.isnan(std) else f'{mean:.1f} ± {std:.1f}'
+
+
+def minutes(seconds: float) -> str:
+    return f'{int(seconds // 60)}:{int(round(seconds % 60)):02d}'
+
+
+class Study:
+    """The results grouped by arm, and the markdown pieces made of them."""
+
+    def __init__(self, results: List[Result]):
+        self.results = results
+        self.arms = list(dict.fromkeys(r.arm for r in results))
+        self.columns = sorted({c for r in results for c in r.top1}, key=column_order)
+        self.seeds = sorted({r.seed for r in results})
+        self.plain = next((arm for arm in self.arms if arm.key == 'plain'), None)
+        self.plain_sd = next((arm for arm in self.arms if arm.key == 'plain-sd'), None)
+
+    def of(self, arm) -> List[Result]:
+        return [r for r in self.results if r.arm == arm]
+
+    def top1(self, arm, column: str) -> List[float]:
+        return [r.top1[column] for r in self.of(arm) if column in r.top1]
+
+    def flops(self, column: str) -> float:
+        return statistics.mean(r.flops[column] for r in self.results if column in r.flops)
+
+    def seconds(self, arm) -> float:
+        return statistics.mean(r.seconds for r in self.of(arm))
+
+    def cost(self, seconds: float) -> str:
+        return f'{seconds / self.seconds(self.plain):.2f}' if self.plain else ''
+
+    def header(self, first: Sequence[str]) -> str:
+        draws = {c: max(r.draws.get(c, 0) for r in self.results) for c in self.columns}
+        cells = [f'{column_label(c, draws[c])} ({100 * self.flops(c):.0f} %)' for c in self.columns]
+        return ('| ' + ' | '.join([*first, *cells, 'time per run', 'time / plain']) + ' |\n'
+                + '|---' * len(first) + '|' + '---:|' * (len(cells) + 2) + '\n')
+
+    def summary_table(self) -> str:
+        lines = [self.header(['arm'])]
+        for arm in self.arms:
+            cells = [cell(self.top1(arm, c)) for c in self.columns]
+            lines.append(f'| {arm.label} | ' + ' | '.join(cells) +
+                         f' | {minutes(self.seconds(arm))} | {self.cost(self.seconds(arm))} |\n')
+        return ''.join(lines)
+
+    def run_table(self) -> str:
+        lines = [self.header(['arm', 'seed'])]
+        for r in sorted(self.results, key=lambda r: (self.arms.index(r.arm), r.seed)):
+            cells = [f'{r.top1[c]:.1f}' if c in r.top1 else '' for c in self.columns]
+            lines.append(f'| {r.arm.label} | {r.seed} | ' + ' | '.join(cells) +
+                         f' | {minutes(r.seconds)}{" †" * r.resumed} | {self.cost(r.seconds)} |\n')
+        return ''.join(lines)
+
+    def verdict(self, arm, baseline, column: str = 'full') -> str:
+        """'+1.2 ± 0.5: better than' / 'worse than' / 'no clear difference from' (two standard errors)."""
+        a, b = self.top1(arm, column), self.top1(baseline, column)
+        (mean_a, std_a), (mean_b, std_b) = mean_std(a), mean_std(b)
+        if math.isnan(std_a) or math.isnan(std_b):
+            return f'{mean_a - mean_b:+.1f}, one seed: no verdict against'
+        error = math.sqrt(std_a ** 2 / len(a) + std_b ** 2 / len(b))
+        difference = mean_a - mean_b
+        word = ('better than' if difference > 2 * error else 'worse than' if difference < -2 * error
+                else 'no clear difference from')
+        return f'{difference:+.1f} ± {error:.1f}: {word}'
+
+    def verdicts(self) -> str:
+        if self.plain is None:
+            return 'No plain arm in this study: no verdicts.\n'
+        lines = []
+        for arm in self.arms:
+            if arm is self.plain:
+                continue
+            text = (f'- **{arm.label}**: {cell(self.top1(arm, "full"))} against plain\'s '
+                    f'{cell(self.top1(self.plain, "full"))} ({self.verdict(arm, self.plain)} plain')
+            if self.plain_sd is not None and arm is not self.plain_sd:
+                text += f'; {self.verdict(arm, self.plain_sd)} {self.plain_sd.label}'
+            lines.append(text + ').\n')
+        return ''.join(lines)
+
+    def loafing(self) -> str:
+        """Each subnet column: plain's top-1 against each arm's, at the same FLOPs."""
+        if self.plain is None:
+            return 'No plain arm in this study.\n'
+        lines = []
+        for column in self.columns[1:]:
+            base = statistics.mean(self.top1(self.plain, column))
+            others = ', '.join(f'{arm.label} {statistics.mean(self.top1(arm, column)):.1f} '
+                               f'({statistics.mean(self.top1(arm, column)) - base:+.1f})'
+                               for arm in self.arms if arm is not self.plain)
+            lines.append(f'- `{column}` ({100 * self.flops(column):.0f} % of the FLOPs): plain {base:.1f}; '
+                         f'{others}.\n')
+        return ''.join(lines)
+
+
+def check_can_write(report: Path) -> None:
+    folder = Path(report).resolve().parent
+    if not folder.is_dir():
+        raise ReportError(f'--report {report}: folder {folder} does not exist')
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot(study: Study, path: Path) -> Optional[Path]:
+    """Two panels, stage prefixes and random subsets, each with the full net: top-1 against FLOPs, mean and std
+    over seeds; None without matplotlib (the report says so). matplotlib's object API, no pyplot."""
+    try:
+        from matplotlib import colormaps
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    figure = Figure(figsize=(11, 4.8), layout='constrained')
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, 2, sharey=True)
+    colours = colormaps['tab10'].colors
+    shapes = (('prefix', "stage prefixes (ST's subnets)", 'o'),
+              ('random', "random block subsets (stochastic depth's)", 'x'))
+    for axes, (kind, name, marker) in zip(panels, shapes):
+        columns = sorted((c for c in study.columns if c == 'full' or c.startswith(kind)), key=study.flops)
+        for index, arm in enumerate(study.arms):
+            stats = [mean_std(study.top1(arm, c)) for c in columns]
+            axes.errorbar([100 * study.flops(c) for c in columns], [mean for mean, _ in stats],
+                          yerr=[0.0 if math.isnan(std) else std for _, std in stats], marker=marker, capsize=3,
+                          color=colours[index % len(colours)], label=arm.label)
+        axes.set_title(name)
+        axes.set_xlabel('FLOPs (% of the full net)')
+        axes.grid(alpha=0.3)
+    panels[0].set_ylabel('top-1 (%)')
+    panels[0].legend(loc='lower right', fontsize='small')
+    seeds = len(study.seeds)
+    figure.suptitle(f'top-1 against FLOPs, mean ± std over {seeds} seed{"s" * (seeds > 1)} (benchmarks/accuracy.py)')
+    tmp = path.with_name(path.stem + '.tmp' + path.suffix)
+    figure.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    except OSError:
+        names = []
+    return f'{names[0]}, {len(names)} cores' if names else f'{os.cpu_count()} cores'
+
+
+def image_count(folder: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
+def recipe_table(run, data_dir: Path) -> str:
+    with open(run.folder / 'args.yaml') as f:
+        trained = yaml.safe_load(f)
+    rows = [f'| `{key}` | `{json.dumps(trained[key])}` |\n' for key in RECIPE_KEYS if key in trained]
+    counts = f'{image_count(data_dir / "train"):,} train / {image_count(data_dir / "val"):,} validation images'
+    return f'| setting | value |\n|---|---|\n| data | `{data_dir.name}`: {counts} |\n' + ''.join(rows)
+
+
+def write(runs, report: Path, *, command: str, data_dir: Path, output: str, subnets: str, bn_recal: int) -> list:
+    """Write the report and its picture beside it (same name, .png); returns the paths written."""
+    study = Study(load(runs))
+    val_images = image_count(data_dir / 'val')
+    report = Path(report).resolve()
+    picture = plot(study, report.with_suffix('.png'))
+    text = REPORT.format(
+        command=command, date=time.strftime('%Y-%m-%d'), machine=cpu_name(),
+        total=minutes(sum(r.seconds for r in study.results)), seeds=' '.join(map(str, study.seeds)),
+        output=output, subnets=subnets, bn_recal=bn_recal, recipe=recipe_table(runs[0], data_dir),
+        arms=''.join(f'| {arm.label} | `{" ".join(arm.options)}` |\n' for arm in study.arms),
+        summary=study.summary_table(), verdicts=study.verdicts(), loafing=study.loafing(), runs=study.run_table(),
+        picture=(f'![top-1 against FLOPs]({picture.name})' if picture else
+                 '(No picture: matplotlib is not installed. `pip install matplotlib` and rerun the study command.)'),
+        commands=''.join(f'# {run.arm.label}, seed {run.seed}\n{shlex.join(run.train_command)}\n'
+                         f'{shlex.join(run.eval_command)}\n' for run in runs),
+        val_images=val_images, image_point=100 / max(1, val_images), tried=TRIED, papers=PAPERS)
+    write_text(report, text)
+    return [report] + ([picture] if picture else [])
+
+
+REPORT = '''\
+# Accuracy study: submodel methods against plain training
+
+Generated by `{command}` on {date} ({machine}); {total} of training in all. Every number comes from the run
+folders in `{output}`; the commands behind each run are at the end, and rerunning the study command redraws this
+page from them (finished runs are skipped).
+
+## What was compared
+
+Every arm trains with the same recipe (`hparams/study_fashion_mnist.yaml`: the same epochs, images,
+augmentation, optimizer and schedule) for seeds {seeds}; only the method and its own options differ:
+
+| arm | options added to the recipe |
+|---|---|
+{arms}
+The recipe, from the runs' `args.yaml`:
+
+{recipe}
+Evaluation: each run's **last** checkpoint (the best epoch is not picked on the validation images), with
+`validate.py --subnets '{subnets}' --bn-recal {bn_recal} --seed 0`: the full net as trained, then subnets that
+keep the first 25 / 50 / 75 % of every stage's blocks (ST's shape) and subnets that drop each skippable block at
+random (stochastic depth's shape; the same subsets for every run). Each subnet's BatchNorm statistics are
+re-estimated on {bn_recal} training images first, so a subnet is judged by its weights, not by the full net's
+statistics. FLOPs are the subnet's share of the full net's.
+
+## Results: top-1 (%), mean ± std over seeds
+
+Columns: the full net, then each subnet with its FLOPs as a share of the full net's (random subsets: the mean
+top-1 of the subsets drawn at that rate).
+
+{summary}
+Time per run: the wall time of `train.py` (all epochs, with its evaluation after every epoch), mean over seeds, on
+this machine. "time / plain" is the cost of a run relative to plain training over the same epochs and images:
+every method does more work per step (more passes), and this is its price.
+
+{picture}
+
+### Is the full net better than plain training?
+
+{verdicts}
+"better" / "worse": the difference of the means is more than two standard errors of that difference (from the
+spread over seeds); otherwise "no clear difference". The validation set has {val_images:,} images: one image is
+{image_point:.2g} point.
+
+### Subnets at equal FLOPs ("network loafing")
+
+Plain training never trains a subnet on its own; the methods do. Each subnet column, plain's mean top-1 against
+each arm's (difference to plain):
+
+{loafing}
+## Every run
+
+{runs}
+† continued after an interruption: the time is that of the last part only.
+
+## How these settings were chosen
+
+{tried}
+
+## What the papers' settings would need
+
+{papers}
+
+## Commands
+
+The whole study (from the repository root):
+
+```bash
+{command}
+```
+
+Each run (`--resume auto` continues an interrupted run in its folder):
+
+```bash
+{commands}```
+'''
+
+TRIED = '''\
+(to be written from the pilot runs)'''
+
+PAPERS = '''\
+(to be written)'''
