@@ -176,10 +176,10 @@ class Progress:
             return 'ETA after the first run'
         return f'ETA {clock(sum(estimates) / self.jobs)}'
 
-    def say(self, text: str, pending: Sequence[Arm] = ()) -> None:
+    def say(self, text: str, pending: Optional[Sequence[Arm]] = None) -> None:
         with self.lock:
-            elapsed = clock(time.monotonic() - self.start)
-            print(f'{text}  (elapsed {elapsed}, {self.eta(pending)})', flush=True)
+            eta = '' if pending is None else f', {self.eta(pending)}'
+            print(f'{text}  (elapsed {clock(time.monotonic() - self.start)}{eta})', flush=True)
 
     def started(self, run: Run, pending: Sequence[Arm]) -> None:
         with self.lock:
@@ -229,8 +229,9 @@ def train_all(runs: List[Run], jobs: int, progress: Progress) -> None:
         if result.returncode:
             errors.append(failure(f'training {run.name} ({shlex.join(run.train_command)})', result))
             return
+        finished = datetime.now().isoformat(timespec='microseconds')  # its evaluation record names it
         write_json(run.folder / TRAIN_RECORD, dict(command=list(run.train_command), seconds=round(seconds, 1),
-                                                   resumed=resumed, finished=datetime.now().isoformat(timespec='microseconds')))
+                                                   resumed=resumed, finished=finished))
         with progress.lock:
             pending.remove(run.arm)
         progress.finished(run, seconds, pending)
@@ -328,7 +329,7 @@ def main(argv=None) -> int:
         progress = Progress(sum(not run.trained() for run in runs), args.jobs)
         for run in runs:
             if run.trained():
-                progress.say(f'        skip   {run.name} (trained)')
+                progress.say(f'        skip   {run.name}: trained')
         train_all(runs, args.jobs, progress)
         evaluate_all(runs, progress)
         written = accuracy_report.write(runs, args.report, command=study_command(argv), data_dir=args.data_dir,
@@ -336,6 +337,9 @@ def main(argv=None) -> int:
     except (StudyError, accuracy_report.ReportError) as e:
         print(f'accuracy.py: error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print('accuracy.py: interrupted; the same command continues the study', file=sys.stderr)
+        return 130
     print(f'wrote {", ".join(shown(p) for p in written)}')
     return 0
 

@@ -351,4 +351,26 @@ TRIED = '''\
 (to be written from the pilot runs)'''
 
 PAPERS = '''\
-(to be written)'''
+The papers measure their gains at a scale a 2-core CPU cannot reach:
+
+- **ST and ST++** (Ye et al.): ResNet-50 on ImageNet-1k for 200 and 400 epochs; SGD with Nesterov momentum, lr 0.2
+  for batch 512, weight decay 1e-4, no mixup, no stochastic depth. ST++ samples 6 subnets per step, with smaller
+  inputs and the direction-only KL-, and its released training logs end at 80.5 % top-1 after 200 epochs and
+  81.0 % after 400 (with UniAugment). One ST++ step costs about 3.4 to 3.9 times the FLOPs of a plain step; the
+  official 200-epoch run took 6.8 days on two A100 GPUs. Our copies of these recipes:
+  `hparams/st_resnet50_200ep.yaml`, `hparams/stpp_resnet50_200ep.yaml`, `hparams/stpp_resnet50_400ep.yaml`.
+- **cosub** (Touvron et al.): added to the DeiT III recipes: ViTs on ImageNet-1k for 800 epochs (LAMB, batch
+  2048, mixup 0.8 with cutmix 1.0, 3-Augment, binarised BCE targets, a constant drop-path rate from 0.05 for
+  ViT-S to 0.6 for ViT-H), or ImageNet-21k pretraining then fine-tuning; the headline is ViT-B at 87.4 % (21k
+  pretraining, 448 px). A step runs every image through two submodels: twice the FLOPs of a plain step in the
+  official code, about 1.6 times when dropped blocks are really skipped. Our copies:
+  `hparams/cosub_deit3_vit_*.yaml`.
+- **GKT** (Tang et al.): residual networks; the official code was never released and the paper's recipe could
+  not be read, so `hparams/gkt_resnet50.yaml` (the ST recipe with our reconstruction of GKT on top) is a guess.
+
+This study is far smaller (the recipe above). It tests the subnet claim directly, plain training's subnets
+against each method's at equal FLOPs, but it cannot settle the full-net claim, which the papers make for
+large models trained for hundreds of epochs on ImageNet, against strong baselines. To test it there, train one
+of the recipes above and the same recipe with `--method none` (for cosub, keep its `--drop-path`: DeiT III, its
+baseline, trains with stochastic depth), and compare both checkpoints with
+`validate.py --subnets 'prefix:0.25,0.5,0.75;random:4@0.2' --bn-recal 2048`.'''
