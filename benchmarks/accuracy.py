@@ -10,16 +10,20 @@ subsets, stochastic depth's shape; BatchNorm statistics re-estimated for each su
 command behind every number (benchmarks/accuracy_report.py writes it).
 
 train.py and validate.py are used through their command lines only. A rerun skips what is done: a run is
-trained once its folder holds ``study-train.json`` (written when train.py exits 0 with the same command; a run
-that was interrupted is continued with ``--resume auto``), and evaluated once it holds ``study-eval.json``
-(written from validate.py's results file, with the same command). Nothing already written is overwritten but
-the report, which is written under a temporary name and renamed.
+trained once its folder holds ``study-train.json`` (written when train.py exits 0 with the same command and
+recipe; a run that was interrupted is continued with ``--resume auto``), and evaluated once it holds
+``study-eval.json`` (validate.py's rows for the run, with the same command, since it was last trained).
+Nothing already written is overwritten but the report, which is written under a temporary name and renamed.
 
-    python benchmarks/accuracy.py             # the study: about 75 min on a quiet 2-core CPU -> docs/results.*
+    python benchmarks/accuracy.py             # the study: about 80 min on a quiet 2-core CPU -> docs/results.*
     python benchmarks/accuracy.py --quick     # 2 epochs, 2 seeds, a few minutes -> output/accuracy-quick/
     python benchmarks/accuracy.py --list      # print every command, run nothing
+
+On a machine busy with other work, run it with OMP_NUM_THREADS=1: OpenMP threads that wait for a busy core spin,
+which made small models many times slower.
 """
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -62,7 +66,7 @@ class Arm:
 
 ARMS = (
     Arm('plain', 'plain', ('--method', 'none'), 1.0),
-    Arm('plain-sd', f'plain + stochastic depth {DROP_PATH}', ('--method', 'none', '--drop-path', DROP_PATH), 1.0),
+    Arm('plain-sd', f'plain + stochastic depth {DROP_PATH}', ('--method', 'none', '--drop-path', DROP_PATH), 0.9),
     Arm('cosub', 'cosub', ('--method', 'cosub', '--drop-path', DROP_PATH), 1.3),
     Arm('st', 'ST', ('--method', 'st'), 1.15),
     Arm('stpp', 'ST++', ('--method', 'st++'), 2.6),
@@ -92,6 +96,7 @@ class Run:
     folder: Path
     train_command: Tuple[str, ...]  # as printed: 'python' first, run from the repository root
     eval_command: Tuple[str, ...]
+    recipe_digest: str              # of the recipe file's text: an edited recipe is another command
 
     @property
     def name(self) -> str:
@@ -108,8 +113,8 @@ class Run:
         record = self.record(TRAIN_RECORD)
         if record is None:
             return False
-        if record.get('command') != list(self.train_command):
-            raise StudyError(f'{shown(self.folder)} holds a run trained by another command '
+        if record.get('command') != list(self.train_command) or record.get('recipe') != self.recipe_digest:
+            raise StudyError(f'{shown(self.folder)} holds a run trained by another command or recipe '
                              f'({shlex.join(record.get("command") or [])}); use another --output')
         return (self.folder / CHECKPOINT).is_file()
 
@@ -123,6 +128,7 @@ class Run:
 def plan(args) -> List[Run]:
     """Every run of the study, seed by seed (a study stopped half-way has every arm of its first seeds)."""
     data, output = shown(args.data_dir), shown(args.output)
+    digest = hashlib.sha256(args.recipe.read_bytes()).hexdigest()
     runs = []
     for seed in args.seeds:
         for arm in args.arms:
@@ -135,7 +141,7 @@ def plan(args) -> List[Run]:
             evaluate = ['python', 'validate.py', '--checkpoint', shown(folder / CHECKPOINT), '--data-dir', data,
                         '--subnets', args.subnets, '--bn-recal', str(args.bn_recal), '--seed', str(EVAL_SEED),
                         *args.eval_args]
-            runs.append(Run(arm, seed, folder, tuple(train), tuple(evaluate)))
+            runs.append(Run(arm, seed, folder, tuple(train), tuple(evaluate), digest))
     return runs
 
 
@@ -201,43 +207,56 @@ def child_env(jobs: int) -> dict:
     return env
 
 
-def execute(command: Sequence[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-
-
-def failure(what: str, result: subprocess.CompletedProcess) -> StudyError:
-    tail = '\n'.join(result.stdout.rstrip().splitlines()[-15:])
-    return StudyError(f'{what} failed (exit {result.returncode}); its last lines:\n{tail}')
+def failure(what: str, returncode: int, output: str) -> StudyError:
+    tail = '\n'.join(output.rstrip().splitlines()[-15:])
+    return StudyError(f'{what} failed (exit {returncode}); its last lines:\n{tail}')
 
 
 def train_all(runs: List[Run], jobs: int, progress: Progress) -> None:
-    """Train every run that is not trained yet, ``jobs`` at a time; the first failure stops new starts."""
+    """Train every run that is not trained yet, ``jobs`` at a time. The first failure stops new starts; Ctrl-C
+    also stops the running train.py processes (their files are written atomically: a rerun continues them)."""
     todo = [run for run in runs if not run.trained()]
     pending = [run.arm for run in todo]
     errors: List[StudyError] = []
+    running = set()
+    stop = threading.Event()
     env = child_env(jobs)
 
     def train(run: Run) -> None:
-        if errors:
+        if stop.is_set():
             return
         resumed = run.folder.exists()
         progress.started(run, pending)
         start = time.monotonic()
-        result = execute(run.train_command, env)
+        process = subprocess.Popen([sys.executable, *run.train_command[1:]], cwd=ROOT, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        running.add(process)
+        output, _ = process.communicate()
+        running.discard(process)
         seconds = time.monotonic() - start
-        if result.returncode:
-            errors.append(failure(f'training {run.name} ({shlex.join(run.train_command)})', result))
+        if process.returncode:
+            stop.set()
+            errors.append(failure(f'training {run.name} ({shlex.join(run.train_command)})', process.returncode,
+                                  output))
             return
         finished = datetime.now().isoformat(timespec='microseconds')  # its evaluation record names it
-        write_json(run.folder / TRAIN_RECORD, dict(command=list(run.train_command), seconds=round(seconds, 1),
-                                                   resumed=resumed, finished=finished))
+        write_json(run.folder / TRAIN_RECORD, dict(command=list(run.train_command), recipe=run.recipe_digest,
+                                                   seconds=round(seconds, 1), resumed=resumed, finished=finished))
         with progress.lock:
             pending.remove(run.arm)
         progress.finished(run, seconds, pending)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(train, todo))
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        for future in [pool.submit(train, run) for run in todo]:
+            future.result()
+    except BaseException:
+        stop.set()
+        for process in list(running):
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     if errors:
         raise errors[0]
 
@@ -256,9 +275,10 @@ def evaluate_all(runs: List[Run], progress: Progress) -> None:
         command = list(todo[0].eval_command)
         command[command.index('--checkpoint') + 1] = staging
         results = Path(staging) / 'results.json'
-        result = execute([*command, '--results-file', str(results), '--results-format', 'json'], os.environ)
+        result = subprocess.run([sys.executable, *command[1:], '--results-file', str(results), '--results-format',
+                                 'json'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if result.returncode:
-            raise failure(f'evaluation ({shlex.join(command)})', result)
+            raise failure(f'evaluation ({shlex.join(command)})', result.returncode, result.stdout)
         with open(results) as f:
             rows = json.load(f)
     for run in todo:
@@ -301,6 +321,8 @@ def parse_args(argv=None):
         parser.error(f'--arms: unknown {", ".join(unknown)}; choose from {", ".join(ARM_BY_KEY)}')
     if args.jobs < 1:
         parser.error('--jobs must be >= 1')
+    if not args.recipe.is_file():
+        parser.error(f'--recipe {args.recipe}: no such file')
     args.arms = [ARM_BY_KEY[key] for key in args.arms.split(',')]
     args.epochs = args.epochs or (2 if args.quick else None)
     args.seeds = args.seeds if args.seeds is not None else ([0, 1] if args.quick else [0, 1, 2])

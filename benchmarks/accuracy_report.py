@@ -202,7 +202,7 @@ def plot(study: Study, path: Path) -> Optional[Path]:
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    figure = Figure(figsize=(11, 4.8), layout='constrained')
+    figure = Figure(figsize=(11, 5.2), layout='constrained')
     FigureCanvasAgg(figure)
     panels = figure.subplots(1, 2, sharey=True)
     colours = colormaps['tab10'].colors
@@ -219,7 +219,8 @@ def plot(study: Study, path: Path) -> Optional[Path]:
         axes.set_xlabel('FLOPs (% of the full net)')
         axes.grid(alpha=0.3)
     panels[0].set_ylabel('top-1 (%)')
-    panels[0].legend(loc='lower right', fontsize='small')
+    handles, labels = panels[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc='outside lower center', ncols=min(len(labels), 6), fontsize='small')
     seeds = len(study.seeds)
     figure.suptitle(f'top-1 against FLOPs, mean ± std over {seeds} seed{"s" * (seeds > 1)} (benchmarks/accuracy.py)')
     tmp = path.with_name(path.stem + '.tmp' + path.suffix)
@@ -289,9 +290,10 @@ The recipe, from the runs' `args.yaml`:
 
 {recipe}
 Evaluation: each run's **last** checkpoint (the best epoch is not picked on the validation images), with
-`validate.py --subnets '{subnets}' --bn-recal {bn_recal} --seed 0`: the full net as trained, then subnets that
-keep the first 25 / 50 / 75 % of every stage's blocks (ST's shape) and subnets that drop each skippable block at
-random (stochastic depth's shape; the same subsets for every run). Each subnet's BatchNorm statistics are
+`validate.py --subnets '{subnets}' --bn-recal {bn_recal} --seed 0`: the full net as trained, then the subnets
+`prefix:F` (every stage keeps the first F of its blocks: ST's shape) and `random:N@R` (N subsets, each skippable
+block dropped with probability R: stochastic depth's shape; the same subsets for every run). Each subnet's
+BatchNorm statistics are
 re-estimated on {bn_recal} training images first, so a subnet is judged by its weights, not by the full net's
 statistics. FLOPs are the subnet's share of the full net's.
 
@@ -301,6 +303,8 @@ Columns: the full net, then each subnet with its FLOPs as a share of the full ne
 top-1 of the subsets drawn at that rate).
 
 {summary}
+Regenerate: `{command}` (it skips the runs already in `{output}`; each run's own commands are at the end).
+
 Time per run: the wall time of `train.py` (all epochs, with its evaluation after every epoch), mean over seeds, on
 this machine. "time / plain" is the cost of a run relative to plain training over the same epochs and images:
 every method does more work per step (more passes), and this is its price.
@@ -316,8 +320,8 @@ spread over seeds); otherwise "no clear difference". The validation set has {val
 
 ### Subnets at equal FLOPs ("network loafing")
 
-Plain training never trains a subnet on its own; the methods do. Each subnet column, plain's mean top-1 against
-each arm's (difference to plain):
+Plain training never trains a subnet on its own; stochastic depth trains random ones, and the methods train
+theirs with their own losses. Each subnet column, plain's mean top-1 against each arm's (difference to plain):
 
 {loafing}
 ## Every run
@@ -348,7 +352,27 @@ Each run (`--resume auto` continues an interrupted run in its folder):
 '''
 
 TRIED = '''\
-(to be written from the pilot runs)'''
+- **Where this started.** The per-method quickstarts (`python train.py -c hparams/<method>_quickstart.yaml`, 5
+  epochs, README) already showed the subnet effect (the half-depth subnet at 42 % under plain training, 64 to 79 %
+  with a method) with every method's full net 0.3 to 1.7 points below plain's, from one seed each.
+- **Epochs and seeds.** One epoch of each arm, timed on this machine while it was otherwise idle
+  (`python train.py -c hparams/study_fashion_mnist.yaml --epochs 1 --warmup-epochs 1 --method ...`): plain 6 s,
+  plain + stochastic depth 5 s, cosub 8 s, ST 7 s, ST++ 16 s, GKT 17 s, plus about 4 s to start each run. All six
+  arms cost about 58 s per epoch and seed, so 3 seeds of 25 epochs and the evaluations fit in about 80 minutes:
+  five times the quickstarts' epochs, with the spread over seeds to tell a difference from noise.
+- **One optimizer for every arm.** The quickstarts use SGD (lr 0.1) for plain, ST, ST++ and GKT, and AdamW for
+  cosub, whose BCE averaged over 10 classes gives gradients about ten times smaller than a cross-entropy's. Plain
+  training for 25 epochs, one seed (timm's default, 42), on a machine shared with other jobs: AdamW
+  (`python train.py -c hparams/study_fashion_mnist.yaml --warmup-epochs 1 --experiment pilot-adamw`) reached
+  {PILOT_ADAMW} top-1, SGD (the same with `--opt sgd --lr 0.1 --weight-decay 5e-4 --experiment pilot-sgd`)
+  {PILOT_SGD}; the study uses AdamW for every arm.
+- **Stochastic depth.** cosub needs it (two identical submodels would teach each other nothing) and gets
+  drop-path 0.2 on timm's linear ramp over the blocks. The second plain arm gets exactly the same, so cosub is
+  compared both with plain training and with its stochastic depth alone (DeiT III, cosub's baseline, trains with
+  stochastic depth). ST, ST++ and GKT train without it, as ST's official code does.
+- **Method settings.** Each method's defaults, which are the papers' (ST: one subnet per step; ST++: six, at
+  least 3 blocks kept per stage, inputs down to 43 % of the side, KL-; GKT: 3 nested groups, 2 loops). The
+  quickstarts cut ST++ to 2 subnets and GKT to 1 loop to save time; the study does not, and reports their cost.'''
 
 PAPERS = '''\
 The papers measure their gains at a scale a 2-core CPU cannot reach:
