@@ -370,9 +370,10 @@ TRIED = '''\
   {PILOT_ADAMW} top-1, SGD (the same with `--opt sgd --lr 0.1 --weight-decay 5e-4 --experiment pilot-sgd`)
   {PILOT_SGD}; the study uses AdamW for every arm.
 - **Stochastic depth.** cosub needs it (two identical submodels would teach each other nothing) and gets
-  drop-path 0.2 on timm's linear ramp over the blocks. The second plain arm gets exactly the same, so cosub is
-  compared both with plain training and with its stochastic depth alone (DeiT III, cosub's baseline, trains with
-  stochastic depth). ST, ST++ and GKT train without it, as ST's official code does.
+  drop-path 0.2 in every block (DeiT III's constant schedule, cosub's default). The second plain arm gets
+  exactly the same, so cosub is compared both with plain training and with its stochastic depth alone (DeiT
+  III, cosub's baseline, trains with stochastic depth). ST, ST++ and GKT train without it, as ST's official code
+  does.
 - **Method settings.** Each method's defaults, which are the papers' (ST: one subnet per step; ST++: six, at
   least 3 blocks kept per stage, inputs down to 43 % of the side, KL-; GKT: 3 nested groups, 2 loops). The
   quickstarts cut ST++ to 2 subnets and GKT to 1 loop to save time; the study does not, and reports their cost.'''
