@@ -89,7 +89,8 @@ def cell(values: Sequence[float]) -> str:
 
 
 def minutes(seconds: float) -> str:
-    return f'{int(seconds // 60)}:{int(round(seconds % 60)):02d}'
+    seconds = round(seconds)
+    return f'{seconds // 60}:{seconds % 60:02d}'
 
 
 class Study:

@@ -11,6 +11,7 @@ from train_helpers import ROOT, make_subset
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import accuracy  # noqa: E402
+import accuracy_report  # noqa: E402
 
 ARM_KEYS = [arm.key for arm in accuracy.ARMS]
 SEEDS = [0, 1]
@@ -81,6 +82,23 @@ def test_every_arm_trains_the_same_recipe_and_differs_only_in_its_method_options
         assert len(stripped) == 1
     # every checkpoint is evaluated on the same subnets (the same random draws)
     assert len({r.eval_command[r.eval_command.index('--subnets'):] for r in runs}) == 1
+
+
+def test_verdicts_call_a_difference_only_beyond_two_standard_errors():
+    plain, st = accuracy.ARM_BY_KEY['plain'], accuracy.ARM_BY_KEY['st']
+
+    def study(plain_top1, st_top1):
+        return accuracy_report.Study([
+            accuracy_report.Result(arm, seed, {'full': top1}, {'full': 1.0}, {'full': 1}, 59.7, False)
+            for arm, values in ((plain, plain_top1), (st, st_top1)) for seed, top1 in enumerate(values)])
+
+    # the standard error of the difference is sqrt(1/3 + 1/3) = 0.82 for two arms with std 1 over 3 seeds
+    assert study([80, 81, 82], [82, 83, 84]).verdict(st, plain) == '+2.0 ± 0.8: better than'
+    assert study([80, 81, 82], [81, 82, 83]).verdict(st, plain) == '+1.0 ± 0.8: no clear difference from'
+    assert study([80, 81, 82], [78, 79, 80]).verdict(st, plain) == '-2.0 ± 0.8: worse than'
+    assert 'no verdict' in study([80], [85]).verdict(st, plain)
+    assert study([80, 81, 82], [82, 83, 84]).summary_table().splitlines()[2:] == [
+        '| plain | 81.0 ± 1.0 | 1:00 | 1.00 |', '| ST | 83.0 ± 1.0 | 1:00 | 1.00 |']
 
 
 def test_report_has_a_row_per_arm_and_seed_and_the_picture(study):
