@@ -416,6 +416,9 @@ GKT_KNOBS = dict(
 )
 
 
+STUDY = "this project: the accuracy study's shared recipe (benchmarks/accuracy.py)"
+
+
 def quickstart(method, opt, lr, wd, smoothing, **extra):
     ours = 'this project: CPU quickstart on the shipped images (README, quickstarts)'
     return dict(
@@ -463,6 +466,10 @@ SOURCES = {
     'cosub_quickstart.yaml': quickstart('cosub', 'AdamW', 3e-3, 0.05, 0.0, drop_path=Fact(0.2, 'this project'),
                                         drop_path_schedule=Fact('constant', 'deit models_v2.py:200'),
                                         mixup=Fact(0.2, 'this project')),
+    # every arm of the accuracy study trains with this recipe and adds its own --method
+    'study_fashion_mnist.yaml': dict(
+        quickstart('none', 'AdamW', 3e-3, 0.05, 0.0),
+        epochs=Fact(25, STUDY), mixup=Fact(0.2, STUDY + ': cosub needs mixed targets, so every arm gets them')),
 }
 
 
