@@ -9,12 +9,19 @@ timm loads). Add ``--method cosub|st|st++|gkt`` for the methods; ``--method none
 
 The script reads top to bottom: parse → check → build (model, data, task, optimizer, run folder, schedule) →
 loop (train an epoch, evaluate, checkpoint) → report. The epoch loop is ``subnet/loop.py``; the methods are
-``subnet/methods/``, one module each.
+``subnet/methods/``, one module each. What keeps a long run alive (signals, mid-epoch resume, unreadable images,
+non-finite losses, one run per folder) is ``subnet/stopping.py``, ``resume.py``, ``unreadable.py``, ``finite.py``
+and ``run_folder.py``.
+
+Exit status: 0 done (or nothing left to do); 2 bad input, or a dataset with too many unreadable images; 3 a loss
+or weight that is not finite (nothing saved); 128 + N stopped by signal N (SIGINT 130, SIGTERM 143, SIGUSR1 138)
+after saving a checkpoint that ``--resume auto`` continues from.
 """
 import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,17 +38,18 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import trim_summary
 
-from subnet import logs, plots, run_folder
+from subnet import logs, plots, resume, run_folder
 from subnet.criterion import build_criterion
 from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
 from subnet.device import check_precision_args, model_dtype as dtype_of, training_device, training_precision
-from subnet.errors import UsageError
+from subnet.errors import EXIT_USAGE, RunStopped, UsageError
 from subnet.evaluation import SubnetMonitor
-from subnet.loop import StepSetup, evaluate, train_one_epoch
+from subnet.loop import Safeguards, StepSetup, evaluate, train_one_epoch
 from subnet.methods import method_class
 from subnet.models import (check_state_dict_fits, constant_drop_path, load_checkpoint_file, load_initial_checkpoint,
                            model_drop_path_rate, resolve_model_name)
+from subnet.stopping import SignalWatch, StopPolicy, Vote
 from subnet.timm_options import parse_train_args
 
 _logger = logging.getLogger('train')
@@ -168,19 +176,21 @@ def derive_lr(args, batch_size_reference: float) -> None:
 
 
 def resume_path(args, output_dir: str) -> str:
-    """The checkpoint to continue from: ``--resume PATH``, or for ``auto`` the run folder's last.pth.tar."""
+    """The checkpoint to continue from: ``--resume PATH``, or for ``auto`` the run folder's furthest one
+    (last.pth.tar or a recovery file written mid-epoch)."""
     if args.resume != 'auto':
         return args.resume
-    last = os.path.join(output_dir, 'last.pth.tar')
-    if os.path.exists(last):
-        _logger.info(f'Resuming from {last} (--resume auto).')
-        return last
+    newest = resume.newest_checkpoint(output_dir) if os.path.isdir(output_dir) else ''
+    if newest:
+        _logger.info(f'Resuming from {newest} (--resume auto).')
+        return newest
     _logger.info(f'--resume auto: no checkpoint in {output_dir} yet, starting a fresh run there.')
     return ''
 
 
-def restore(args, path: str, task, optimizer, loss_scaler) -> int:
-    """Load model, task state, optimizer and scaler from a checkpoint; return the epoch to start from."""
+def restore(args, path: str, task, optimizer, loss_scaler) -> tuple:
+    """Load model, task state, optimizer and scaler from a checkpoint; return the epoch to start from and, for a
+    checkpoint written mid-epoch, where in it this rank continues (``resume.EpochStart``)."""
     checkpoint = load_checkpoint_file(path, '--resume')
     check_state_dict_fits(task.get_eval_model(), checkpoint, path, '--resume')
     try:
@@ -190,7 +200,12 @@ def restore(args, path: str, task, optimizer, loss_scaler) -> int:
     except (ValueError, KeyError) as e:
         raise UsageError(f'--resume {path}: its optimizer state does not fit this run ({e}); '
                          f'add --no-resume-opt to start the optimizer afresh') from None
-    return epoch or 0
+    start = resume.epoch_start_from(checkpoint, args.rank, args.world_size)
+    if start is None:
+        return epoch or 0, None
+    if utils.is_primary(args):
+        _logger.info(f'Continuing epoch {start.epoch} after its batch {start.batches} ({start.updates} updates done).')
+    return start.epoch, start
 
 
 @dataclass
@@ -206,6 +221,9 @@ class Training:
     start_epoch: int = 0
     lr_scheduler: object = None
     num_epochs: int = 0
+    epoch_start: Optional[resume.EpochStart] = None  # a checkpoint written mid-epoch: where that epoch continues
+    guards: Safeguards = field(default_factory=Safeguards)
+    lock: Optional[run_folder.RunLock] = None
     saver: Optional[run_folder.AtomicCheckpointSaver] = None
     subnet_monitor: Optional[SubnetMonitor] = None
     tensorboard: Optional[plots.TensorBoardLog] = None
@@ -251,7 +269,8 @@ def build(args) -> Training:
     output_dir = os.path.join(args.output or './output/train',
                               run_folder.experiment_name(args, data_config['input_size'][-1]))
     checkpoint_path = resume_path(args, output_dir) if args.resume else ''
-    start_epoch = restore(args, checkpoint_path, task, optimizer, loss_scaler) if checkpoint_path else 0
+    start_epoch, epoch_start = restore(args, checkpoint_path, task, optimizer, loss_scaler) if checkpoint_path \
+        else (0, None)
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
@@ -269,26 +288,43 @@ def build(args) -> Training:
     setup = StepSetup(device=device, amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_dtype=model_dtype,
                       mixup_fn=loaders.mixup_fn, naflex=loaders.naflex, scheduled_batches=loaders.scheduled_batches,
                       batch_size_reference=loaders.batch_size_reference)
-    training = Training(args, task, optimizer, loaders, setup, output_dir, checkpoint_path, start_epoch)
+    training = Training(args, task, optimizer, loaders, setup, output_dir, checkpoint_path, start_epoch,
+                        epoch_start=epoch_start)
+    training.guards = Safeguards(cursor=resume.install_cursor(loaders.train), failures=loaders.failures,
+                                 bad_image_limit=args.bad_image_limit, start=epoch_start)
     if loaders.eval is not None:
         training.subnet_monitor = SubnetMonitor.from_args(args, task, data_config['input_size'])
     return training
 
 
+def lock_experiment(args) -> Optional[run_folder.RunLock]:
+    """Rank 0 of a named experiment locks its folder before anything is built: a second run on it stops at once."""
+    if not (args.experiment and utils.is_primary(args)):
+        return None
+    return run_folder.RunLock(os.path.join(args.output or './output/train', args.experiment))
+
+
 def open_run_folder(training: Training, args_text: str) -> None:
-    """Rank 0: the run folder with args.yaml, log.txt, summary.csv (trimmed on resume) and the checkpoint saver."""
+    """Rank 0: the locked run folder with args.yaml, log.txt, summary.csv (trimmed on resume) and the checkpoint
+    saver; every rank: what writes mid-epoch checkpoints and decides when to stop."""
     args, out = training.args, training.output_dir
+    vote = Vote(args.distributed)
+    training.guards.policy = StopPolicy(SignalWatch(), vote, skip_nonfinite=args.skip_nonfinite,
+                                        recovery_minutes=args.recovery_minutes, primary=utils.is_primary(args))
     if not utils.is_primary(args):
+        training.guards.positions = resume.PositionWriter(vote, cursor=training.guards.cursor)
         return
     in_place = resumes_in(args, training.checkpoint_path, out)
-    run_folder.claim_output_dir(out, resuming_in_place=in_place)
+    training.lock = run_folder.claim_output_dir(out, resuming_in_place=in_place, lock=training.lock)
     logs.log_to_file(os.path.join(out, 'log.txt'))
     with open(os.path.join(out, 'args.yaml'), 'w') as f:
         f.write(args_text)
+    content = run_folder.CheckpointContent(training.task)
     training.saver = run_folder.AtomicCheckpointSaver(
         model=training.task.get_trainable_module(), optimizer=training.optimizer, args=args,
         amp_scaler=training.setup.loss_scaler, checkpoint_dir=out, recovery_dir=out,
-        decreasing=training.decreasing, max_history=args.checkpoint_hist, task=training.task)
+        decreasing=training.decreasing, max_history=args.checkpoint_hist, task=content)
+    training.guards.positions = resume.PositionWriter(vote, training.saver, content, training.guards.cursor)
     if in_place and training.checkpoint_path:
         training.saver.load_state_dict_from_checkpoint(training.checkpoint_path)
     trim_summary(os.path.join(out, 'summary.csv'), training.start_epoch)
@@ -307,9 +343,11 @@ def build_schedule(training: Training) -> None:
         updates_per_epoch=updates_per_epoch)
     if args.start_epoch is not None:
         training.start_epoch = args.start_epoch
-    if training.lr_scheduler is not None and training.start_epoch > 0:
+        training.guards.start = None
+    done_in_epoch = training.guards.start.updates if training.guards.start is not None else 0
+    if training.lr_scheduler is not None and (training.start_epoch > 0 or done_in_epoch):
         if args.sched_on_updates:
-            training.lr_scheduler.step_update(training.start_epoch * updates_per_epoch)
+            training.lr_scheduler.step_update(training.start_epoch * updates_per_epoch + done_in_epoch)
         else:
             training.lr_scheduler.step(training.start_epoch)
     if utils.is_primary(args):
@@ -359,6 +397,7 @@ def end_of_epoch(training: Training, epoch: int, train_metrics: dict) -> None:
         if args.log_wandb:
             log_wandb(epoch, train_metrics, eval_metrics, extra)
         training.best = saver.save_checkpoint(epoch, metric=latest_metric)
+        run_folder.remove_recovery_files(training.output_dir)  # last.pth.tar is further on than any of them
         if epoch + 1 in set(args.save_epochs or ()):
             saver.save_milestone(epoch + 1)
     if training.lr_scheduler is not None:
@@ -380,8 +419,8 @@ def train_epochs(training: Training) -> None:
         seed_epoch(args.seed, epoch, args.rank)
         set_loader_epoch(loaders.train, epoch)
         train_metrics = train_one_epoch(epoch, task, loaders.train, training.optimizer, args, training.setup,
-                                        lr_scheduler=training.lr_scheduler, saver=training.saver,
-                                        output_dir=training.output_dir)
+                                        lr_scheduler=training.lr_scheduler, output_dir=training.output_dir,
+                                        guards=training.guards)
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             _logger.info('Distributing BatchNorm running means and vars')
             utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
@@ -389,8 +428,32 @@ def train_epochs(training: Training) -> None:
             _logger.info('Skipping eval and checkpointing ')
             if training.lr_scheduler is not None:
                 training.lr_scheduler.step(epoch + 1, metric=None)
-            continue
-        end_of_epoch(training, epoch, train_metrics)
+        else:
+            end_of_epoch(training, epoch, train_metrics)
+        stop_after_epoch(training, epoch)
+
+
+def stop_after_epoch(training: Training, epoch: int) -> None:
+    """A signal that came during the epoch's evaluation or checkpoint stops the run now that last.pth.tar holds the
+    epoch (an epoch that wrote no checkpoint, under --val-interval, stops after the next update instead)."""
+    signum = training.guards.policy.agree_now().signal
+    if not signum or epoch + 1 >= training.end_epoch or skips_eval(training, epoch + 1):
+        return
+    raise RunStopped(f'stopped by {signal.Signals(signum).name} after epoch {epoch}: '
+                     f'{os.path.join(training.output_dir, "last.pth.tar")} holds it; the same command with '
+                     f'--resume auto continues from there', 128 + signum)
+
+
+def say_finished(training: Training) -> None:
+    """A resumed run with nothing left to train says so, and where its results are."""
+    args, out = training.args, training.output_dir
+    why = f' (--stop-epoch {args.stop_epoch})' if training.end_epoch < training.num_epochs else ''
+    best = ''
+    if training.saver is not None and training.saver.best_metric is not None:
+        best = (f', best {training.eval_metric} {training.saver.best_metric:g} at epoch {training.saver.best_epoch} '
+                f'in {os.path.join(out, "model_best.pth.tar")}')
+    _logger.info(f'Run {out} is finished: epoch {training.start_epoch} of {training.end_epoch} done{why}; results in '
+                 f'{os.path.join(out, "summary.csv")}{best}. Nothing to train.')
 
 
 def report(training: Training) -> None:
@@ -436,13 +499,25 @@ def _train(argv) -> TrainRun:
     args.rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
     preflight(args)
     args.prefetcher = not args.no_prefetcher
-    training = build(args)
-    open_run_folder(training, args_text)
-    build_schedule(training)
+    locks = [lock_experiment(args)]
     try:
-        train_epochs(training)
-    except KeyboardInterrupt:
-        _logger.warning('Interrupted: the last completed epoch is in last.pth.tar (continue with --resume).')
+        training = build(args)
+        training.lock = locks[0]
+        open_run_folder(training, args_text)
+        locks.append(training.lock)
+        build_schedule(training)
+        if training.checkpoint_path and training.start_epoch >= training.end_epoch:
+            say_finished(training)
+        with training.guards.policy.signals:
+            train_epochs(training)
+    except RunStopped:
+        if args.distributed:  # every rank stopped at the same update
+            torch.distributed.destroy_process_group()
+        raise
+    finally:
+        for lock in locks:
+            if lock is not None:
+                lock.release()
     if args.distributed:
         torch.distributed.destroy_process_group()
     report(training)
@@ -469,6 +544,7 @@ def log_wandb(epoch, train_metrics, eval_metrics, extra) -> None:
 
 
 def main(argv=None) -> int:
+    """Run, and turn every planned ending into one line and its exit status (see the module docstring)."""
     try:
         run(argv)
         return 0
@@ -477,7 +553,13 @@ def main(argv=None) -> int:
         if 'Original Traceback' in message:  # raised in a DataLoader worker: keep the original line
             message = message.strip().splitlines()[-1].split('UsageError: ', 1)[-1]
         print(f'train.py: error: {message}', file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except RunStopped as e:
+        print(f'train.py: {e}', file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # before or after the training loop (it handles signals itself)
+        print('train.py: interrupted outside the training loop, where there is nothing to save', file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == '__main__':

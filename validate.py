@@ -40,6 +40,7 @@ from subnet.data import FixedSample, check_image_folders, loader_images
 from subnet.device import autocast_for, check_precision_args, model_dtype as dtype_of, validation_device
 from subnet.errors import UsageError
 from subnet.loop import predict_batches, update_evaluator
+from subnet.unreadable import NOT_COUNTED, failures_of, readable
 from subnet.models import check_state_dict_fits, load_checkpoint_file, resolve_model_name
 from subnet.timm_options import validate_parser
 
@@ -121,6 +122,7 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
         load_bytes=args.tf_preprocessing, class_map=args.class_map, num_samples=args.num_samples,
         input_key=args.input_key, input_img_mode=input_img_mode, target_key=args.target_key,
         trust_remote_code=args.dataset_trust_remote_code, seed=args.seed)
+    dataset = readable(dataset, training=False)
     if sample and not isinstance(dataset, torch.utils.data.IterableDataset):
         dataset = FixedSample(dataset, sample, args.seed)
     crop_pct = 1.0 if test_time_pool else data_config['crop_pct']
@@ -140,10 +142,12 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
 
 def run_validation(args, model, loader, device, amp_autocast, model_dtype, valid_labels=None,
                    real_labels=None) -> tuple:
-    """Top-1/top-5 (percent) and the predictions needed for --metrics-avg, logging timm's validate lines."""
+    """Top-1/top-5 (percent) and the predictions needed for --metrics-avg, logging timm's validate lines; images
+    that could not be read are left out, and counted in ``unreadable_images``."""
     evaluator = ClassificationEvaluator(device)
     batch_time = utils.AverageMeter()
     predictions, targets = [], []
+    failures, unreadable = failures_of(loader), 0
     end = time.time()
     for batch_idx, (output, target) in enumerate(predict_batches(model, loader, args, device, amp_autocast,
                                                                  model_dtype)):
@@ -151,10 +155,14 @@ def run_validation(args, model, loader, device, amp_autocast, model_dtype, valid
             output = output[:, valid_labels]
         if real_labels is not None:
             real_labels.add_result(output)
-        loss, top1, top5, batch_size = update_evaluator(evaluator, output, target)
+        loss, top1, top5, batch_size, dropped = update_evaluator(evaluator, output, target)
+        unreadable += dropped
+        if failures is not None:
+            failures.drain()
         if args.metrics_avg:
-            predictions.append(output.argmax(dim=1).cpu())
-            targets.append(target.cpu())
+            counted = target != NOT_COUNTED
+            predictions.append(output[counted].argmax(dim=1).cpu())
+            targets.append(target[counted].cpu())
         batch_time.update(time.time() - end)
         end = time.time()
         if batch_idx % args.log_freq == 0:
@@ -166,6 +174,7 @@ def run_validation(args, model, loader, device, amp_autocast, model_dtype, valid
                 f'Acc@1: {top1:>7.3f} ({running["top1"]:>7.3f})  '
                 f'Acc@5: {top5:>7.3f} ({running["top5"]:>7.3f})')
     metrics = evaluator.compute()
+    metrics['unreadable_images'] = unreadable
     if real_labels is not None:
         metrics['top1'], metrics['top5'] = real_labels.get_accuracy(k=1), real_labels.get_accuracy(k=5)
     return metrics, predictions, targets
@@ -231,6 +240,9 @@ def validate(args):
                              crop_pct=crop_pct, interpolation=data_config['interpolation'])
         line = (f' * Acc@1 {result["top1"]:.3f} ({result["top1_err"]:.3f}) '
                 f'Acc@5 {result["top5"]:.3f} ({result["top5_err"]:.3f})')
+        if metrics['unreadable_images']:  # a column only then: timm's result fields otherwise
+            result['unreadable_images'] = metrics['unreadable_images']
+            line += f' | {metrics["unreadable_images"]} unreadable images left out'
         if scores:
             avg = args.metrics_avg
             line += (f' | Precision({avg}) {scores[f"{avg}_precision"]:.3f} | Recall({avg}) '

@@ -6,28 +6,40 @@ blocks) calls ``early`` / ``final`` on the ``StepBackward`` the loop gives it: t
 accumulation division, clipping and optimizer step as the loop's own backward, so there is still one optimizer
 step (and one gradient all-reduce) per step. Both the loop (``subnet/loop.py``) and the methods
 (``subnet/methods/``) import this module; neither imports the other.
+
+With ``--skip-nonfinite N`` a step whose gradients are not finite is not applied (``StepBackward.skipped``); the
+loop counts such steps. With the fp16 grad scaler the scaler already skips them, as in timm.
 """
 import torch
 from timm import utils
+
+from .finite import grads_finite
 
 __all__ = ['StepBackward', 'backward_and_step']
 
 
 def backward_and_step(loss: torch.Tensor, task, optimizer, args, loss_scaler=None, need_update: bool = True,
-                      second_order: bool = False) -> None:
-    """timm's backward + (clipped) optimizer step, through the AMP grad scaler when there is one."""
+                      second_order: bool = False) -> bool:
+    """timm's backward + (clipped) optimizer step, through the AMP grad scaler when there is one.
+
+    Returns False when the step was not applied because its gradients are not finite (``--skip-nonfinite``).
+    """
     clip_parameters = None
     if args.clip_grad is not None:
         clip_parameters = task.get_clip_parameters(exclude_head='agc' in args.clip_mode)
     if loss_scaler is not None:
         loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                     parameters=clip_parameters, create_graph=second_order, need_update=need_update)
-        return
+        return True
     loss.backward(create_graph=second_order)
     if need_update:
+        if getattr(args, 'skip_nonfinite', 0) and not grads_finite(optimizer):
+            optimizer.zero_grad()
+            return False
         if args.clip_grad is not None:
             utils.dispatch_clip_grad(clip_parameters, value=args.clip_grad, mode=args.clip_mode)
         optimizer.step()
+    return True
 
 
 class StepBackward:
@@ -45,6 +57,7 @@ class StepBackward:
         self.second_order = second_order
         self.scale = 1.0  # 1 / accumulation steps, times the variable-batch loss scale
         self.need_update = False
+        self.skipped = False  # this step's gradients were not finite and were not applied
 
     def early(self, loss: torch.Tensor) -> None:
         loss = loss * self.scale
@@ -58,6 +71,7 @@ class StepBackward:
         if self.optimizer is None:
             loss.backward()
             return
-        backward_and_step(loss * self.scale, self.task, self.optimizer, self.args, self.loss_scaler,
-                          self.need_update, self.second_order)
+        applied = backward_and_step(loss * self.scale, self.task, self.optimizer, self.args, self.loss_scaler,
+                                    self.need_update, self.second_order)
+        self.skipped = not applied
 

@@ -2,8 +2,8 @@
 
 Everything is timm's own (``create_dataset``, ``create_loader``, ``create_naflex_loader``, ``Mixup``,
 ``FastCollateMixup``, ``AugMixDataset``). What we add is up-front validation (a missing or empty data
-folder, train and val resolving to the same folder, an odd batch with mixup) and a dataset wrapper that
-stops on an unreadable image naming the file, where timm would skip it with a warning.
+folder, train and val resolving to the same folder, an odd batch with mixup) and, for image folders, a dataset
+wrapper that replaces an unreadable image, names it once and counts it (``subnet/unreadable.py``).
 """
 import logging
 import os
@@ -15,11 +15,11 @@ import torch.utils.data
 from timm import utils
 from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader
 from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
-from timm.data.dataset import ImageDataset
 from timm.data.scheduled_sampler import ScheduledTransformDataset
 from torchvision import transforms
 
 from .errors import UsageError
+from .unreadable import ImageFailures, readable
 
 _logger = logging.getLogger('train')
 
@@ -89,31 +89,6 @@ class DatasetView(torch.utils.data.Dataset):
         self.dataset.transform = value
 
 
-class NamedFailures(DatasetView):
-    """Wraps a timm ImageDataset so an unreadable image stops the run with the file's name.
-
-    timm skips a sample it cannot decode, with a warning giving only its index; a corrupt file then goes
-    unnoticed.
-    """
-
-    def __init__(self, dataset: ImageDataset):
-        super().__init__(dataset)
-        dataset._max_retries = 1
-        logging.getLogger('timm.data.dataset').setLevel(logging.ERROR)
-
-    def __getitem__(self, index):
-        try:
-            return self.dataset[index]
-        except RuntimeError:
-            raise UsageError(f'unreadable image file {self.dataset.filename(index, absolute=True)}') from None
-
-    def __getattr__(self, name):
-        # everything else (reader, filename, set_epoch, ...) is the wrapped dataset's
-        if name == 'dataset':
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
 class FixedSample(DatasetView):
     """``count`` items of ``dataset`` in a seeded random order (an image folder is sorted by class, so its first
     images are one class, which would give BN recalibration one class's statistics)."""
@@ -153,7 +128,7 @@ def build_dataset(args, split: str, is_training: bool, input_img_mode: str, num_
         if 'Found 0 images' in str(e):
             raise UsageError(str(e).split('. Supported')[0]) from None
         raise
-    return NamedFailures(dataset) if isinstance(dataset, ImageDataset) else dataset
+    return readable(dataset, training=is_training)
 
 
 def mixup_kwargs(args) -> Optional[dict]:
@@ -197,6 +172,7 @@ class Loaders:
     naflex: bool = False
     scheduled_batches: bool = False
     batch_size_reference: float = 0.
+    failures: Optional[ImageFailures] = None  # the training set's unreadable images (image folders)
 
 
 def _common_loader_kwargs(args, data_config: dict, device: torch.device, model_dtype) -> dict:
@@ -290,7 +266,8 @@ def build_loaders(args, data_config: dict, device: torch.device, model_dtype, nu
     dataset_train = build_dataset(args, args.train_split, True, input_img_mode, args.train_num_samples)
     common = _common_loader_kwargs(args, data_config, device, model_dtype)
     train_kwargs = _augmentation_kwargs(args, data_config, num_aug_splits)
-    loaders = Loaders(train=None, eval=None, mixup_fn=None, batch_size_reference=float(args.batch_size))
+    loaders = Loaders(train=None, eval=None, mixup_fn=None, batch_size_reference=float(args.batch_size),
+                      failures=getattr(dataset_train, 'failures', None))
     if args.naflex_loader:
         loaders.train = _naflex_train_loader(args, dataset_train, patch_size, common, train_kwargs)
         loaders.naflex = True

@@ -1,28 +1,40 @@
 """The run folder: timm's layout (``output/train/<experiment>/``), written so that nothing is ever lost.
 
 - The folder name follows timm (``--experiment`` or ``<date>-<model>-<img size>``); a fresh run into a folder
-  that already holds a run stops instead of overwriting it (timm reuses the folder silently).
+  that already holds a run (a checkpoint or a summary row) stops instead of overwriting it (timm reuses the
+  folder silently). A start that failed before its first checkpoint leaves nothing that blocks a retry.
+- One run per folder: a run holds an exclusive ``flock`` on ``<folder>/.lock`` (with its pid and host in it) for
+  its lifetime; a second run stops with one line naming the first. The kernel releases the lock when the
+  process dies, even by ``kill -9``; the next run then removes the temporary files the dead one left.
 - Checkpoints go through timm's ``CheckpointSaver`` with every file written under a temporary name and
-  renamed into place, so a process killed at any moment leaves no truncated file under a final name.
+  renamed into place, so a process killed at any moment leaves no truncated file under a final name; a
+  checkpoint with a non-finite weight is never written (``CheckpointContent``).
 - ``summary.csv`` keeps timm's columns first; method and subnet columns are appended after ``lr``.
 """
 import csv
+import fcntl
+import glob
 import logging
 import os
 import shutil
+import socket
+import time
 from collections import OrderedDict
 from datetime import datetime
 from typing import Optional
 
 from timm.models import safe_model_name
-from timm.utils import CheckpointSaver
+from timm.utils import CheckpointSaver, load_checkpoint_metadata, unwrap_model
 
-from .errors import UsageError
+from .errors import EXIT_NONFINITE, RunStopped, UsageError
+from .finite import first_nonfinite
+from .resume import POSITION_KEY
 
 _logger = logging.getLogger('train')
 
-# files whose presence means a folder holds a run
-_RUN_FILES = ('args.yaml', 'summary.csv', 'last.pth.tar', 'log.txt')
+LOCK_FILE = '.lock'
+# what a process killed while saving leaves behind (timm's temporary names, and ours: <final name>.tmp)
+_TEMPORARY = ('tmp.pth.tar', 'recovery_tmp.pth.tar', '*.tmp')
 
 
 def experiment_name(args, img_size: int) -> str:
@@ -30,26 +42,112 @@ def experiment_name(args, img_size: int) -> str:
         datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(img_size)])
 
 
+def _checkpoints(folder: str) -> list:
+    return [f for f in os.listdir(folder) if f.endswith('.pth.tar') and f not in _TEMPORARY]
+
+
 def holds_run(folder: str) -> bool:
-    return os.path.isdir(folder) and (
-        any(os.path.exists(os.path.join(folder, f)) for f in _RUN_FILES)
-        or any(f.endswith('.pth.tar') for f in os.listdir(folder)))
+    """A checkpoint or a summary row: something a fresh run would overwrite (args.yaml and log.txt of a start that
+    failed before its first checkpoint are not)."""
+    summary = os.path.join(folder, 'summary.csv')
+    return os.path.isdir(folder) and (bool(_checkpoints(folder)) or (
+        os.path.isfile(summary) and os.path.getsize(summary) > 0))
+
+
+def describe_run(folder: str) -> str:
+    """What the folder's run has done, from ``last.pth.tar`` (or the newest recovery file): for messages."""
+    last = os.path.join(folder, 'last.pth.tar')
+    try:
+        checkpoint = load_checkpoint_metadata(last)
+    except Exception:
+        return 'no completed epoch yet'
+    epochs = getattr(checkpoint.get('args'), 'epochs', None)
+    done = checkpoint.get('epoch', -1) + 1
+    return f'{done} of {epochs} epochs done' if epochs else f'{done} epochs done'
 
 
 def check_output_dir(folder: str) -> None:
     """Refuse to start a fresh run in a folder that holds a previous run."""
     if holds_run(folder):
         raise UsageError(
-            f'output folder {folder} already holds a run; continue it with --resume auto '
-            f'(with the same --experiment) or choose a new --experiment')
+            f'output folder {folder} already holds a run ({describe_run(folder)}; results in summary.csv); '
+            f'continue it with --resume auto (with the same --experiment) or choose a new --experiment')
 
 
-def claim_output_dir(folder: str, resuming_in_place: bool) -> str:
-    """Create the run folder, refusing to write a fresh run over a previous one."""
+class RunLock:
+    """An exclusive ``flock`` on ``<folder>/.lock`` for this process's lifetime (``release`` ends it earlier).
+
+    flock belongs to the open file: the kernel drops it when the process ends however it ends, so a lock left by
+    a killed run never blocks the next one. On NFS, Linux maps it onto the server's byte-range locks.
+    """
+
+    def __init__(self, folder: str):
+        os.makedirs(folder, exist_ok=True)
+        self.folder = folder
+        self._fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 512, 0).decode(errors='replace').strip() or 'another process'
+            os.close(self._fd)
+            raise UsageError(f'output folder {folder} is in use by a running run ({holder}); wait for it to end, '
+                             f'stop it, or choose another --experiment') from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f'pid {os.getpid()} on {socket.gethostname()}, started '
+                            f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def remove_temporary_files(folder: str) -> None:
+    """Remove what a process killed while saving left (call it while holding the folder's lock)."""
+    left = sorted({p for pattern in _TEMPORARY for p in glob.glob(os.path.join(folder, pattern))})
+    for path in left:
+        os.unlink(path)
+    if left:
+        _logger.info(f'Removed temporary files of an interrupted process: {", ".join(map(os.path.basename, left))}')
+
+
+def remove_recovery_files(folder: str) -> None:
+    """Recovery files are superseded by a newer ``last.pth.tar``: they must not outlive it."""
+    for path in glob.glob(os.path.join(folder, 'recovery-*.pth.tar')):
+        os.unlink(path)
+
+
+def claim_output_dir(folder: str, resuming_in_place: bool, lock: Optional[RunLock] = None) -> RunLock:
+    """Lock the run folder (or keep ``lock``, taken earlier), refuse to write a fresh run over a previous one, and
+    remove the temporary files of a process that was killed in it."""
+    lock = lock or RunLock(folder)
     if not resuming_in_place:
         check_output_dir(folder)
-    os.makedirs(folder, exist_ok=True)
-    return folder
+    remove_temporary_files(folder)
+    return lock
+
+
+class CheckpointContent:
+    """What the saver writes as the task's part of a checkpoint (it calls ``get_checkpoint_state``, as on a task):
+    the task's state, plus the epoch position of a mid-epoch checkpoint (``position``, set while one is saved).
+
+    A weight that is not finite stops the run before anything is written: no ``last``/``best``/recovery file ever
+    holds one, and the previous checkpoints stay as they were.
+    """
+
+    def __init__(self, task):
+        self.task = task
+        self.position: Optional[dict] = None
+
+    def get_checkpoint_state(self, ema: bool = False, unwrap_fn=unwrap_model) -> dict:
+        state = self.task.get_checkpoint_state(ema=ema, unwrap_fn=unwrap_fn)
+        bad = first_nonfinite(state.get('state_dict_ema' if ema else 'state_dict', {}).items())
+        if bad is not None:
+            raise RunStopped(f'error: {"the EMA weight" if ema else "weight"} {bad} is not finite: no checkpoint '
+                             f'written, the run folder keeps its last good one', EXIT_NONFINITE)
+        if self.position is not None and not ema:
+            state[POSITION_KEY] = self.position
+        return state
 
 
 class AtomicCheckpointSaver(CheckpointSaver):

@@ -1,7 +1,7 @@
 """The options subnet adds to timm's scripts: method selection, each method's group, reporting, subnet evaluation.
 
 They live in new namespaces (``--method*``, ``--cosub-*``, ``--st-*``, ``--gkt-*``, ``--subnet-*``,
-``--plot-summary``, ``--log-tensorboard``), so none of them makes an abbreviation of a timm option ambiguous. As
+``--plot-summary``, ``--log-tensorboard``, ``--bad-image-limit``, ``--skip-nonfinite``, ``--recovery-minutes``), so none of them makes an abbreviation of a timm option ambiguous. As
 with every option, the YAML key is the underscore name (``method: cosub``); an option's other spellings are YAML
 keys too (``st_bn`` for ``--subnet-bn``). The methods' own groups come from the method registry.
 """
@@ -46,12 +46,53 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
                         '(needs tensorboard)')
 
 
+def _fraction_or_count(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f'must be a count >= 1, a fraction in [0, 1), or 0; got {text}')
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be >= 0, got {text}')
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f'must be >= 0, got {text}')
+    return value
+
+
+def add_long_run_options(parser: argparse.ArgumentParser) -> None:
+    """What keeps a long run alive: unreadable images, non-finite steps, timed recovery checkpoints."""
+    g = parser.add_argument_group('Long runs (subnet)')
+    g.add_argument('--bad-image-limit', type=_fraction_or_count, default=0.01, metavar='N|F',
+                   help='unreadable training images are replaced by the next readable one, named once in the log '
+                        'and counted (summary.csv: train_unreadable_images); more than N (>= 1) or than a fraction '
+                        'F (< 1) of an epoch\'s images in one epoch stops the run: the dataset, not a file, is '
+                        'broken then; 0 stops at the first (default: 0.01)')
+    g.add_argument('--skip-nonfinite', type=_non_negative_int, default=0, metavar='N',
+                   help='skip up to N optimizer steps per epoch whose gradients are not finite (not applied, '
+                        'counted in summary.csv: train_nonfinite_steps) and stop at the next one; costs one host '
+                        'sync per step on a GPU (default: 0: stop at the first non-finite loss, checked on the '
+                        'value logging reads anyway, without saving)')
+    g.add_argument('--recovery-minutes', type=_non_negative_float, default=0., metavar='M',
+                   help='also write a recovery checkpoint every M minutes of training (rank 0\'s clock), which '
+                        '--resume auto continues from mid-epoch; like --recovery-interval (in updates), it is '
+                        'removed once the epoch\'s checkpoint is written (default: 0, off)')
+
+
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """Everything train.py accepts beyond timm's options."""
     _method_selection(parser)
     add_method_options(parser)
     add_model_and_data_options(parser)
     add_report_options(parser)
+    add_long_run_options(parser)
 
 
 def add_validate_options(parser: argparse.ArgumentParser) -> None:

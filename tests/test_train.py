@@ -213,7 +213,7 @@ def test_unreadable_image_is_named(data, tmp_path, capsys):
     broken = make_subset(tmp_path / 'data', 2, 1)
     bad = next((broken / 'train').iterdir()) / 'broken.png'
     bad.write_bytes(b'\x89PNG\r\n\x1a\n this is not an image')
-    assert train.main(train_argv(broken, tmp_path, 'x', '-b', '4', '--workers', '1')) == 2
+    assert train.main(train_argv(broken, tmp_path, 'x', '-b', '4', '--workers', '1', '--bad-image-limit', '0')) == 2
     line = _one_error_line(capsys, early=False)
     assert 'unreadable image file' in line and str(bad) in line
 

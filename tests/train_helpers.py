@@ -1,5 +1,8 @@
 """Helpers for tests that run train.py / validate.py on (a slice of) the shipped Fashion-MNIST subset."""
+import contextlib
+import os
 import shutil
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -50,6 +53,46 @@ def torchrun(*args: str) -> list:
 def run_train(argv):
     import train
     return train.run(argv)
+
+
+class SignalAt:
+    """A training loader that sends a real signal to this process as it hands out its ``at``-th batch (counted over
+    epochs, from 1): the loop receives it during that batch's step, as from a scheduler."""
+
+    def __init__(self, loader, at: int, signum: int):
+        self.loader, self.at, self.signum, self.handed = loader, at, signum, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        if name == 'loader':
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.handed += 1
+            if self.handed == self.at:
+                os.kill(os.getpid(), self.signum)
+            yield batch
+
+
+@contextlib.contextmanager
+def signal_at_batch(at: int, signum: int = signal.SIGTERM):
+    """While in this block, train.py's training loader sends ``signum`` at its ``at``-th batch."""
+    import train
+    build_loaders = train.build_loaders
+
+    def wrapped(*args, **kwargs):
+        loaders = build_loaders(*args, **kwargs)
+        loaders.train = SignalAt(loaders.train, at, signum)
+        return loaders
+    train.build_loaders = wrapped
+    try:
+        yield
+    finally:
+        train.build_loaders = build_loaders
 
 
 def state_dict_of(run) -> dict:

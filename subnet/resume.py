@@ -1,0 +1,210 @@
+"""Resuming in the middle of an epoch, exactly where an interrupted run stopped.
+
+A checkpoint written mid-epoch (a stop signal, ``--recovery-interval``, ``--recovery-minutes``) is a timm recovery
+file whose ``epoch_position`` entry holds, per rank: the batches and updates done in the epoch, the loss meters,
+and the RNG states (torch, CUDA, numpy, random). timm's train.py reads such a file as any recovery file (it goes on
+at the next epoch); ours continues at the next batch:
+
+- the epoch starts as always (every RNG re-seeded from (seed, epoch), so the sampler draws the same order), then
+  the batches already done are skipped *at the sampler* (``BatchCursor``): their images are never read;
+- the RNG states are put back at the moment the interrupted run had them. With ``--workers 0`` augmentation
+  draws from the main process's RNG, and timm's prefetcher reads one batch ahead, so the interrupted run had
+  already drawn the next batch's augmentation before its last step. The cursor records the RNG state at the start of
+  every batch and the checkpoint keeps the one of that read-ahead batch: on resume it is put back when that batch
+  starts, and the state after the last step when the batch after it starts. The result is bitwise the
+  uninterrupted run. With workers, augmentation draws from the workers' RNGs, seeded when the epoch's workers
+  start: a resumed epoch's remaining batches are the same images in the same order with the same model-side
+  randomness (drop-path, subnets, mixup without the prefetcher), but other augmentations.
+"""
+import glob
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.utils.data
+from timm.utils import load_checkpoint_metadata
+
+__all__ = ['rng_state', 'set_rng_state', 'BatchCursor', 'install_cursor', 'EpochStart', 'POSITION_KEY',
+           'epoch_start_from', 'resume_order', 'newest_checkpoint', 'PositionWriter']
+
+_logger = logging.getLogger('train')
+
+POSITION_KEY = 'epoch_position'
+
+
+def rng_state() -> dict:
+    """Every RNG a training step or an augmentation draws from, as tensors and tuples (``weights_only`` loads it)."""
+    keys, pos, has_gauss, gauss = np.random.get_state()[1:]
+    state = {'torch': torch.get_rng_state(), 'random': random.getstate(),
+             'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos), 'has_gauss': int(has_gauss),
+                       'gauss': float(gauss)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['random'])
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+class BatchCursor(torch.utils.data.Sampler):
+    """The loader's index sampler seen through a cursor: it knows which batch the loader is reading, skips the batches
+    a resumed epoch has done (their indices are drawn, their images never read) and puts RNG states back when
+    given batches start. ``in_process``: the loader has no workers, so the RNG states at batch starts are the ones
+    augmentation draws from, and are recorded."""
+
+    def __init__(self, sampler, batch_size: int, in_process: bool):
+        self.sampler, self.batch_size, self.in_process = sampler, batch_size, in_process
+        self.started = 0  # batches of this epoch the loader has started reading
+        self._at_start: Dict[int, dict] = {}  # batch -> RNG state when it started (the last two)
+        self._skip, self._restores = 0, {}
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def resume_at(self, batches: int, restores: Dict[int, dict]) -> None:
+        """Next epoch only: skip ``batches`` batches; put ``restores[b]`` back when batch b starts (the last one also
+        when the epoch ends before it)."""
+        self._skip, self._restores = batches, dict(restores)
+
+    def state_at_start(self, batch: int) -> Optional[dict]:
+        return self._at_start.get(batch)
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        indices = iter(self.sampler)
+        for _ in range(skip * self.batch_size):
+            next(indices, None)
+        position = skip * self.batch_size
+        self.started = skip
+        for index in indices:
+            if position % self.batch_size == 0:
+                self._batch_starts(position // self.batch_size)
+            position += 1
+            yield index
+        if self._restores:  # the epoch ended before the batch a state waited for
+            set_rng_state(self._restores[max(self._restores)])
+            self._restores = {}
+
+    def _batch_starts(self, batch: int) -> None:
+        self.started = batch + 1
+        if batch in self._restores:
+            set_rng_state(self._restores.pop(batch))
+        if self.in_process:
+            self._at_start = {b: s for b, s in self._at_start.items() if b == batch - 1}
+            self._at_start[batch] = rng_state()
+
+
+def _data_loader(loader) -> Optional[torch.utils.data.DataLoader]:
+    """The torch DataLoader inside timm's wrappers (``PrefetchLoader.loader``)."""
+    while not isinstance(loader, torch.utils.data.DataLoader) and hasattr(loader, 'loader'):
+        loader = loader.loader
+    return loader if isinstance(loader, torch.utils.data.DataLoader) else None
+
+
+def install_cursor(loader) -> Optional[BatchCursor]:
+    """Put a ``BatchCursor`` under the loader's batch sampler; None for loaders without torch's plain one
+    (scheduled sizes, NaFlex, timm's multi-epochs loader): those replay the done batches on resume."""
+    data_loader = _data_loader(loader)
+    batch_sampler = getattr(data_loader, 'batch_sampler', None)
+    if type(batch_sampler) is not torch.utils.data.BatchSampler:
+        return None
+    if not isinstance(batch_sampler.sampler, BatchCursor):
+        batch_sampler.sampler = BatchCursor(batch_sampler.sampler, batch_sampler.batch_size,
+                                            in_process=data_loader.num_workers == 0)
+    return batch_sampler.sampler
+
+
+@dataclass
+class EpochStart:
+    """Where a resumed epoch continues, for this rank."""
+    epoch: int
+    batches: int  # loader batches done
+    updates: int  # optimizer updates done
+    rng: dict  # the RNG states after the last update
+    rng_next_batch: Optional[dict]  # the RNG states when the read-ahead batch started (None: nothing read ahead)
+    meters: dict
+
+    def restores(self) -> Dict[int, dict]:
+        if self.rng_next_batch is None:
+            return {self.batches: self.rng}
+        return {self.batches: self.rng_next_batch, self.batches + 1: self.rng}
+
+
+def epoch_start_from(checkpoint: dict, rank: int, world_size: int) -> Optional[EpochStart]:
+    """The position a mid-epoch checkpoint holds for this rank; None for an epoch-boundary checkpoint, or (with a
+    warning) when the number of processes changed, as the ranks' shares of the epoch differ then."""
+    position = checkpoint.get(POSITION_KEY)
+    if not position:
+        return None
+    if position['world_size'] != world_size:
+        _logger.warning(f"The checkpoint was written by {position['world_size']} processes, this run has {world_size}: "
+                        f"epoch {position['epoch']} starts again from its first batch.")
+        return None
+    mine = position['ranks'][rank]
+    return EpochStart(position['epoch'], position['batches'], position['updates'], mine['rng'],
+                      mine.get('rng_next_batch'), mine['meters'])
+
+
+def resume_order(checkpoint: dict) -> tuple:
+    """(epoch, batches done in it) a checkpoint continues from: mid-epoch ones from their position, others (timm's
+    ``version`` 2 checkpoints record the epoch they completed) from the next epoch's start."""
+    position = checkpoint.get(POSITION_KEY)
+    if position:
+        return position['epoch'], position['batches']
+    return checkpoint.get('epoch', -1) + 1, 0
+
+
+def newest_checkpoint(folder: str) -> str:
+    """The checkpoint of ``folder`` that is furthest on: ``last.pth.tar`` or a recovery file ('' if none)."""
+    candidates = [os.path.join(folder, 'last.pth.tar')] + glob.glob(os.path.join(folder, 'recovery-*.pth.tar'))
+    best, best_order = '', None
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        try:
+            order = resume_order(load_checkpoint_metadata(path))
+        except Exception as e:  # a file someone else put there: say so and look at the others
+            _logger.warning(f'Cannot read {path} ({type(e).__name__}); not resuming from it.')
+            continue
+        if best_order is None or order > best_order:
+            best, best_order = path, order
+    return best
+
+
+class PositionWriter:
+    """Mid-epoch checkpoints: every rank's position gathered, rank 0 writes them into a timm recovery file.
+
+    Called on every rank at the same update (a collective); ``saver``/``content`` are rank 0's
+    (``run_folder.AtomicCheckpointSaver`` and the ``run_folder.CheckpointContent`` it saves through).
+    """
+
+    def __init__(self, vote, saver=None, content=None, cursor: Optional[BatchCursor] = None):
+        self.vote, self.saver, self.content, self.cursor = vote, saver, content, cursor
+
+    def save(self, epoch: int, batches: int, updates: int, meters: dict) -> str:
+        """Write the position after ``batches`` batches (``updates`` updates) of ``epoch``; rank 0 returns the file."""
+        mine = {'rng': rng_state(), 'meters': meters}
+        if self.cursor is not None and self.cursor.in_process and self.cursor.started > batches:
+            mine['rng_next_batch'] = self.cursor.state_at_start(batches)
+        ranks = self.vote.gather(mine)
+        path = ''
+        if self.saver is not None:
+            self.content.position = {'epoch': epoch, 'batches': batches, 'updates': updates,
+                                     'world_size': len(ranks), 'ranks': ranks}
+            try:
+                self.saver.save_recovery(epoch, batch_idx=updates - 1)
+            finally:
+                self.content.position = None
+            path = self.saver.curr_recovery_file
+        self.vote.barrier()  # no rank exits (and makes torchrun stop the others) before the file is written
+        return path
