@@ -38,30 +38,33 @@ class ImageFailures:
 
     def __init__(self):
         self._queue = multiprocessing.get_context().Queue()
-        self._here: List[Tuple[str, str]] = []
+        self._here: List[Tuple[str, str, bool]] = []
         self.named = set()
         self.last = ''
 
-    def report(self, path: str, reason: str) -> None:
+    def report(self, path: str, reason: str, requested: bool) -> None:
+        """``requested``: the sample asked for (counted); else a neighbour met while looking for a replacement
+        (named, not counted: it is counted when it is asked for itself)."""
         if torch.utils.data.get_worker_info() is None:
-            self._here.append((path, reason))
+            self._here.append((path, reason, requested))
         else:
-            self._queue.put((path, reason))
+            self._queue.put((path, reason, requested))
 
     def drain(self) -> int:
-        """Log the paths not named yet; return how many failures arrived since the last call."""
+        """Log the paths not named yet; return how many requested samples were unreadable since the last call."""
         new, self._here = self._here, []
         while True:
             try:
                 new.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-        for path, reason in new:
-            self.last = path
+        for path, reason, requested in new:
+            if requested:
+                self.last = path
             if path not in self.named:
                 self.named.add(path)
                 _logger.warning(f'Unreadable image skipped: {path} ({reason})')
-        return len(new)
+        return sum(requested for _, _, requested in new)
 
 
 def _reason(error: Exception) -> str:
@@ -110,7 +113,8 @@ class ReadableImages(torch.utils.data.Dataset):
                 image, target, *features = self._read((index + attempt) % size)
                 break
             except UNREADABLE as e:
-                self.failures.report(self.dataset.filename((index + attempt) % size, absolute=True), _reason(e))
+                self.failures.report(self.dataset.filename((index + attempt) % size, absolute=True), _reason(e),
+                                     requested=attempt == 0)
         else:
             raise UsageError(f'{min(size, MAX_IN_A_ROW)} unreadable images in a row from '
                              f'{self.dataset.filename(index, absolute=True)}: the dataset looks broken')

@@ -3,10 +3,14 @@
     torchrun --nproc_per_node 2 tests/ddp_harness.py OUT_DIR -- <train.py arguments>
 
 With SUBNET_COUNT_ALLREDUCE=1 it also counts the gradient all-reduces DDP issues (one call per bucket per
-synchronised backward) and writes them to OUT_DIR/allreduce<rank>.json.
+synchronised backward) and writes them to OUT_DIR/allreduce<rank>.json. With SUBNET_SIGNAL_AT=RANK:BATCH[:SIG,...],
+that rank's training loader sends itself the signals (names such as SIGINT; default SIGTERM) as it hands out its
+BATCH-th batch (counted from 1, over epochs), and every rank's exit status goes to OUT_DIR/exit<rank>.txt.
+Without torchrun (no RANK in the environment) it is one process, rank 0.
 """
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +21,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_helpers import run_train, state_dict_of  # noqa: E402
+import train  # noqa: E402
+from train_helpers import run_train, signal_at_batch, state_dict_of  # noqa: E402
 
 ALLREDUCE_CALLS = [0]
 
@@ -39,9 +44,16 @@ def count_allreduces() -> None:
 if __name__ == '__main__':
     out = Path(sys.argv[1])
     argv = sys.argv[sys.argv.index('--') + 1:]
-    rank = int(os.environ['RANK'])
+    rank = int(os.environ.get('RANK', 0))
     if os.environ.get('SUBNET_COUNT_ALLREDUCE'):
         count_allreduces()
+    if os.environ.get('SUBNET_SIGNAL_AT'):
+        signal_rank, batch, *names = os.environ['SUBNET_SIGNAL_AT'].split(':')
+        signums = [signal.Signals[name] for name in (names[0].split(',') if names else ['SIGTERM'])]
+        with signal_at_batch(int(batch) if rank == int(signal_rank) else 0, *signums):
+            code = train.main(argv)
+        (out / f'exit{rank}.txt').write_text(str(code))
+        sys.exit(code)
     run = run_train(argv)
     torch.save(state_dict_of(run), out / f'rank{rank}.pt')
     if os.environ.get('SUBNET_COUNT_ALLREDUCE'):

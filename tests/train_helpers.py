@@ -56,11 +56,12 @@ def run_train(argv):
 
 
 class SignalAt:
-    """A training loader that sends a real signal to this process as it hands out its ``at``-th batch (counted over
-    epochs, from 1): the loop receives it during that batch's step, as from a scheduler."""
+    """A training loader that sends real signals to this process as it hands out its ``at``-th batch (counted over
+    epochs, from 1): the loop receives them during that batch's step, as from a scheduler. Each signal is sent after
+    the previous one was handled (Python runs a handler before the next line), so two of them are two deliveries."""
 
-    def __init__(self, loader, at: int, signum: int):
-        self.loader, self.at, self.signum, self.handed = loader, at, signum, 0
+    def __init__(self, loader, at: int, signums):
+        self.loader, self.at, self.signums, self.handed = loader, at, tuple(signums), 0
 
     def __len__(self):
         return len(self.loader)
@@ -74,19 +75,20 @@ class SignalAt:
         for batch in self.loader:
             self.handed += 1
             if self.handed == self.at:
-                os.kill(os.getpid(), self.signum)
+                for signum in self.signums:
+                    os.kill(os.getpid(), signum)
             yield batch
 
 
 @contextlib.contextmanager
-def signal_at_batch(at: int, signum: int = signal.SIGTERM):
-    """While in this block, train.py's training loader sends ``signum`` at its ``at``-th batch."""
+def signal_at_batch(at: int, *signums: int):
+    """While in this block, train.py's training loader sends ``signums`` (default SIGTERM) at its ``at``-th batch."""
     import train
     build_loaders = train.build_loaders
 
     def wrapped(*args, **kwargs):
         loaders = build_loaders(*args, **kwargs)
-        loaders.train = SignalAt(loaders.train, at, signum)
+        loaders.train = SignalAt(loaders.train, at, signums or (signal.SIGTERM,))
         return loaders
     train.build_loaders = wrapped
     try:
