@@ -45,6 +45,7 @@ from subnet.data import (Loaders, build_loaders, check_image_folders, loader_ima
 from subnet.device import check_precision_args, model_dtype as dtype_of, training_device, training_precision
 from subnet.errors import EXIT_USAGE, RunStopped, UsageError
 from subnet.evaluation import SubnetMonitor
+from subnet.finite import stop_if_weights_nonfinite
 from subnet.loop import Safeguards, StepSetup, evaluate, train_one_epoch
 from subnet.methods import method_class
 from subnet.models import (check_state_dict_fits, constant_drop_path, load_checkpoint_file, load_initial_checkpoint,
@@ -221,7 +222,6 @@ class Training:
     start_epoch: int = 0
     lr_scheduler: object = None
     num_epochs: int = 0
-    epoch_start: Optional[resume.EpochStart] = None  # a checkpoint written mid-epoch: where that epoch continues
     guards: Safeguards = field(default_factory=Safeguards)
     lock: Optional[run_folder.RunLock] = None
     saver: Optional[run_folder.AtomicCheckpointSaver] = None
@@ -288,8 +288,7 @@ def build(args) -> Training:
     setup = StepSetup(device=device, amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_dtype=model_dtype,
                       mixup_fn=loaders.mixup_fn, naflex=loaders.naflex, scheduled_batches=loaders.scheduled_batches,
                       batch_size_reference=loaders.batch_size_reference)
-    training = Training(args, task, optimizer, loaders, setup, output_dir, checkpoint_path, start_epoch,
-                        epoch_start=epoch_start)
+    training = Training(args, task, optimizer, loaders, setup, output_dir, checkpoint_path, start_epoch)
     training.guards = Safeguards(cursor=resume.install_cursor(loaders.train), failures=loaders.failures,
                                  bad_image_limit=args.bad_image_limit, start=epoch_start)
     if loaders.eval is not None:
@@ -424,6 +423,7 @@ def train_epochs(training: Training) -> None:
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             _logger.info('Distributing BatchNorm running means and vars')
             utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
+        stop_if_weights_nonfinite(task.get_trainable_module(), f'at the end of epoch {epoch}')
         if skips_eval(training, epoch + 1):
             _logger.info('Skipping eval and checkpointing ')
             if training.lr_scheduler is not None:

@@ -9,8 +9,11 @@ import math
 from typing import Iterable, Optional, Tuple
 
 import torch
+from timm.utils import unwrap_model
 
-__all__ = ['grads_finite', 'first_nonfinite']
+from .errors import EXIT_NONFINITE, RunStopped
+
+__all__ = ['grads_finite', 'first_nonfinite', 'stop_if_weights_nonfinite']
 
 
 def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
@@ -27,3 +30,12 @@ def first_nonfinite(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> Option
         if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return name
     return None
+
+
+def stop_if_weights_nonfinite(module: torch.nn.Module, where: str) -> None:
+    """Stop the run (exit 3) before anything is saved if a weight or buffer of ``module`` is not finite. Every DDP
+    rank holds the same weights, so every rank stops here together."""
+    bad = first_nonfinite(unwrap_model(module).state_dict().items())
+    if bad is not None:
+        raise RunStopped(f'error: weight {bad} is not finite {where}: nothing saved, the run folder keeps its last '
+                         f'good checkpoint', EXIT_NONFINITE)

@@ -25,11 +25,10 @@ import torch
 import torchvision.utils
 from timm import utils
 from timm.task.evaluator import ClassificationEvaluator, evaluation_sample_limit
-from timm.utils import unwrap_model
 
 from .backward import StepBackward
 from .errors import EXIT_NONFINITE, RunStopped, UsageError
-from .finite import first_nonfinite
+from .finite import stop_if_weights_nonfinite
 from .progress import EpochProgress, format_duration
 from .resume import BatchCursor, EpochStart, PositionWriter, set_rng_state
 from .stopping import Requests, SignalWatch, StopPolicy, Vote
@@ -342,10 +341,8 @@ class _TrainingEpoch:
     def _save_position(self, batches_done: int) -> str:
         if self.guards.positions is None:
             return ''
-        bad = first_nonfinite(unwrap_model(self.task.get_trainable_module()).state_dict().items())
-        if bad is not None:  # every rank has the same weights: all stop here, none waits for the others
-            raise RunStopped(f'error: weight {bad} is not finite at epoch {self.epoch}, batch {batches_done}: '
-                             f'nothing saved, the run folder keeps its last good checkpoint', EXIT_NONFINITE)
+        stop_if_weights_nonfinite(self.task.get_trainable_module(),
+                                  f'in epoch {self.epoch} after {batches_done} batches')
         return self.guards.positions.save(self.epoch, batches_done, self.num_updates - self.epoch
                                           * self.windows.updates, self.meters.state_dict())
 

@@ -20,6 +20,7 @@ import glob
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional
 
@@ -199,6 +200,7 @@ class PositionWriter:
         ranks = self.vote.gather(mine)
         path = ''
         if self.saver is not None:
+            started = time.perf_counter()
             self.content.position = {'epoch': epoch, 'batches': batches, 'updates': updates,
                                      'world_size': len(ranks), 'ranks': ranks}
             try:
@@ -206,5 +208,7 @@ class PositionWriter:
             finally:
                 self.content.position = None
             path = self.saver.curr_recovery_file
+            _logger.info(f'Saved {path} (epoch {epoch} after {batches} batches) in '
+                         f'{time.perf_counter() - started:.2f} s.')
         self.vote.barrier()  # no rank exits (and makes torchrun stop the others) before the file is written
         return path

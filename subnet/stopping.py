@@ -67,10 +67,6 @@ class Vote:
         self.group = dist.new_group(backend='gloo') if distributed else None
         self._work, self._sent = None, None
 
-    @property
-    def distributed(self) -> bool:
-        return self.group is not None
-
     def exchange(self, values: List[int]) -> List[int]:
         """Send this update's values; return what every rank sent last time (single process: ``values``)."""
         if self.group is None:
@@ -127,10 +123,6 @@ class Requests:
     @classmethod
     def of(cls, values: List[int]) -> 'Requests':
         return cls(*values)
-
-    @property
-    def stop(self) -> bool:
-        return bool(self.signal or self.nonfinite or self.bad_images)
 
 
 class StopPolicy:

@@ -46,6 +46,8 @@ def straight(data, tmp_path_factory):
 
 
 def _summary(folder: Path) -> list:
+    if not (folder / 'summary.csv').exists():
+        return []
     with open(folder / 'summary.csv', newline='') as f:
         return list(csv.DictReader(f))
 
@@ -73,22 +75,27 @@ def _one_thread(single_thread):
 
 # ------------------------------------------------------------------------------------------ preemption, resume
 
-def test_sigterm_mid_epoch_then_resume_auto_is_the_uninterrupted_run_bit_for_bit(data, tmp_path, straight, capsys):
+@pytest.mark.parametrize('at, epoch, done', [(7, 1, 2), (5, 0, 5)], ids=['mid-epoch', 'after-last-batch'])
+def test_sigterm_then_resume_auto_is_the_uninterrupted_run_bit_for_bit(at, epoch, done, data, tmp_path, straight,
+                                                                       capsys):
+    """At the 7th batch (epoch 1, its second): the step finishes, then the run saves and stops. At the 5th (epoch
+    0's last): the position is saved before the epoch's evaluation, which the resumed run does."""
     weights, summary, _ = straight
     argv = train_argv(data, tmp_path, 'split', *PLAIN, '--resume', 'auto')
-    with signal_at_batch(7):  # epoch 1, its second batch: the step finishes, then the run saves and stops
+    with signal_at_batch(at):
         assert train.main(argv) == 143
     folder = tmp_path / 'split'
-    recovery = folder / 'recovery-1-1.pth.tar'
-    assert _last_line(capsys) == (f'train.py: stopped by SIGTERM in epoch 1 after 2 of its 5 batches: saved '
-                                  f'{recovery}; the same command with --resume auto continues from there')
-    assert recovery.is_file() and _summary(folder) == summary[:1]
+    recovery = folder / f'recovery-{epoch}-{done - 1}.pth.tar'
+    assert _last_line(capsys) == (f'train.py: stopped by SIGTERM in epoch {epoch} after {done} of its 5 batches: '
+                                  f'saved {recovery}; the same command with --resume auto continues from there')
+    assert recovery.is_file() and _summary(folder) == summary[:epoch]
     resumed = run_train(argv)
     assert_same_weights(weights, state_dict_of(resumed))
     assert _summary(folder) == summary  # the meters came back too: same train_loss for the interrupted epoch
     assert not list(folder.glob('recovery-*')), 'a recovery file outlived the epoch checkpoint'
     log = (folder / 'log.txt').read_text()
-    assert f'Resuming from {recovery} (--resume auto)' in log and 'Continuing epoch 1 after its batch 2' in log
+    assert f'Resuming from {recovery} (--resume auto)' in log and f'Continuing epoch {epoch} after its batch {done}' \
+        in log
     capsys.readouterr()
     assert run_train(argv).results == []  # finished: nothing trained, and it says so
     assert (f'Run {folder} is finished: epoch 2 of 2 done; results in {folder / "summary.csv"}, best top1'
