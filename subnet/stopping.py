@@ -3,8 +3,10 @@
 Clusters preempt with SIGTERM (SLURM, Kubernetes), or warn ahead with a chosen signal (SLURM's ``--signal``, often
 SIGUSR1); a user presses Ctrl-C (SIGINT). The handler only records the request: the loop finishes the optimizer
 step in progress, writes a checkpoint holding its position in the epoch, and exits with 128 + the signal's number.
-A second Ctrl-C exits at once. A repeated SIGTERM or SIGUSR1 is ignored: torchrun forwards the scheduler's signal
-to workers that got it already, and a scheduler follows its signal with SIGKILL when its grace period ends anyway.
+A second Ctrl-C exits at once. The same signal delivered twice is not a second request: a terminal sends Ctrl-C to
+torchrun and its workers alike, and torchrun forwards what it gets to the workers, so a worker sees SIGINT twice
+within milliseconds (a second SIGINT within a second of the first is ignored); a repeated SIGTERM or SIGUSR1 is
+always ignored (a scheduler follows its signal with SIGKILL when its grace period ends anyway).
 
 Under DDP the ranks must stop (or save) after the same update. Each rank's requests are a few integers, reduced
 (max) across ranks on a CPU (gloo) group asynchronously: sent after update k, read after update k+1, so no step
@@ -31,10 +33,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 class SignalWatch:
     """Records the first stop signal while training (a context manager; previous handlers come back on exit)."""
 
+    REPEAT_WINDOW = 1.0  # seconds: a second SIGINT sooner than this is the first one, forwarded
+
     def __init__(self):
         self.received = 0  # the signal's number, 0 while none came
         self._previous = {}
         self._pid = os.getpid()
+        self._first_at = 0.
 
     def __enter__(self) -> 'SignalWatch':
         if threading.current_thread() is threading.main_thread():  # Python sets handlers only there
@@ -52,10 +57,10 @@ class SignalWatch:
             return  # a DataLoader worker forked with this handler: the main process will stop it
         name = signal.Signals(signum).name
         if not self.received:
-            self.received = signum
+            self.received, self._first_at = signum, time.monotonic()
             _logger.warning(f'{name} received: finishing the current step, then saving and stopping '
                             f'(Ctrl-C again to exit at once).')
-        elif signum == signal.SIGINT:
+        elif signum == signal.SIGINT and time.monotonic() - self._first_at > self.REPEAT_WINDOW:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 

@@ -3,9 +3,10 @@
     torchrun --nproc_per_node 2 tests/ddp_harness.py OUT_DIR -- <train.py arguments>
 
 With SUBNET_COUNT_ALLREDUCE=1 it also counts the gradient all-reduces DDP issues (one call per bucket per
-synchronised backward) and writes them to OUT_DIR/allreduce<rank>.json. With SUBNET_SIGNAL_AT=RANK:BATCH[:SIG,...],
-that rank's training loader sends itself the signals (names such as SIGINT; default SIGTERM) as it hands out its
-BATCH-th batch (counted from 1, over epochs), and every rank's exit status goes to OUT_DIR/exit<rank>.txt.
+synchronised backward) and writes them to OUT_DIR/allreduce<rank>.json. With
+SUBNET_SIGNAL_AT=RANK:BATCH[:SIG,...[:PAUSE]], that rank's training loader sends itself the signals (names such as
+SIGINT, PAUSE seconds apart; default SIGTERM) as it hands out its BATCH-th batch (counted from 1, over epochs; 0:
+never), and every rank's exit status goes to OUT_DIR/exit<rank>.txt.
 Without torchrun (no RANK in the environment) it is one process, rank 0.
 """
 import json
@@ -48,9 +49,10 @@ if __name__ == '__main__':
     if os.environ.get('SUBNET_COUNT_ALLREDUCE'):
         count_allreduces()
     if os.environ.get('SUBNET_SIGNAL_AT'):
-        signal_rank, batch, *names = os.environ['SUBNET_SIGNAL_AT'].split(':')
-        signums = [signal.Signals[name] for name in (names[0].split(',') if names else ['SIGTERM'])]
-        with signal_at_batch(int(batch) if rank == int(signal_rank) else 0, *signums):
+        signal_rank, batch, *rest = os.environ['SUBNET_SIGNAL_AT'].split(':')
+        signums = [signal.Signals[name] for name in (rest[0].split(',') if rest else ['SIGTERM'])]
+        with signal_at_batch(int(batch) if rank == int(signal_rank) else 0, *signums,
+                             pause=float(rest[1]) if len(rest) > 1 else 0.):
             code = train.main(argv)
         (out / f'exit{rank}.txt').write_text(str(code))
         sys.exit(code)

@@ -5,6 +5,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -57,11 +58,11 @@ def run_train(argv):
 
 class SignalAt:
     """A training loader that sends real signals to this process as it hands out its ``at``-th batch (counted over
-    epochs, from 1): the loop receives them during that batch's step, as from a scheduler. Each signal is sent after
-    the previous one was handled (Python runs a handler before the next line), so two of them are two deliveries."""
+    epochs, from 1): the loop receives them during that batch's step, as from a scheduler. Each signal is sent
+    ``pause`` seconds after the previous one was handled (Python runs a handler before the next line)."""
 
-    def __init__(self, loader, at: int, signums):
-        self.loader, self.at, self.signums, self.handed = loader, at, tuple(signums), 0
+    def __init__(self, loader, at: int, signums, pause: float = 0.):
+        self.loader, self.at, self.signums, self.pause, self.handed = loader, at, tuple(signums), pause, 0
 
     def __len__(self):
         return len(self.loader)
@@ -75,20 +76,22 @@ class SignalAt:
         for batch in self.loader:
             self.handed += 1
             if self.handed == self.at:
-                for signum in self.signums:
+                for i, signum in enumerate(self.signums):
+                    time.sleep(self.pause if i else 0)
                     os.kill(os.getpid(), signum)
             yield batch
 
 
 @contextlib.contextmanager
-def signal_at_batch(at: int, *signums: int):
-    """While in this block, train.py's training loader sends ``signums`` (default SIGTERM) at its ``at``-th batch."""
+def signal_at_batch(at: int, *signums: int, pause: float = 0.):
+    """While in this block, train.py's training loader sends ``signums`` (default SIGTERM; ``pause`` seconds apart)
+    at its ``at``-th batch."""
     import train
     build_loaders = train.build_loaders
 
     def wrapped(*args, **kwargs):
         loaders = build_loaders(*args, **kwargs)
-        loaders.train = SignalAt(loaders.train, at, signums or (signal.SIGTERM,))
+        loaders.train = SignalAt(loaders.train, at, signums or (signal.SIGTERM,), pause)
         return loaders
     train.build_loaders = wrapped
     try:
