@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
@@ -192,6 +193,7 @@ def resume_path(args, output_dir: str) -> str:
 def restore(args, path: str, task, optimizer, loss_scaler) -> tuple:
     """Load model, task state, optimizer and scaler from a checkpoint; return the epoch to start from and, for a
     checkpoint written mid-epoch, where in it this rank continues (``resume.EpochStart``)."""
+    started = time.perf_counter()
     checkpoint = load_checkpoint_file(path, '--resume')
     check_state_dict_fits(task.get_eval_model(), checkpoint, path, '--resume')
     try:
@@ -205,7 +207,8 @@ def restore(args, path: str, task, optimizer, loss_scaler) -> tuple:
     if start is None:
         return epoch or 0, None
     if utils.is_primary(args):
-        _logger.info(f'Continuing epoch {start.epoch} after its batch {start.batches} ({start.updates} updates done).')
+        _logger.info(f'Continuing epoch {start.epoch} after its batch {start.batches} ({start.updates} updates done; '
+                     f'checkpoint restored in {time.perf_counter() - started:.2f} s).')
     return start.epoch, start
 
 

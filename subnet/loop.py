@@ -364,7 +364,8 @@ class _TrainingEpoch:
         saved = (f'saved {path}' if path else 'rank 0 saved its position' if self.guards.positions is not None
                  else 'nothing saved')
         return (f'stopped by {signal.Signals(signum).name} in epoch {self.epoch} after {batches_done} of its '
-                f'{self.windows.num_batches} batches: {saved}; the same command with --resume auto continues from there')
+                f'{self.windows.num_batches} batches: {saved}; the same command with --resume auto continues from '
+                f'there')
 
     def _metrics(self) -> OrderedDict:
         """The epoch's averages (over ranks) and its non-zero counts (summed over ranks)."""

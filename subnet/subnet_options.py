@@ -1,8 +1,9 @@
 """The options subnet adds to timm's scripts: method selection, each method's group, reporting, subnet evaluation.
 
 They live in new namespaces (``--method*``, ``--cosub-*``, ``--st-*``, ``--gkt-*``, ``--subnet-*``,
-``--plot-summary``, ``--log-tensorboard``, ``--bad-image-limit``, ``--skip-nonfinite``, ``--recovery-minutes``), so none of them makes an abbreviation of a timm option ambiguous. As
-with every option, the YAML key is the underscore name (``method: cosub``); an option's other spellings are YAML
+``--plot-summary``, ``--log-tensorboard``, ``--bad-image-limit``, ``--skip-nonfinite``, ``--recovery-minutes``), so
+none of them makes an abbreviation of a timm option ambiguous (``--recovery`` stays timm's ``--recovery-interval``,
+see ``OneLineParser``). As with every option, the YAML key is the underscore name (``method: cosub``); an option's other spellings are YAML
 keys too (``st_bn`` for ``--subnet-bn``). The methods' own groups come from the method registry.
 """
 import argparse

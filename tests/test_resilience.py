@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -175,7 +174,8 @@ def test_two_process_gloo_run_stopped_on_one_rank_resumes_bit_for_bit(data, tmp_
     resumed = torchrun_train('split', tmp_path / 'c')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for rank in (0, 1):
-        assert_same_weights(torch.load(tmp_path / 'a' / f'rank{rank}.pt'), torch.load(tmp_path / 'c' / f'rank{rank}.pt'))
+        assert_same_weights(torch.load(tmp_path / 'a' / f'rank{rank}.pt'),
+                            torch.load(tmp_path / 'c' / f'rank{rank}.pt'))
     assert _summary(tmp_path / 'split') == _summary(tmp_path / 'straight')
 
 
