@@ -119,7 +119,7 @@ def test_every_method_resumes_mid_epoch_bit_for_bit(method, data, tmp_path, caps
     assert _summary(tmp_path / 'split') == _summary(tmp_path / 'straight')
 
 
-def test_ctrl_c_exits_130_names_the_checkpoint_it_wrote_and_a_plain_retry_is_refused(data, tmp_path, straight,
+def test_ctrl_c_exits_130_names_the_checkpoint_it_wrote_and_resume_path_continues_from_it(data, tmp_path, straight,
                                                                                      capsys):
     argv = train_argv(data, tmp_path, 'x', *PLAIN)
     with signal_at_batch(2, signal.SIGINT):
@@ -129,8 +129,10 @@ def test_ctrl_c_exits_130_names_the_checkpoint_it_wrote_and_a_plain_retry_is_ref
                                          f'{folder / "recovery-0-1.pth.tar"};')
     assert not (folder / 'last.pth.tar').exists() and (folder / 'recovery-0-1.pth.tar').is_file()
     assert train.main(argv) == 2  # the folder holds a run now: continue it, do not overwrite it
-    assert 'continue it with --resume auto' in _last_line(capsys)
-    assert_same_weights(straight[0], state_dict_of(run_train(argv + ['--resume', 'auto'])))
+    assert 'already holds a run (no completed epoch yet' in _last_line(capsys)
+    # --resume PATH continues mid-epoch too, here into a new folder
+    elsewhere = train_argv(data, tmp_path, 'y', *PLAIN, '--resume', str(folder / 'recovery-0-1.pth.tar'))
+    assert_same_weights(straight[0], state_dict_of(run_train(elsewhere)))
 
 
 @pytest.mark.parametrize('signals, expected', [('SIGINT,SIGINT:1.2', -signal.SIGINT), ('SIGINT,SIGINT', 130),
