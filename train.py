@@ -450,13 +450,15 @@ def stop_after_epoch(training: Training, epoch: int) -> None:
 def say_finished(training: Training) -> None:
     """A resumed run with nothing left to train says so, and where its results are."""
     args, out = training.args, training.output_dir
-    why = f' (--stop-epoch {args.stop_epoch})' if training.end_epoch < training.num_epochs else ''
     best = ''
     if training.saver is not None and training.saver.best_metric is not None:
         best = (f', best {training.eval_metric} {training.saver.best_metric:g} at epoch {training.saver.best_epoch} '
                 f'in {os.path.join(out, "model_best.pth.tar")}')
-    _logger.info(f'Run {out} is finished: epoch {training.start_epoch} of {training.end_epoch} done{why}; results in '
-                 f'{os.path.join(out, "summary.csv")}{best}. Nothing to train.')
+    state = (f'is finished: epoch {training.start_epoch} of {training.num_epochs} done'
+             if training.end_epoch >= training.num_epochs else
+             f'stopped at --stop-epoch {args.stop_epoch}: epoch {training.start_epoch} of {training.num_epochs} '
+             f'done (raise or drop --stop-epoch to go on)')
+    _logger.info(f'Run {out} {state}; results in {os.path.join(out, "summary.csv")}{best}. Nothing to train.')
 
 
 def report(training: Training) -> None:

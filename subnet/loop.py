@@ -219,6 +219,7 @@ class _TrainingEpoch:
         task.bind_backward(self.step_backward)
         if self.start is not None:
             self.meters.load_state_dict(self.start.meters, self.setup.device)
+            self.meters.progress.done_before = self.start.updates
             self.num_updates += self.start.updates
         if self.setup.loss_scaler is not None:
             self.last_scale = self.setup.loss_scaler.state_dict().get('scale')

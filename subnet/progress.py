@@ -37,10 +37,11 @@ class EpochProgress:
         self.total = max(total, 1)
         self.enabled = enabled and _stdout_is_terminal()
         self.start = time.time()
+        self.done_before = 0  # a resumed epoch: what was done before this process started on it
 
     def eta(self, done: int) -> float:
         elapsed = time.time() - self.start
-        return elapsed / max(done, 1) * (self.total - done)
+        return elapsed / max(done - self.done_before, 1) * (self.total - done)
 
     def show(self, done: int, suffix: str = '') -> None:
         if not self.enabled:
