@@ -39,7 +39,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import trim_summary
 
-from subnet import logs, plots, resume, run_folder
+from subnet import checks, logs, plots, resume, run_folder
 from subnet.criterion import build_criterion
 from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
@@ -64,26 +64,28 @@ def check_method_args(args) -> None:
 
 def preflight(args) -> None:
     """Every check that needs no model or data loading, so bad input stops before anything is built."""
+    checks.check_counts(args)
     if args.stop_epoch is not None and not 0 < args.stop_epoch <= args.epochs:
         raise UsageError(f'--stop-epoch {args.stop_epoch} must be between 1 and --epochs ({args.epochs})')
     if args.resume == 'auto' and not args.experiment:
         raise UsageError('--resume auto needs --experiment NAME (the run folder to continue)')
     check_precision_args(args, amp_needs_fp32_model=True)
-    if args.grad_accum_steps < 1:
-        raise UsageError(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}')
     if args.aug_splits == 1:
         raise UsageError('--aug-splits 1 makes no sense: use 0 (off) or 2 or more')
+    checks.check_distributed_options(args)
     check_method_args(args)
     args.model = resolve_model_name(args.model)
     if args.data and not args.data_dir:
         args.data_dir = args.data
     if not args.dataset:
-        check_image_folders(args.data_dir, {'train': args.train_split, 'validation': args.val_split})
+        check_image_folders(args.data_dir, {'train': args.train_split, 'validation': args.val_split},
+                            args.class_map)
     if mixup_kwargs(args) is not None and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix need an even batch size, got --batch-size {args.batch_size}')
-    if args.experiment and utils.is_primary(args):
+    if utils.is_primary(args):
+        checks.check_output_folder(args)
         folder = os.path.join(args.output or './output/train', args.experiment)
-        if not resumes_in(args, args.resume, folder):
+        if args.experiment and not resumes_in(args, args.resume, folder):
             run_folder.check_output_dir(folder)
     if args.resume and args.resume != 'auto':
         load_checkpoint_file(args.resume, '--resume')
@@ -258,6 +260,7 @@ def build(args) -> Training:
     model = place_model(args, model, device, model_dtype, num_aug_splits)
     amp_autocast, loss_scaler = training_precision(args, device)
     loaders = build_loaders(args, data_config, device, model_dtype, num_aug_splits, patch_size)
+    checks.check_dataset_classes(args, loaders.train.dataset)
     derive_lr(args, loaders.batch_size_reference)
 
     criterion = build_criterion(args, num_aug_splits, mixup_kwargs(args) is not None).to(device)
