@@ -50,7 +50,7 @@ from subnet.finite import stop_if_weights_nonfinite
 from subnet.loop import Safeguards, StepSetup, evaluate, train_one_epoch
 from subnet.methods import method_class
 from subnet.models import (check_state_dict_fits, constant_drop_path, load_checkpoint_file, load_initial_checkpoint,
-                           model_drop_path_rate, resolve_model_name)
+                           model_drop_path_rate, naflex_patch_size, resolve_model_name)
 from subnet.stopping import SignalWatch, StopPolicy, Vote
 from subnet.timm_options import parse_train_args
 
@@ -158,6 +158,9 @@ def place_model(args, model: nn.Module, device: torch.device, model_dtype, num_a
     if args.distributed and args.sync_bn:
         args.dist_bn = ''  # synchronized BN needs no end-of-epoch averaging
         model = convert_sync_batchnorm(model)
+        if utils.is_primary(args):
+            _logger.info('Converted model to use Synchronized BatchNorm. WARNING: You may have issues if using '
+                         'zero initialized BN layers (enabled by default for ResNets) while sync-bn enabled.')
     if args.torchscript:
         model = torch.jit.script(model)
     return model
@@ -256,7 +259,7 @@ def build(args) -> Training:
     model = build_model(args)
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
-    patch_size = model.get_patch_size() if args.naflex_loader and hasattr(model, 'get_patch_size') else None
+    patch_size = naflex_patch_size(model) if args.naflex_loader else None
     model = place_model(args, model, device, model_dtype, num_aug_splits)
     amp_autocast, loss_scaler = training_precision(args, device)
     loaders = build_loaders(args, data_config, device, model_dtype, num_aug_splits, patch_size)
@@ -277,6 +280,8 @@ def build(args) -> Training:
     checkpoint_path = resume_path(args, output_dir) if args.resume else ''
     start_epoch, epoch_start = restore(args, checkpoint_path, task, optimizer, loss_scaler) if checkpoint_path \
         else (0, None)
+    if args.start_epoch is not None:  # overrides the checkpoint's, as in timm (summary.csv is trimmed there too)
+        start_epoch, epoch_start = args.start_epoch, None
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
@@ -340,15 +345,12 @@ def open_run_folder(training: Training, args_text: str) -> None:
 
 
 def build_schedule(training: Training) -> None:
-    """timm's scheduler, moved on to the start epoch; ``--start-epoch`` overrides the checkpoint's."""
+    """timm's scheduler, moved on to the start epoch."""
     args = training.args
     updates_per_epoch = (len(training.loaders.train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     training.lr_scheduler, training.num_epochs = create_scheduler_v2(
         training.optimizer, **scheduler_kwargs(args, decreasing_metric=training.decreasing),
         updates_per_epoch=updates_per_epoch)
-    if args.start_epoch is not None:
-        training.start_epoch = args.start_epoch
-        training.guards.start = None
     done_in_epoch = training.guards.start.updates if training.guards.start is not None else 0
     if training.lr_scheduler is not None and (training.start_epoch > 0 or done_in_epoch):
         if args.sched_on_updates:
@@ -400,7 +402,7 @@ def end_of_epoch(training: Training, epoch: int, train_metrics: dict) -> None:
         if training.tensorboard is not None:
             training.tensorboard.log(epoch, row)
         if args.log_wandb:
-            log_wandb(epoch, train_metrics, eval_metrics, extra)
+            log_wandb(row)
         training.best = saver.save_checkpoint(epoch, metric=latest_metric)
         run_folder.remove_recovery_files(training.output_dir)  # last.pth.tar is further on than any of them
         if epoch + 1 in set(args.save_epochs or ()):
@@ -544,11 +546,10 @@ def start_wandb(args, run_name: str) -> None:
                resume='must' if args.wandb_resume_id else None, id=args.wandb_resume_id or None)
 
 
-def log_wandb(epoch, train_metrics, eval_metrics, extra) -> None:
+def log_wandb(row: dict) -> None:
+    """The summary.csv row, as timm's ``update_summary`` logs it (lr included)."""
     import wandb
-    row = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
-           **{f'eval_{k}': v for k, v in (eval_metrics or {}).items()}, **extra}
-    wandb.log(row)
+    wandb.log(dict(row))
 
 
 def main(argv=None) -> int:

@@ -41,7 +41,7 @@ from subnet.device import autocast_for, check_precision_args, model_dtype as dty
 from subnet.errors import UsageError
 from subnet.loop import predict_batches, update_evaluator
 from subnet.unreadable import NOT_COUNTED, failures_of, readable
-from subnet.models import check_state_dict_fits, load_checkpoint_file, resolve_model_name
+from subnet.models import check_state_dict_fits, load_checkpoint_file, naflex_patch_size, resolve_model_name
 from subnet.timm_options import validate_parser
 
 _logger = logging.getLogger('validate')
@@ -110,8 +110,9 @@ def build_model(args, device, model_dtype):
     return model, data_config, test_time_pool, param_count
 
 
-def build_loader(args, data_config, test_time_pool, device, model_dtype, split=None, sample=0):
-    """The evaluation loader of ``split`` (default --split); ``sample`` > 0: a seeded random sample of it."""
+def build_loader(args, data_config, test_time_pool, device, model_dtype, split=None, sample=0, patch_size=None):
+    """The evaluation loader of ``split`` (default --split); ``sample`` > 0: a seeded random sample of it;
+    ``patch_size``: the model's, for --naflex-loader."""
     root = args.data or args.data_dir
     split = split or args.split
     if not args.dataset:
@@ -134,7 +135,8 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
                   img_dtype=model_dtype or torch.float32)
     if args.naflex_loader:
         from timm.data import create_naflex_loader
-        loader = create_naflex_loader(dataset, patch_size=(16, 16), max_seq_len=args.naflex_max_seq_len, **common)
+        loader = create_naflex_loader(dataset, patch_size=patch_size or (16, 16), max_seq_len=args.naflex_max_seq_len,
+                                      **common)
     else:
         loader = create_loader(dataset, input_size=data_config['input_size'], tf_preprocessing=args.tf_preprocessing,
                                **common)
@@ -217,7 +219,9 @@ def validate(args):
         set_fast_norm()
 
     model, data_config, test_time_pool, param_count = build_model(args, device, model_dtype)
-    dataset, loader, crop_pct = build_loader(args, data_config, test_time_pool, device, model_dtype)
+    patch_size = naflex_patch_size(model) if args.naflex_loader else None
+    dataset, loader, crop_pct = build_loader(args, data_config, test_time_pool, device, model_dtype,
+                                             patch_size=patch_size)
     subnets = evaluation.SubnetEvaluation(model, args.subnets, seed=args.seed,
                                           input_size=data_config['input_size']) if args.subnets else None
     valid_labels = None
