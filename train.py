@@ -43,7 +43,8 @@ from subnet import checks, logs, plots, resume, run_folder
 from subnet.criterion import build_criterion
 from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
-from subnet.device import check_precision_args, model_dtype as dtype_of, training_device, training_precision
+from subnet.device import (check_precision_args, limit_workers, model_dtype as dtype_of, training_device,
+                           training_precision, use_default_device)
 from subnet.errors import EXIT_USAGE, RunStopped, UsageError
 from subnet.evaluation import SubnetMonitor
 from subnet.finite import stop_if_weights_nonfinite
@@ -52,7 +53,7 @@ from subnet.methods import method_class
 from subnet.models import (check_state_dict_fits, constant_drop_path, load_checkpoint_file, load_initial_checkpoint,
                            model_drop_path_rate, naflex_patch_size, resolve_model_name)
 from subnet.stopping import SignalWatch, StopPolicy, Vote
-from subnet.timm_options import parse_train_args
+from subnet.timm_options import parse_train_args, train_options_given
 
 _logger = logging.getLogger('train')
 
@@ -508,6 +509,8 @@ def _train(argv) -> TrainRun:
         return TrainRun(args, None, os.path.dirname(png), [])
     args.rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
     preflight(args)
+    use_default_device(args, device_given='device' in train_options_given(argv))
+    limit_workers(args)
     args.prefetcher = not args.no_prefetcher
     locks = [lock_experiment(args)]
     try:

@@ -37,12 +37,13 @@ from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, re
 
 from subnet import evaluation, logs, plots
 from subnet.data import FixedSample, check_image_folders, loader_images
-from subnet.device import autocast_for, check_precision_args, model_dtype as dtype_of, validation_device
+from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
+                           use_default_device, validation_device)
 from subnet.errors import UsageError
 from subnet.loop import predict_batches, update_evaluator
 from subnet.unreadable import NOT_COUNTED, failures_of, readable
 from subnet.models import check_state_dict_fits, load_checkpoint_file, naflex_patch_size, resolve_model_name
-from subnet.timm_options import validate_parser
+from subnet.timm_options import given_on_command_line, validate_parser
 
 _logger = logging.getLogger('validate')
 
@@ -356,6 +357,8 @@ def _with_checkpoint(row: OrderedDict, checkpoint: str) -> OrderedDict:
 
 def run(argv) -> int:
     args = validate_parser().parse_args(argv)
+    use_default_device(args, device_given='device' in given_on_command_line(validate_parser(), argv))
+    limit_workers(args)
     if args.results_format not in ('csv', 'json'):
         raise UsageError(f"--results-format must be 'csv' or 'json', got {args.results_format!r}")
     check_subnet_options(args)

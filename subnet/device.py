@@ -1,11 +1,14 @@
 """Device and precision set-up shared by train.py and validate.py, as timm's scripts do it.
 
-- ``--device cuda`` on a machine without a GPU falls back to the CPU (timm asserts instead);
+- ``--device cuda`` on a machine without a GPU falls back to the CPU (timm asserts instead): quietly, with one
+  info line, when 'cuda' is only timm's default, with a warning when the user asked for it;
+- loader workers are capped at the CPUs the process may use (torch warns, twice, and oversubscribes them);
 - on CUDA, TF32 matmuls and cuDNN autotuning are switched on, as timm's scripts do;
 - ``--amp`` is ``torch.autocast`` in ``--amp-dtype``; train.py adds timm's ``NativeScaler`` for CUDA float16.
 """
 import importlib
 import logging
+import os
 from contextlib import suppress
 from functools import partial
 from typing import Callable, Optional, Tuple
@@ -16,8 +19,8 @@ from timm.utils import NativeScaler
 
 from .errors import UsageError
 
-__all__ = ['check_precision_args', 'model_dtype', 'fall_back_to_cpu', 'training_device', 'validation_device',
-           'autocast_for', 'training_precision']
+__all__ = ['check_precision_args', 'model_dtype', 'use_default_device', 'fall_back_to_cpu', 'limit_workers',
+           'training_device', 'validation_device', 'autocast_for', 'training_precision']
 
 _logger = logging.getLogger('train')
 
@@ -37,6 +40,22 @@ def check_precision_args(args, amp_needs_fp32_model: bool = False) -> None:
 
 def model_dtype(args) -> Optional[torch.dtype]:
     return getattr(torch, args.model_dtype) if args.model_dtype else None
+
+
+def use_default_device(args, device_given: bool) -> None:
+    """timm's default ``--device cuda`` on a machine without a GPU: the CPU, with one info line, so the documented
+    CPU quickstart runs without a warning. A ``--device`` the user gave is left to ``fall_back_to_cpu``."""
+    if not device_given and args.device == 'cuda' and not torch.cuda.is_available():
+        _logger.info('No CUDA GPU found: running on the CPU.')
+        args.device = 'cpu'
+
+
+def limit_workers(args) -> None:
+    """At most one loader worker per CPU this process may use (torch only warns, once per loader)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    if cpus and args.workers > cpus:
+        _logger.info(f'--workers {args.workers} lowered to {cpus}, the number of CPUs this process may use.')
+        args.workers = cpus
 
 
 def fall_back_to_cpu(args, what: str) -> None:

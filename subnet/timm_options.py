@@ -15,7 +15,7 @@ import argparse
 import difflib
 import logging
 import sys
-from typing import List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 import yaml
 from timm.utils import ParseKwargs
@@ -460,13 +460,12 @@ def _unknown_key(key, path: str, actions: dict) -> str:
     return f"config file {path}: unknown key '{key}' ({hint})"
 
 
-def parse_train_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, str]:
-    """Parse a train.py command line (with an optional ``-c`` YAML) into args and the args.yaml text.
+def _train_config(argv: List[str]) -> Tuple[dict, str, List[str], argparse.ArgumentParser]:
+    """The ``-c`` YAML mapping, its path, the rest of the command line, and train.py's full parser.
 
     Modules named by ``--extra-methods`` (command line or YAML) are imported before the full parser is built, so
     the methods they register, and their options, are known to it.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
     config_args, remaining = config_parser().parse_known_args(argv)
     cfg = read_config(config_args.config) if config_args.config else {}
     early = extra_methods_parser()
@@ -474,12 +473,34 @@ def parse_train_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespa
     if modules is None and cfg.get('extra_methods') is not None:
         modules = _convert(_actions_by_key(early)['extra_methods'], cfg['extra_methods'], 'extra_methods')
     import_extra_methods(modules or ())
-    parser = train_parser()
-    parser.set_defaults(**config_defaults(cfg, config_args.config, parser))
+    return cfg, config_args.config, remaining, train_parser()
+
+
+def parse_train_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, str]:
+    """Parse a train.py command line (with an optional ``-c`` YAML) into args and the args.yaml text."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, path, remaining, parser = _train_config(argv)
+    parser.set_defaults(**config_defaults(cfg, path, parser))
     args = parser.parse_args(remaining)
     # the namespace as given (lr: null when it will be derived), replayable with -c, as timm writes it
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     return args, args_text
+
+
+def given_on_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> Set[str]:
+    """The options (dests) ``argv`` sets, abbreviations included: ``argv`` parsed again with no defaults."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
+def train_options_given(argv: Optional[List[str]] = None) -> Set[str]:
+    """The train.py options the user set, on the command line or in the ``-c`` YAML, rather than left at their
+    defaults (``--device``: timm's default 'cuda' falls back to the CPU quietly, a 'cuda' asked for warns)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, _, remaining, parser = _train_config(argv)
+    actions = _actions_by_key(parser)
+    return given_on_command_line(parser, remaining) | {actions[k].dest for k in cfg if k in actions}
 
 
 # ---------------------------------------------------------------------------------------------- validate.py

@@ -14,6 +14,8 @@ from timm.utils import load_checkpoint_metadata
 import train
 import validate
 from subnet import run_folder
+from subnet.device import fall_back_to_cpu, use_default_device
+from subnet.timm_options import parse_train_args, train_options_given
 from train_helpers import (ROOT, SHIPPED, assert_same_weights, make_subset, run_train, state_dict_of, torchrun,
                            train_argv)
 
@@ -298,3 +300,35 @@ def test_short_model_names_resolve_with_a_log_line(caplog):
     assert resolve_model_name('resnet50.a1_in1k') == 'resnet50.a1_in1k'
     assert "resolved to timm's vit_base_patch16_224" in caplog.text
     assert SHIPPED.is_dir()
+
+
+# ------------------------------------------------------------------------------------ a quiet CPU quickstart
+
+def test_default_device_falls_back_quietly_and_an_explicit_cuda_warns(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    argv = [a for a in train_argv(data, tmp_path, 'q') if a not in ('--device', 'cpu')]
+    assert 'device' not in train_options_given(argv)
+    assert train.main(argv) == 0
+    err = capsys.readouterr().err
+    assert 'No CUDA GPU found: running on the CPU.' in err and 'WARNING' not in err
+    assert yaml.safe_load((tmp_path / 'q' / 'args.yaml').read_text())['device'] == 'cuda'  # as parsed, as timm
+    config = tmp_path / 'cuda.yaml'
+    config.write_text('device: cuda\n')
+    for given in (['--device', 'cuda'], ['--device=cuda:0'], ['-c', str(config)]):
+        assert 'device' in train_options_given(argv + given)
+    args, _ = parse_train_args(['--device', 'cuda'])
+    use_default_device(args, device_given=True)
+    fall_back_to_cpu(args, 'training')
+    assert args.device == 'cpu'
+    assert 'WARNING: --device cuda asked for but no CUDA GPU is present: training on the CPU.' in \
+        capsys.readouterr().err
+
+
+def test_loader_workers_are_capped_at_the_cpus_with_one_line(one_epoch, data, capsys, monkeypatch, recwarn):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0})
+    last = Path(one_epoch.output_dir) / 'last.pth.tar'
+    assert validate.main(['--checkpoint', str(last), '--data-dir', str(data), '--device', 'cpu',
+                          '--workers', '4']) == 0
+    err = capsys.readouterr().err
+    assert err.count('--workers 4 lowered to 1, the number of CPUs this process may use.') == 1
+    assert not [w for w in recwarn if 'worker' in str(w.message)]
