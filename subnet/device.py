@@ -4,7 +4,8 @@
   info line, when 'cuda' is only timm's default, with a warning when the user asked for it;
 - loader workers are capped at the CPUs the process may use (torch warns, twice, and oversubscribes them);
 - on CUDA, TF32 matmuls and cuDNN autotuning are switched on, as timm's scripts do;
-- ``--amp`` is ``torch.autocast`` in ``--amp-dtype``; train.py adds timm's ``NativeScaler`` for CUDA float16.
+- ``--amp`` is ``torch.autocast`` in ``--amp-dtype``; train.py adds timm's ``NativeScaler`` for float16 on CUDA
+  and on the CPU (timm's train.py only on CUDA).
 """
 import importlib
 import logging
@@ -26,6 +27,7 @@ _logger = logging.getLogger('train')
 
 _MODEL_DTYPES = ('float32', 'float16', 'bfloat16')
 _AMP_DTYPES = ('float16', 'bfloat16')
+_SCALED_DEVICES = ('cuda', 'cpu')  # where float16 AMP gets a grad scaler (timm: CUDA only)
 
 
 def check_precision_args(args, amp_needs_fp32_model: bool = False) -> None:
@@ -101,10 +103,19 @@ def autocast_for(args, device: torch.device) -> Callable:
 
 
 def training_precision(args, device: torch.device) -> Tuple[Callable, Optional[NativeScaler]]:
-    """timm's AMP for training: autocast, and a grad scaler only for CUDA float16."""
+    """timm's AMP for training: autocast, and timm's grad scaler for float16 on CUDA and, unlike timm, on the CPU.
+
+    float16 gradients underflow without loss scaling wherever they are computed; timm's train.py scales only on
+    CUDA, and its ``NativeScaler`` takes the device, so the CPU gets ``torch.amp.GradScaler('cpu')`` through it.
+    """
     if not args.amp:
         _logger.info(f'AMP not enabled. Training in {args.model_dtype or torch.float32}.')
         return suppress, None
-    scaler = NativeScaler(device=device.type) if device.type == 'cuda' and args.amp_dtype == 'float16' else None
+    scaler = None
+    if device.type in _SCALED_DEVICES and args.amp_dtype == 'float16':
+        scaler = NativeScaler(device=device.type)
     _logger.info('Using native Torch AMP. Training in mixed precision.')
+    if scaler is not None and device.type != 'cuda':
+        _logger.info(f"float16 on the {device.type.upper()}: gradients scaled by torch.amp.GradScaler('{device.type}') "
+                     f'(timm scales only on CUDA).')
     return autocast_for(args, device), scaler
