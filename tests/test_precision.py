@@ -9,16 +9,11 @@ import copy
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-import torch.nn.functional as F
 
-from subnet.criterion import build_criterion
 from subnet.device import training_precision
 from subnet.loop import StepSetup, train_one_epoch
-from subnet.methods import method_class
-from subnet.timm_options import parse_train_args
-from train_helpers import make_subset, run_train, train_argv
+from train_helpers import make_subset, method_training, random_batch, run_train, train_argv
 
 METHODS = {
     'none': [],
@@ -30,32 +25,16 @@ METHODS = {
 SIZE = 64
 
 
-def _training(method, amp=True):
-    """Task, optimizer, args and step setup as train.py builds them, for one 4-image batch per epoch."""
-    args, _ = parse_train_args(['--method', method, *METHODS[method], '--device', 'cpu', '--drop-path', '0.1',
-                                '--lr', '0.1', '--img-size', str(SIZE)] + (['--amp'] if amp else []))
-    args.prefetcher, args.distributed, args.world_size, args.rank = False, False, 1, 0
-    method_class(method).check_args(args)
-    torch.manual_seed(0)
-    model = timm.create_model('resnet18', channels=(8, 16, 32, 64), stem_width=8, num_classes=10,
-                              zero_init_last=False, drop_path_rate=args.drop_path)
-    criterion = build_criterion(args, 0, mixup_active=method == 'cosub')
-    task = method_class(method).from_args(args, model, criterion, input_size=(3, SIZE, SIZE), verbose=False)
-    optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=args.lr, momentum=0.9)
+def _training(method):
+    """Task, optimizer, args and train.py's float16 step setup, for one 4-image batch per epoch."""
+    task, optimizer, args = method_training(method, METHODS[method], SIZE, amp=True)
     amp_autocast, scaler = training_precision(args, torch.device('cpu'))
     setup = StepSetup(device=torch.device('cpu'), amp_autocast=amp_autocast, loss_scaler=scaler)
     return task, optimizer, args, setup
 
 
 def _batch(method):
-    g = torch.Generator().manual_seed(1)
-    images, labels = torch.randn(4, 3, SIZE, SIZE, generator=g), torch.randint(0, 10, (4,), generator=g)
-    return images, (0.8 * F.one_hot(labels, 10) + 0.02 if method == 'cosub' else labels)
-
-
-def _state(task, optimizer):
-    return (copy.deepcopy(task.get_trainable_module().state_dict(keep_vars=False)),
-            copy.deepcopy(optimizer.state_dict()))
+    return random_batch(method, SIZE)
 
 
 def _params(task):
