@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.utils.data
@@ -68,6 +69,7 @@ def main():
     parser.add_argument('--epochs', type=int, default=3)
     parser.add_argument('--batch-size', type=int, default=256)
     args = parser.parse_args()
+    warnings.filterwarnings('ignore', message='This DataLoader will create')  # more workers than CPUs: on purpose
     temp = None
     root = args.root
     if args.generate:
