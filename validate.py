@@ -357,12 +357,12 @@ def _with_checkpoint(row: OrderedDict, checkpoint: str) -> OrderedDict:
 
 def run(argv) -> int:
     args = validate_parser().parse_args(argv)
-    use_default_device(args, device_given='device' in given_on_command_line(validate_parser(), argv))
-    limit_workers(args)
     if args.results_format not in ('csv', 'json'):
         raise UsageError(f"--results-format must be 'csv' or 'json', got {args.results_format!r}")
     check_subnet_options(args)
     configs = model_configs(args)
+    use_default_device(args, device_given='device' in given_on_command_line(validate_parser(), argv))
+    limit_workers(args)
     if configs:
         _logger.info('Running bulk validation on these models: ' + ', '.join(sorted({m for m, _ in configs})))
         groups = []  # (checkpoint or model, its rows): a model's subnet rows stay together
