@@ -264,7 +264,7 @@ def build(args) -> Training:
     model = place_model(args, model, device, model_dtype, num_aug_splits)
     amp_autocast, loss_scaler = training_precision(args, device)
     loaders = build_loaders(args, data_config, device, model_dtype, num_aug_splits, patch_size)
-    checks.check_dataset_classes(args, loaders.train.dataset)
+    checks.check_dataset_classes(args, loaders.train)
     derive_lr(args, loaders.batch_size_reference)
 
     criterion = build_criterion(args, num_aug_splits, mixup_kwargs(args) is not None).to(device)

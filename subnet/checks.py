@@ -61,7 +61,7 @@ def check_output_folder(args) -> None:
 
 def dataset_classes(dataset) -> Optional[int]:
     """How many classes a training dataset holds, when its reader knows (image folders and tars, torchvision
-    datasets); None otherwise. Wrappers (``.dataset``) are looked through."""
+    datasets); None otherwise. Loaders and wrappers (``.dataset``) are looked through."""
     seen = set()
     while dataset is not None and id(dataset) not in seen:
         seen.add(id(dataset))
@@ -76,7 +76,8 @@ def dataset_classes(dataset) -> Optional[int]:
 
 
 def check_dataset_classes(args, dataset) -> None:
-    """The model has a logit for every class of the training data, and there are at least two classes."""
+    """The model has a logit for every class of the training data (a dataset or its loader), and there are at
+    least two classes."""
     classes = dataset_classes(dataset)
     if classes is None:
         return

@@ -488,7 +488,8 @@ def parse_train_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespa
 
 
 def given_on_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> Set[str]:
-    """The options (dests) ``argv`` sets, abbreviations included: ``argv`` parsed again with no defaults."""
+    """The options (dests) ``argv`` sets, abbreviations included: ``argv`` parsed again with every default
+    suppressed (this changes ``parser``: pass a fresh one)."""
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_known_args(argv)[0]))
