@@ -39,20 +39,21 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import trim_summary
 
-from subnet import logs, plots, resume, run_folder
+from subnet import checks, logs, plots, resume, run_folder
 from subnet.criterion import build_criterion
 from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
-from subnet.device import check_precision_args, model_dtype as dtype_of, training_device, training_precision
+from subnet.device import (check_precision_args, limit_workers, model_dtype as dtype_of, training_device,
+                           training_precision, use_default_device)
 from subnet.errors import EXIT_USAGE, RunStopped, UsageError
 from subnet.evaluation import SubnetMonitor
 from subnet.finite import stop_if_weights_nonfinite
 from subnet.loop import Safeguards, StepSetup, evaluate, train_one_epoch
 from subnet.methods import method_class
 from subnet.models import (check_state_dict_fits, constant_drop_path, load_checkpoint_file, load_initial_checkpoint,
-                           model_drop_path_rate, resolve_model_name)
+                           model_drop_path_rate, naflex_patch_size, resolve_model_name)
 from subnet.stopping import SignalWatch, StopPolicy, Vote
-from subnet.timm_options import parse_train_args
+from subnet.timm_options import parse_train_args, train_options_given
 
 _logger = logging.getLogger('train')
 
@@ -64,26 +65,28 @@ def check_method_args(args) -> None:
 
 def preflight(args) -> None:
     """Every check that needs no model or data loading, so bad input stops before anything is built."""
+    checks.check_counts(args)
     if args.stop_epoch is not None and not 0 < args.stop_epoch <= args.epochs:
         raise UsageError(f'--stop-epoch {args.stop_epoch} must be between 1 and --epochs ({args.epochs})')
     if args.resume == 'auto' and not args.experiment:
         raise UsageError('--resume auto needs --experiment NAME (the run folder to continue)')
     check_precision_args(args, amp_needs_fp32_model=True)
-    if args.grad_accum_steps < 1:
-        raise UsageError(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}')
     if args.aug_splits == 1:
         raise UsageError('--aug-splits 1 makes no sense: use 0 (off) or 2 or more')
+    checks.check_distributed_options(args)
     check_method_args(args)
     args.model = resolve_model_name(args.model)
     if args.data and not args.data_dir:
         args.data_dir = args.data
     if not args.dataset:
-        check_image_folders(args.data_dir, {'train': args.train_split, 'validation': args.val_split})
+        check_image_folders(args.data_dir, {'train': args.train_split, 'validation': args.val_split},
+                            args.class_map)
     if mixup_kwargs(args) is not None and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix need an even batch size, got --batch-size {args.batch_size}')
-    if args.experiment and utils.is_primary(args):
+    if utils.is_primary(args):
+        checks.check_output_folder(args)
         folder = os.path.join(args.output or './output/train', args.experiment)
-        if not resumes_in(args, args.resume, folder):
+        if args.experiment and not resumes_in(args, args.resume, folder):
             run_folder.check_output_dir(folder)
     if args.resume and args.resume != 'auto':
         load_checkpoint_file(args.resume, '--resume')
@@ -156,6 +159,9 @@ def place_model(args, model: nn.Module, device: torch.device, model_dtype, num_a
     if args.distributed and args.sync_bn:
         args.dist_bn = ''  # synchronized BN needs no end-of-epoch averaging
         model = convert_sync_batchnorm(model)
+        if utils.is_primary(args):
+            _logger.info('Converted model to use Synchronized BatchNorm. WARNING: You may have issues if using '
+                         'zero initialized BN layers (enabled by default for ResNets) while sync-bn enabled.')
     if args.torchscript:
         model = torch.jit.script(model)
     return model
@@ -254,10 +260,11 @@ def build(args) -> Training:
     model = build_model(args)
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
-    patch_size = model.get_patch_size() if args.naflex_loader and hasattr(model, 'get_patch_size') else None
+    patch_size = naflex_patch_size(model) if args.naflex_loader else None
     model = place_model(args, model, device, model_dtype, num_aug_splits)
     amp_autocast, loss_scaler = training_precision(args, device)
     loaders = build_loaders(args, data_config, device, model_dtype, num_aug_splits, patch_size)
+    checks.check_dataset_classes(args, loaders.train)
     derive_lr(args, loaders.batch_size_reference)
 
     criterion = build_criterion(args, num_aug_splits, mixup_kwargs(args) is not None).to(device)
@@ -274,6 +281,8 @@ def build(args) -> Training:
     checkpoint_path = resume_path(args, output_dir) if args.resume else ''
     start_epoch, epoch_start = restore(args, checkpoint_path, task, optimizer, loss_scaler) if checkpoint_path \
         else (0, None)
+    if args.start_epoch is not None:  # overrides the checkpoint's, as in timm (summary.csv is trimmed there too)
+        start_epoch, epoch_start = args.start_epoch, None
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                        device='cpu' if args.model_ema_force_cpu else None)
@@ -337,15 +346,12 @@ def open_run_folder(training: Training, args_text: str) -> None:
 
 
 def build_schedule(training: Training) -> None:
-    """timm's scheduler, moved on to the start epoch; ``--start-epoch`` overrides the checkpoint's."""
+    """timm's scheduler, moved on to the start epoch."""
     args = training.args
     updates_per_epoch = (len(training.loaders.train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     training.lr_scheduler, training.num_epochs = create_scheduler_v2(
         training.optimizer, **scheduler_kwargs(args, decreasing_metric=training.decreasing),
         updates_per_epoch=updates_per_epoch)
-    if args.start_epoch is not None:
-        training.start_epoch = args.start_epoch
-        training.guards.start = None
     done_in_epoch = training.guards.start.updates if training.guards.start is not None else 0
     if training.lr_scheduler is not None and (training.start_epoch > 0 or done_in_epoch):
         if args.sched_on_updates:
@@ -397,7 +403,7 @@ def end_of_epoch(training: Training, epoch: int, train_metrics: dict) -> None:
         if training.tensorboard is not None:
             training.tensorboard.log(epoch, row)
         if args.log_wandb:
-            log_wandb(epoch, train_metrics, eval_metrics, extra)
+            log_wandb(row)
         training.best = saver.save_checkpoint(epoch, metric=latest_metric)
         run_folder.remove_recovery_files(training.output_dir)  # last.pth.tar is further on than any of them
         if epoch + 1 in set(args.save_epochs or ()):
@@ -503,6 +509,8 @@ def _train(argv) -> TrainRun:
         return TrainRun(args, None, os.path.dirname(png), [])
     args.rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
     preflight(args)
+    use_default_device(args, device_given='device' in train_options_given(argv))
+    limit_workers(args)
     args.prefetcher = not args.no_prefetcher
     locks = [lock_experiment(args)]
     try:
@@ -541,11 +549,10 @@ def start_wandb(args, run_name: str) -> None:
                resume='must' if args.wandb_resume_id else None, id=args.wandb_resume_id or None)
 
 
-def log_wandb(epoch, train_metrics, eval_metrics, extra) -> None:
+def log_wandb(row: dict) -> None:
+    """The summary.csv row, as timm's ``update_summary`` logs it (lr included)."""
     import wandb
-    row = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
-           **{f'eval_{k}': v for k, v in (eval_metrics or {}).items()}, **extra}
-    wandb.log(row)
+    wandb.log(dict(row))
 
 
 def main(argv=None) -> int:

@@ -37,12 +37,13 @@ from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, re
 
 from subnet import evaluation, logs, plots
 from subnet.data import FixedSample, check_image_folders, loader_images
-from subnet.device import autocast_for, check_precision_args, model_dtype as dtype_of, validation_device
+from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
+                           use_default_device, validation_device)
 from subnet.errors import UsageError
 from subnet.loop import predict_batches, update_evaluator
 from subnet.unreadable import NOT_COUNTED, failures_of, readable
-from subnet.models import check_state_dict_fits, load_checkpoint_file, resolve_model_name
-from subnet.timm_options import validate_parser
+from subnet.models import check_state_dict_fits, load_checkpoint_file, naflex_patch_size, resolve_model_name
+from subnet.timm_options import given_on_command_line, validate_parser
 
 _logger = logging.getLogger('validate')
 
@@ -110,12 +111,14 @@ def build_model(args, device, model_dtype):
     return model, data_config, test_time_pool, param_count
 
 
-def build_loader(args, data_config, test_time_pool, device, model_dtype, split=None, sample=0):
-    """The evaluation loader of ``split`` (default --split); ``sample`` > 0: a seeded random sample of it."""
+def build_loader(args, data_config, test_time_pool, device, model_dtype, split=None, sample=0, patch_size=None):
+    """The evaluation loader of ``split`` (default --split); ``sample`` > 0: a seeded random sample of it;
+    ``patch_size``: the model's, for --naflex-loader."""
     root = args.data or args.data_dir
     split = split or args.split
     if not args.dataset:
-        check_image_folders(root, {'evaluation' if split == args.split else 'BN recalibration': split})
+        check_image_folders(root, {'evaluation' if split == args.split else 'BN recalibration': split},
+                            args.class_map)
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     dataset = create_dataset(
         root=root, name=args.dataset, split=split, download=args.dataset_download,
@@ -133,7 +136,8 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
                   img_dtype=model_dtype or torch.float32)
     if args.naflex_loader:
         from timm.data import create_naflex_loader
-        loader = create_naflex_loader(dataset, patch_size=(16, 16), max_seq_len=args.naflex_max_seq_len, **common)
+        loader = create_naflex_loader(dataset, patch_size=patch_size or (16, 16), max_seq_len=args.naflex_max_seq_len,
+                                      **common)
     else:
         loader = create_loader(dataset, input_size=data_config['input_size'], tf_preprocessing=args.tf_preprocessing,
                                **common)
@@ -216,7 +220,9 @@ def validate(args):
         set_fast_norm()
 
     model, data_config, test_time_pool, param_count = build_model(args, device, model_dtype)
-    dataset, loader, crop_pct = build_loader(args, data_config, test_time_pool, device, model_dtype)
+    patch_size = naflex_patch_size(model) if args.naflex_loader else None
+    dataset, loader, crop_pct = build_loader(args, data_config, test_time_pool, device, model_dtype,
+                                             patch_size=patch_size)
     subnets = evaluation.SubnetEvaluation(model, args.subnets, seed=args.seed,
                                           input_size=data_config['input_size']) if args.subnets else None
     valid_labels = None
@@ -355,6 +361,8 @@ def run(argv) -> int:
         raise UsageError(f"--results-format must be 'csv' or 'json', got {args.results_format!r}")
     check_subnet_options(args)
     configs = model_configs(args)
+    use_default_device(args, device_given='device' in given_on_command_line(validate_parser(), argv))
+    limit_workers(args)
     if configs:
         _logger.info('Running bulk validation on these models: ' + ', '.join(sorted({m for m, _ in configs})))
         groups = []  # (checkpoint or model, its rows): a model's subnet rows stay together

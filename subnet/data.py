@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.utils.data
 from timm import utils
-from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader
+from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader, get_img_extensions
 from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
 from timm.data.scheduled_sampler import ScheduledTransformDataset
 from torchvision import transforms
@@ -41,7 +41,7 @@ def split_folder(root: str, split: str) -> str:
     return root
 
 
-def check_image_folders(data_dir: Optional[str], splits: dict) -> None:
+def check_image_folders(data_dir: Optional[str], splits: dict, class_map: str = '') -> None:
     """Fail early and clearly on what timm reports late (or not at all) for folder datasets.
 
     ``splits`` maps a role ('train', 'validation') to a split name; an empty name is skipped.
@@ -61,11 +61,24 @@ def check_image_folders(data_dir: Optional[str], splits: dict) -> None:
         folder = split_folder(data_dir, split)
         if not any(files for _, _, files in os.walk(folder, followlinks=True)):
             raise UsageError(f'{role} split {split!r} resolves to {folder}, which holds no files')
+        if not class_map:
+            check_class_folders(role, split, folder)
         folders[role] = os.path.realpath(folder)
     if len(folders) == 2 and len(set(folders.values())) == 1:
         _logger.warning(
             f'Train and validation splits both resolve to {next(iter(folders.values()))}: '
             f'validation accuracy will be measured on training images.')
+
+
+def check_class_folders(role: str, split: str, folder: str) -> None:
+    """Images directly in a split folder: timm's folder reader makes them one class of their own (the whole
+    dataset, when there are no class folders), and the run trains without an error."""
+    extensions = get_img_extensions(as_set=True)
+    with os.scandir(folder) as entries:
+        loose = sum(1 for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in extensions)
+    if loose:
+        raise UsageError(f'{role} split {split!r} resolves to {folder}, which holds {loose} images directly: timm '
+                         f'reads one class per sub-folder, so put them in {os.path.join(folder, "<class>")}/')
 
 
 class DatasetView(torch.utils.data.Dataset):

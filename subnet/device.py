@@ -1,11 +1,15 @@
 """Device and precision set-up shared by train.py and validate.py, as timm's scripts do it.
 
-- ``--device cuda`` on a machine without a GPU falls back to the CPU (timm asserts instead);
+- ``--device cuda`` on a machine without a GPU falls back to the CPU (timm asserts instead): quietly, with one
+  info line, when 'cuda' is only timm's default, with a warning when the user asked for it;
+- loader workers are capped at the CPUs the process may use (torch warns, twice, and oversubscribes them);
 - on CUDA, TF32 matmuls and cuDNN autotuning are switched on, as timm's scripts do;
-- ``--amp`` is ``torch.autocast`` in ``--amp-dtype``; train.py adds timm's ``NativeScaler`` for CUDA float16.
+- ``--amp`` is ``torch.autocast`` in ``--amp-dtype``; train.py adds timm's ``NativeScaler`` for float16 on CUDA
+  and on the CPU (timm's train.py only on CUDA).
 """
 import importlib
 import logging
+import os
 from contextlib import suppress
 from functools import partial
 from typing import Callable, Optional, Tuple
@@ -16,13 +20,14 @@ from timm.utils import NativeScaler
 
 from .errors import UsageError
 
-__all__ = ['check_precision_args', 'model_dtype', 'fall_back_to_cpu', 'training_device', 'validation_device',
-           'autocast_for', 'training_precision']
+__all__ = ['check_precision_args', 'model_dtype', 'use_default_device', 'fall_back_to_cpu', 'limit_workers',
+           'training_device', 'validation_device', 'autocast_for', 'training_precision']
 
 _logger = logging.getLogger('train')
 
 _MODEL_DTYPES = ('float32', 'float16', 'bfloat16')
 _AMP_DTYPES = ('float16', 'bfloat16')
+_SCALED_DEVICES = ('cuda', 'cpu')  # where float16 AMP gets a grad scaler (timm: CUDA only)
 
 
 def check_precision_args(args, amp_needs_fp32_model: bool = False) -> None:
@@ -37,6 +42,22 @@ def check_precision_args(args, amp_needs_fp32_model: bool = False) -> None:
 
 def model_dtype(args) -> Optional[torch.dtype]:
     return getattr(torch, args.model_dtype) if args.model_dtype else None
+
+
+def use_default_device(args, device_given: bool) -> None:
+    """timm's default ``--device cuda`` on a machine without a GPU: the CPU, with one info line, so the documented
+    CPU quickstart runs without a warning. A ``--device`` the user gave is left to ``fall_back_to_cpu``."""
+    if not device_given and args.device == 'cuda' and not torch.cuda.is_available():
+        _logger.info('No CUDA GPU found: running on the CPU.')
+        args.device = 'cpu'
+
+
+def limit_workers(args) -> None:
+    """At most one loader worker per CPU this process may use (torch only warns, once per loader)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    if cpus and args.workers > cpus:
+        _logger.info(f'--workers {args.workers} lowered to {cpus}, the number of CPUs this process may use.')
+        args.workers = cpus
 
 
 def fall_back_to_cpu(args, what: str) -> None:
@@ -82,10 +103,19 @@ def autocast_for(args, device: torch.device) -> Callable:
 
 
 def training_precision(args, device: torch.device) -> Tuple[Callable, Optional[NativeScaler]]:
-    """timm's AMP for training: autocast, and a grad scaler only for CUDA float16."""
+    """timm's AMP for training: autocast, and timm's grad scaler for float16 on CUDA and, unlike timm, on the CPU.
+
+    float16 gradients underflow without loss scaling wherever they are computed; timm's train.py scales only on
+    CUDA, and its ``NativeScaler`` takes the device, so the CPU gets ``torch.amp.GradScaler('cpu')`` through it.
+    """
     if not args.amp:
         _logger.info(f'AMP not enabled. Training in {args.model_dtype or torch.float32}.')
         return suppress, None
-    scaler = NativeScaler(device=device.type) if device.type == 'cuda' and args.amp_dtype == 'float16' else None
+    scaler = None
+    if device.type in _SCALED_DEVICES and args.amp_dtype == 'float16':
+        scaler = NativeScaler(device=device.type)
     _logger.info('Using native Torch AMP. Training in mixed precision.')
+    if scaler is not None and device.type != 'cuda':
+        _logger.info(f"float16 on the {device.type.upper()}: gradients scaled by torch.amp.GradScaler('{device.type}') "
+                     f'(timm scales only on CUDA).')
     return autocast_for(args, device), scaler

@@ -14,6 +14,7 @@ import timm
 import torch
 from timm.layers import DropPath, resample_abs_pos_embed
 from timm.models import is_model, split_model_name_tag
+from timm.utils import unwrap_model
 
 from .blocks import drop_path_slots
 from .errors import UsageError
@@ -117,6 +118,19 @@ def resample_position_embedding(model: torch.nn.Module, state_dict: dict) -> Non
         source, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix, interpolation='bicubic',
         antialias=False)
     _logger.info(f'Resampled the position embedding from {tuple(source.shape)} to {tuple(target.shape)}.')
+
+
+def naflex_patch_size(model: torch.nn.Module) -> tuple:
+    """The patch size a NaFlex loader must cut for ``model``: its ``get_patch_size()`` (what timm's train.py reads)
+    or ``embeds.patch_size`` (what timm's validate.py reads); timm's 16 x 16, with a warning, when it has neither."""
+    model = unwrap_model(model)
+    if hasattr(model, 'get_patch_size'):
+        return tuple(model.get_patch_size())
+    patch_size = getattr(getattr(model, 'embeds', None), 'patch_size', None)
+    if patch_size is not None:
+        return tuple(patch_size)
+    _logger.warning('Could not determine model patch size, using default: (16, 16)')
+    return 16, 16
 
 
 def model_drop_path_rate(model: torch.nn.Module) -> float:

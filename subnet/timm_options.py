@@ -5,15 +5,17 @@ The option names, types, defaults, nargs and abbreviations are timm's (main at a
 unchanged; ``tests/test_options.py`` checks them against a dump of timm's own parsers. Parsers are built
 fresh for every parse, so parsing twice in one process (tests, sweeps) never leaks YAML defaults.
 
-YAML follows timm 1.0.31: keys are the underscore names, command line > YAML > built-in default, unknown
-keys (old files carry ``apex_amp``, ``native_amp``, ...) are ignored with a warning, and values are converted
-the way the command line would convert them. Anything else, a value of the wrong type or a file that is
-not a YAML mapping, stops with one line.
+YAML follows timm 1.0.31: keys are the underscore names, command line > YAML > built-in default, and values
+are converted the way the command line would convert them. Keys of options timm itself has retired (old files
+carry ``apex_amp``, ``native_amp``, ...) are ignored with a warning. Anything else stops with one line: an
+unknown key (a misspelt ``methd: st`` would otherwise train plain timm), naming the closest option; a value of
+the wrong type; a file that is not UTF-8 text or not a YAML mapping.
 """
 import argparse
+import difflib
 import logging
 import sys
-from typing import List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 import yaml
 from timm.utils import ParseKwargs
@@ -24,7 +26,7 @@ from .errors import UsageError
 
 _logger = logging.getLogger('train')
 
-# keys timm's own train.py writes or once wrote that no longer are options: accepted silently
+# keys timm's own train.py once wrote that no longer are options: ignored with a warning, so old files still load
 _RETIRED_KEYS = {'apex_amp', 'native_amp', 'aot_autograd', 'amp_impl', 'pretrained_cfg_overlay', 'config'}
 
 
@@ -401,14 +403,18 @@ def _convert(action: argparse.Action, value, key: str):
 def read_config(path: str) -> dict:
     """The mapping in a timm hparams YAML file, or one line saying why it cannot be read."""
     try:
-        with open(path, 'r') as f:
+        with open(path, 'r', encoding='utf-8') as f:
             cfg = yaml.safe_load(f)
     except OSError as e:
         raise UsageError(f'cannot read config file {path}: {e.strerror}')
+    except UnicodeDecodeError as e:
+        raise UsageError(f'config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset '
+                         f'{e.start}); save it as UTF-8')
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f' (line {mark.line + 1})' if mark is not None else ''
-        raise UsageError(f'config file {path} is not valid YAML{where}: {getattr(e, "problem", e)}')
+        problem = getattr(e, 'problem', None) or str(e).strip().splitlines()[0]
+        raise UsageError(f'config file {path} is not valid YAML{where}: {problem}')
     if cfg is None:
         return {}
     if not isinstance(cfg, dict):
@@ -431,26 +437,35 @@ def _actions_by_key(parser: argparse.ArgumentParser) -> dict:
 
 
 def config_defaults(cfg: dict, path: str, parser: argparse.ArgumentParser) -> dict:
-    """A config mapping as parser defaults: validated and converted, unknown keys dropped with a warning."""
+    """A config mapping as parser defaults: validated and converted; retired timm keys dropped with a warning."""
     actions = _actions_by_key(parser)
-    defaults = {}
+    defaults, retired = {}, []
     for key, value in cfg.items():
         action = actions.get(key)
-        if action is None:
-            if key not in _RETIRED_KEYS:
-                _logger.warning(f"Ignoring unknown key '{key}' in config file {path}.")
-            continue
-        defaults[action.dest] = _convert(action, value, key)
+        if action is not None:
+            defaults[action.dest] = _convert(action, value, key)
+        elif key in _RETIRED_KEYS:
+            retired.append(str(key))
+        else:
+            raise UsageError(_unknown_key(key, path, actions))
+    if retired:
+        _logger.warning(f'Ignoring {", ".join(retired)} in config file {path}: timm no longer has '
+                        f'{"this option" if len(retired) == 1 else "these options"}.')
     return defaults
 
 
-def parse_train_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, str]:
-    """Parse a train.py command line (with an optional ``-c`` YAML) into args and the args.yaml text.
+def _unknown_key(key, path: str, actions: dict) -> str:
+    closest = difflib.get_close_matches(str(key), list(actions), n=1, cutoff=0.6)
+    hint = f"did you mean '{closest[0]}'?" if closest else 'not an option of train.py (see --help)'
+    return f"config file {path}: unknown key '{key}' ({hint})"
+
+
+def _train_config(argv: List[str]) -> Tuple[dict, str, List[str], argparse.ArgumentParser]:
+    """The ``-c`` YAML mapping, its path, the rest of the command line, and train.py's full parser.
 
     Modules named by ``--extra-methods`` (command line or YAML) are imported before the full parser is built, so
     the methods they register, and their options, are known to it.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
     config_args, remaining = config_parser().parse_known_args(argv)
     cfg = read_config(config_args.config) if config_args.config else {}
     early = extra_methods_parser()
@@ -458,12 +473,35 @@ def parse_train_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespa
     if modules is None and cfg.get('extra_methods') is not None:
         modules = _convert(_actions_by_key(early)['extra_methods'], cfg['extra_methods'], 'extra_methods')
     import_extra_methods(modules or ())
-    parser = train_parser()
-    parser.set_defaults(**config_defaults(cfg, config_args.config, parser))
+    return cfg, config_args.config, remaining, train_parser()
+
+
+def parse_train_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, str]:
+    """Parse a train.py command line (with an optional ``-c`` YAML) into args and the args.yaml text."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, path, remaining, parser = _train_config(argv)
+    parser.set_defaults(**config_defaults(cfg, path, parser))
     args = parser.parse_args(remaining)
     # the namespace as given (lr: null when it will be derived), replayable with -c, as timm writes it
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     return args, args_text
+
+
+def given_on_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> Set[str]:
+    """The options (dests) ``argv`` sets, abbreviations included: ``argv`` parsed again with every default
+    suppressed (this changes ``parser``: pass a fresh one)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
+def train_options_given(argv: Optional[List[str]] = None) -> Set[str]:
+    """The train.py options the user set, on the command line or in the ``-c`` YAML, rather than left at their
+    defaults (``--device``: timm's default 'cuda' falls back to the CPU quietly, a 'cuda' asked for warns)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, _, remaining, parser = _train_config(argv)
+    actions = _actions_by_key(parser)
+    return given_on_command_line(parser, remaining) | {actions[k].dest for k in cfg if k in actions}
 
 
 # ---------------------------------------------------------------------------------------------- validate.py

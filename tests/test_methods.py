@@ -24,7 +24,8 @@ from train_helpers import ROOT, TINY_RESNET, TINY_VIT, make_subset, run_train, s
 METHOD_FLAGS = {
     'cosub': ['--method', 'cosub', '--mixup', '0.2', '--drop-path', '0.1'],
     'st': ['--method', 'st'],
-    'st++': ['--method', 'st++', '--st-subnets', '2'],
+    # min-keep 1: ST++'s 3 would keep every block of the tiny ResNet-18's 2-block stages (train.py refuses it)
+    'st++': ['--method', 'st++', '--st-subnets', '2', '--st-min-keep', '1'],
     'gkt': ['--method', 'gkt', '--gkt-groups', '2', '--gkt-loops', '1'],
 }
 
@@ -250,6 +251,7 @@ def test_task_state_carries_the_step_so_a_resume_replays_the_subnets():
     (['--method', 'st', '--st-subnets', '0'], '--st-subnets'),
     (['--method', 'gkt', '--gkt-groups', '0'], '--gkt-groups'),
     (['--method', 'gkt', '--gkt-ema', '0'], '--gkt-ema'),
+    (['--method', 'gkt', '--gkt-drop', '0'], r'--gkt-drop must be in \(0, 1\] \(0 makes every subnet the full net\)'),
     (['--method', 'st', '--naflex-loader'], '--naflex-loader'),
     (['--method', 'gkt', '--kd-model-name', 'resnet18'], '--kd-model-name'),
     (['--method', 'st', '--aug-splits', '3', '--jsd-loss'], '--aug-splits'),
@@ -258,6 +260,26 @@ def test_bad_method_configurations_are_one_line_usage_errors(argv, message):
     args, _ = parse_train_args(argv)
     with pytest.raises(UsageError, match=message.replace('+', r'\+')):
         train.check_method_args(args)
+
+
+def test_st_refuses_a_min_keep_that_leaves_only_the_full_net_and_names_the_most_that_works():
+    torch.manual_seed(0)
+    model = timm.create_model('resnet34', channels=(8, 16, 32, 64), stem_width=8, num_classes=10)
+    block_map = DepthEngine(model, input_size=(3, 28, 28)).block_map
+    assert block_map.depths == (3, 4, 6, 3)
+    StimulativeTask.check_sampling_space(block_map, 3, 'st++')  # layer2 and layer3 can still be shortened
+    with pytest.raises(UsageError) as error:
+        StimulativeTask.check_sampling_space(block_map, 6, 'st')
+    assert str(error.value) == ('--method st on resnet34 samples only the full net: --st-min-keep 6 keeps every '
+                                'block of its stages (layer1, layer2, layer3, layer4 hold 3, 4, 6, 3 blocks); use '
+                                '--st-min-keep 5, the most that lets a stage be shortened')
+
+
+def test_a_model_without_skippable_blocks_is_refused_by_every_subnet_method():
+    model = timm.create_model('resnet18', channels=(8, 16, 32, 64), stem_width=8, num_classes=10,
+                              layers=(1, 1, 1, 1))  # every block changes the shape: none can be skipped
+    with pytest.raises(UsageError, match='resnet18: no skippable residual block'):
+        StimulativeTask.depth_engine(model, (3, 28, 28), verbose=False)
 
 
 def test_cosub_on_a_model_built_without_drop_path_is_refused():

@@ -69,7 +69,10 @@ def test_run_control_options_from_timm_1_0_31():
 
 def _write(tmp_path, text, name='hparams.yaml'):
     path = tmp_path / name
-    path.write_text(text)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
     return str(path)
 
 
@@ -99,12 +102,20 @@ def test_yaml_values_are_converted_like_the_command_line(tmp_path):
     assert args.input_size == [3, 32, 32] and args.model_kwargs == {'embed_dim': 32} and args.amp is True
 
 
-def test_unknown_yaml_keys_are_ignored_with_a_warning(tmp_path, caplog):
-    cfg = _write(tmp_path, 'lr: 0.5\nnot_an_option: 1\napex_amp: false\n')
+def test_keys_timm_retired_are_ignored_with_one_warning(tmp_path, caplog):
+    cfg = _write(tmp_path, 'lr: 0.5\napex_amp: false\nnative_amp: true\n')
     args, _ = parse_train_args(['-c', cfg])
-    assert args.lr == 0.5 and not hasattr(args, 'not_an_option') and not hasattr(args, 'apex_amp')
-    assert 'not_an_option' in caplog.text
-    assert 'apex_amp' not in caplog.text  # keys timm itself once wrote are dropped silently
+    assert args.lr == 0.5 and not hasattr(args, 'apex_amp') and not hasattr(args, 'native_amp')
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert warnings == [f'Ignoring apex_amp, native_amp in config file {cfg}: timm no longer has these options.']
+
+
+def test_our_renamed_options_are_accepted_under_their_old_yaml_names(tmp_path, caplog):
+    cfg = _write(tmp_path, 'st_bn: recal\nst_temperature: 2.0\ncosub_drop_schedule: constant\ndr: 0.5\n')
+    args, _ = parse_train_args(['-c', cfg])
+    assert (args.subnet_bn, args.subnet_temperature, args.drop_schedule, args.decay_rate) == \
+        ('recal', 2.0, 'constant', 0.5)
+    assert not caplog.records
 
 
 @pytest.mark.parametrize('text, message', [
@@ -118,11 +129,16 @@ def test_unknown_yaml_keys_are_ignored_with_a_warning(tmp_path, caplog):
     ('method: sgd\n', "config key 'method': expected one of none, cosub"),
     ('lr: [0.1\n', 'is not valid YAML (line 2)'),
     ('- lr\n- 0.1\n', 'must hold a mapping'),
+    ('methd: st\n', "config file {cfg}: unknown key 'methd' (did you mean 'method'?)"),
+    ('lr: 0.1\nnot_an_option: 1\n', "unknown key 'not_an_option' (not an option of train.py (see --help))"),
+    (b'model: r\xe9snet50\n', 'config file {cfg} is not UTF-8 text (byte 0xe9 at offset 8); save it as UTF-8'),
+    (b'model: \x00\n', 'is not valid YAML: unacceptable character #x0000'),
 ])
 def test_bad_yaml_stops_with_one_line(tmp_path, capsys, text, message):
-    assert train.main(['-c', _write(tmp_path, text), '--data-dir', str(tmp_path)]) == 2
+    cfg = _write(tmp_path, text)
+    assert train.main(['-c', cfg, '--data-dir', str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith('train.py: error: ') and message in err[0]
+    assert len(err) == 1 and err[0].startswith('train.py: error: ') and message.format(cfg=cfg) in err[0]
 
 
 def test_missing_config_file_is_one_line(tmp_path, capsys):

@@ -13,6 +13,9 @@ from timm.utils import load_checkpoint_metadata
 
 import train
 import validate
+from subnet import run_folder
+from subnet.device import fall_back_to_cpu, use_default_device
+from subnet.timm_options import parse_train_args, train_options_given
 from train_helpers import (ROOT, SHIPPED, assert_same_weights, make_subset, run_train, state_dict_of, torchrun,
                            train_argv)
 
@@ -176,12 +179,22 @@ def _corrupt(path: Path, content: bytes):
     return path
 
 
-@pytest.mark.parametrize('case', ['unknown_model', 'missing_data', 'empty_data', 'odd_mixup_batch',
-                                  'corrupt_resume', 'wrong_model_resume', 'corrupt_initial', 'stop_epoch',
-                                  'auto_without_experiment'])
-def test_bad_input_gives_one_line_and_exit_2(case, data, tmp_path, capsys, one_epoch):
-    last = Path(one_epoch.output_dir) / 'last.pth.tar'
-    argv, expected = {
+def _flat_images(root: Path, per_folder=2, classes=()) -> Path:
+    """A data folder whose train/ and val/ hold images directly, or in the given class folders only."""
+    for split in ('train', 'val'):
+        for folder in [root / split / c for c in classes] or [root / split]:
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_folder):
+                Image.new('L', (28, 28), color=i * 40).save(folder / f'{i}.png')
+    return root
+
+
+# bad inputs caught only once the model or the dataset exists: log lines come before the error line
+LATE = {'wrong_model_resume', 'single_class', 'num_classes_below_data', 'st_plus_plus_full_net'}
+
+
+def _bad_input(case, data, tmp_path, last):
+    return {
         'unknown_model': (train_argv(data, tmp_path, 'x', '--model', 'resnet51'),
                           "unknown model 'resnet51'; closest timm names: resnet51q, resnet50"),
         'missing_data': (train_argv(tmp_path / 'nowhere', tmp_path, 'x'), 'does not exist'),
@@ -200,13 +213,66 @@ def test_bad_input_gives_one_line_and_exit_2(case, data, tmp_path, capsys, one_e
         'stop_epoch': (train_argv(data, tmp_path, 'x', '--stop-epoch', '5'), '--stop-epoch 5 must be between'),
         'auto_without_experiment': ([a for a in train_argv(data, tmp_path, '') if a != '--experiment'] +
                                     ['--resume', 'auto'], '--resume auto needs --experiment'),
+        'images_without_class_folders': (
+            train_argv(_flat_images(tmp_path / 'flat'), tmp_path, 'x'),
+            f"train split 'train' resolves to {tmp_path / 'flat' / 'train'}, which holds 2 images directly: timm "
+            f"reads one class per sub-folder, so put them in {tmp_path / 'flat' / 'train' / '<class>'}/"),
+        'single_class': (train_argv(_flat_images(tmp_path / 'one', 8, ['images']), tmp_path, 'x', '-b', '4'),
+                         f'the training split of {tmp_path / "one"} holds a single class'),
+        'num_classes_below_data': (train_argv(data, tmp_path, 'x', '--num-classes', '5'),
+                                   f'the model has 5 classes (--num-classes) but the training data ({data}) has '
+                                   f'10: use --num-classes 10'),
+        'st_plus_plus_full_net': (train_argv(data, tmp_path, 'x', '--method', 'st++'),
+                                  '--method st++ on resnet18 samples only the full net: --st-min-keep 3 keeps every '
+                                  'block of its stages (layer1, layer2, layer3, layer4 hold 2, 2, 2, 2 blocks); use '
+                                  '--st-min-keep 1, the most that lets a stage be shortened'),
+        'zero_batch': (train_argv(data, tmp_path, 'x', '-b', '0'), '--batch-size must be >= 1, got 0'),
+        'negative_batch': (train_argv(data, tmp_path, 'x', '-b', '-8'), '--batch-size must be >= 1, got -8'),
+        'zero_epochs': (train_argv(data, tmp_path, 'x', '--epochs', '0'), '--epochs must be >= 1, got 0'),
+        'zero_val_interval': (train_argv(data, tmp_path, 'x', '--val-interval', '0'),
+                              '--val-interval must be >= 1, got 0'),
+        'zero_log_interval': (train_argv(data, tmp_path, 'x', '--log-interval', '0'),
+                              '--log-interval must be >= 1, got 0'),
+        'zero_grad_accum': (train_argv(data, tmp_path, 'x', '--grad-accum-steps', '0'),
+                            '--grad-accum-steps must be >= 1, got 0'),
+        'negative_workers': (train_argv(data, tmp_path, 'x', '--workers', '-1'), '--workers must be >= 0, got -1'),
+        'output_under_a_file': (train_argv(data, _corrupt(tmp_path / 'plain', b'') / 'runs', 'x'),
+                                f'--output {tmp_path / "plain" / "runs"}: cannot create '
+                                f'{tmp_path / "plain" / "runs" / "x"}: {tmp_path / "plain"} is a file'),
+        'aug_repeats_without_ddp': (train_argv(data, tmp_path, 'x', '--aug-repeats', '3'),
+                                    '--aug-repeats 3 needs distributed training (torchrun with 2 or more processes)'),
+        'sync_bn_with_torchscript': (train_argv(data, tmp_path, 'x', '--sync-bn', '--torchscript'),
+                                     '--sync-bn cannot be combined with --torchscript'),
+        'wandb_resume_without_resume': (train_argv(data, tmp_path, 'x', '--log-wandb', '--wandb-resume-id', 'abc'),
+                                        '--wandb-resume-id continues a wandb run: add --resume'),
     }[case]
+
+
+BAD_INPUTS = ['unknown_model', 'missing_data', 'empty_data', 'odd_mixup_batch', 'corrupt_resume', 'wrong_model_resume',
+              'corrupt_initial', 'stop_epoch', 'auto_without_experiment', 'images_without_class_folders',
+              'single_class', 'num_classes_below_data', 'st_plus_plus_full_net', 'zero_batch', 'negative_batch',
+              'zero_epochs', 'zero_val_interval', 'zero_log_interval', 'zero_grad_accum', 'negative_workers',
+              'output_under_a_file', 'aug_repeats_without_ddp', 'sync_bn_with_torchscript',
+              'wandb_resume_without_resume']
+
+
+@pytest.mark.parametrize('case', BAD_INPUTS)
+def test_bad_input_gives_one_line_and_exit_2(case, data, tmp_path, capsys, one_epoch):
+    last = Path(one_epoch.output_dir) / 'last.pth.tar'
     if case == 'empty_data':
         (tmp_path / 'train').mkdir()
         (tmp_path / 'validation').mkdir()
+    argv, expected = _bad_input(case, data, tmp_path, last)
     assert train.main(argv) == 2
-    assert expected in _one_error_line(capsys, early=case != 'wrong_model_resume')
-    assert not (tmp_path / 'x' / 'last.pth.tar').exists()
+    assert expected in _one_error_line(capsys, early=case not in LATE)
+    assert not run_folder.holds_run(str(tmp_path / 'x'))  # nothing that would refuse the corrected command
+
+
+def test_a_start_that_failed_late_leaves_nothing_that_blocks_the_corrected_run(data, tmp_path, capsys):
+    assert train.main(train_argv(data, tmp_path, 'x', '--num-classes', '5')) == 2
+    assert 'use --num-classes 10' in _one_error_line(capsys, early=False)
+    assert train.main(train_argv(data, tmp_path, 'x')) == 0
+    assert [r['epoch'] for r in _summary(tmp_path / 'x')] == ['0']
 
 
 def test_unreadable_image_is_named(data, tmp_path, capsys):
@@ -234,3 +300,35 @@ def test_short_model_names_resolve_with_a_log_line(caplog):
     assert resolve_model_name('resnet50.a1_in1k') == 'resnet50.a1_in1k'
     assert "resolved to timm's vit_base_patch16_224" in caplog.text
     assert SHIPPED.is_dir()
+
+
+# ------------------------------------------------------------------------------------ a quiet CPU quickstart
+
+def test_default_device_falls_back_quietly_and_an_explicit_cuda_warns(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    argv = [a for a in train_argv(data, tmp_path, 'q') if a not in ('--device', 'cpu')]
+    assert 'device' not in train_options_given(argv)
+    assert train.main(argv) == 0
+    err = capsys.readouterr().err
+    assert 'No CUDA GPU found: running on the CPU.' in err and 'WARNING' not in err
+    assert yaml.safe_load((tmp_path / 'q' / 'args.yaml').read_text())['device'] == 'cuda'  # as parsed, as timm
+    config = tmp_path / 'cuda.yaml'
+    config.write_text('device: cuda\n')
+    for given in (['--device', 'cuda'], ['--device=cuda:0'], ['-c', str(config)]):
+        assert 'device' in train_options_given(argv + given)
+    args, _ = parse_train_args(['--device', 'cuda'])
+    use_default_device(args, device_given=True)
+    fall_back_to_cpu(args, 'training')
+    assert args.device == 'cpu'
+    assert 'WARNING: --device cuda asked for but no CUDA GPU is present: training on the CPU.' in \
+        capsys.readouterr().err
+
+
+def test_loader_workers_are_capped_at_the_cpus_with_one_line(one_epoch, data, capsys, monkeypatch, recwarn):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0})
+    last = Path(one_epoch.output_dir) / 'last.pth.tar'
+    assert validate.main(['--checkpoint', str(last), '--data-dir', str(data), '--device', 'cpu',
+                          '--workers', '4']) == 0
+    err = capsys.readouterr().err
+    assert err.count('--workers 4 lowered to 1, the number of CPUs this process may use.') == 1
+    assert not [w for w in recwarn if 'worker' in str(w.message)]

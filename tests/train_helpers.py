@@ -51,6 +51,34 @@ def torchrun(*args: str) -> list:
             *args]
 
 
+def method_training(method: str, extra=(), size: int = 64, amp: bool = False):
+    """(task, optimizer, args) for ``--method method`` on a slim ResNet-18 (drop-path 0.1) at ``size`` px, built the
+    way train.py builds them, for driving ``subnet.loop.train_one_epoch`` directly with a list of batches."""
+    import timm
+    from subnet.criterion import build_criterion
+    from subnet.methods import method_class
+    from subnet.timm_options import parse_train_args
+    args, _ = parse_train_args(['--method', method, *extra, '--device', 'cpu', '--drop-path', '0.1', '--lr', '0.1',
+                                '--img-size', str(size)] + (['--amp'] if amp else []))
+    args.prefetcher, args.distributed, args.world_size, args.rank = False, False, 1, 0
+    method_class(method).check_args(args)
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', channels=(8, 16, 32, 64), stem_width=8, num_classes=10,
+                              zero_init_last=False, drop_path_rate=args.drop_path)
+    criterion = build_criterion(args, 0, mixup_active=method == 'cosub')
+    task = method_class(method).from_args(args, model, criterion, input_size=(3, size, size), verbose=False)
+    optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=args.lr, momentum=0.9)
+    return task, optimizer, args
+
+
+def random_batch(method: str, size: int = 64, batch: int = 4, seed: int = 1):
+    """Random images and labels (dense, mixup-like targets for cosub)."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(seed)
+    images, labels = torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    return images, (0.8 * F.one_hot(labels, 10) + 0.02 if method == 'cosub' else labels)
+
+
 def run_train(argv):
     import train
     return train.run(argv)

@@ -55,8 +55,10 @@ class GroupKnowledgeTask(DistillFromFullNet):
         super().check_args(args)
         if args.gkt_groups < 1 or args.gkt_loops < 1:
             raise UsageError('--gkt-groups and --gkt-loops must be >= 1')
-        if not 0 <= args.gkt_drop <= 1 or not 0 < args.gkt_ema <= 1:
-            raise UsageError('--gkt-drop must be in [0, 1] and --gkt-ema in (0, 1]')
+        if not 0 < args.gkt_drop <= 1:
+            raise UsageError(f'--gkt-drop must be in (0, 1] (0 makes every subnet the full net), got {args.gkt_drop}')
+        if not 0 < args.gkt_ema <= 1:
+            raise UsageError(f'--gkt-ema must be in (0, 1], got {args.gkt_ema}')
 
     @classmethod
     def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):

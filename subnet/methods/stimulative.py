@@ -14,6 +14,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from ..blocks import BlockMap
 from ..depth import DepthEngine
 from ..errors import UsageError
 from ..losses import direction_kl, kl_distill, standardize_logits
@@ -90,10 +91,28 @@ class StimulativeTask(DistillFromFullNet):
         cls.fill_defaults(args)
         return {'dynamic_img_size': True} if args.st_min_size < 1.0 else {}
 
+    @staticmethod
+    def check_sampling_space(block_map: BlockMap, min_keep: int, method: str) -> None:
+        """One line when ``min_keep`` leaves every stage at its full depth: the method would train the full net
+        alone (``--method st++`` keeps 3 blocks per stage, all of a ResNet-18's 2)."""
+        # the lowest depth stage_prefix_keep draws for each stage
+        lowest = [max(min(len(s.blocks), min_keep), s.min_keep) for s in block_map.stages]
+        if any(low < len(s.blocks) for low, s in zip(lowest, block_map.stages)):
+            return
+        names = ', '.join(s.name for s in block_map.stages)
+        depths = ', '.join(str(len(s.blocks)) for s in block_map.stages)
+        fits = max((len(s.blocks) - 1 for s in block_map.stages if s.min_keep < len(s.blocks)), default=0)
+        remedy = (f'use --st-min-keep {fits}, the most that lets a stage be shortened' if fits else
+                  "no stage ends in blocks that can be skipped, and ST's subnets drop the last blocks of a stage")
+        raise UsageError(f'--method {method} on {block_map.model_name} samples only the full net: --st-min-keep '
+                         f'{min_keep} keeps every block of its stages ({names} hold {depths} blocks); {remedy}')
+
     @classmethod
     def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):
         cls.fill_defaults(args)
-        return cls(model, criterion, cls.depth_engine(model, input_size, verbose), subnets=args.st_subnets,
+        depth = cls.depth_engine(model, input_size, verbose)
+        cls.check_sampling_space(depth.block_map, args.st_min_keep, cls.method)
+        return cls(model, criterion, depth, subnets=args.st_subnets,
                    min_keep=args.st_min_keep, loss=args.st_loss, norm_ce=args.st_norm_ce, min_size=args.st_min_size,
                    temperature=args.subnet_temperature, amplitude=args.st_amplitude, kl_weight=args.subnet_kd_weight,
                    seed=args.seed, device=device, dtype=dtype, verbose=verbose, **cls.distillation_kwargs(args))

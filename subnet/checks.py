@@ -1,0 +1,89 @@
+"""Checks of train.py's options that timm leaves to an assertion, a traceback deep inside, or a silently wrong run.
+
+Each check raises one ``UsageError`` that names the option and says what to change. They run in train.py's
+preflight, before anything is built or written, except ``check_dataset_classes``, which needs the dataset's class
+list (read by timm's dataset factory) and runs as soon as the loaders exist, still before the run folder is made.
+"""
+import os
+from typing import Optional
+
+from timm import utils
+
+from .errors import UsageError
+
+__all__ = ['check_counts', 'check_distributed_options', 'check_output_folder', 'check_dataset_classes',
+           'dataset_classes']
+
+
+def check_counts(args) -> None:
+    """Sizes and intervals that must be positive (timm fails later with a ZeroDivisionError or an empty run)."""
+    for option, value in (('--batch-size', args.batch_size), ('--epochs', args.epochs),
+                          ('--validation-batch-size', args.validation_batch_size),
+                          ('--grad-accum-steps', args.grad_accum_steps),
+                          ('--log-interval', args.log_interval), ('--val-interval', args.val_interval)):
+        if value is not None and value < 1:
+            raise UsageError(f'{option} must be >= 1, got {value}')
+    if args.workers < 0:
+        raise UsageError(f'--workers must be >= 0, got {args.workers}')
+
+
+def check_distributed_options(args) -> None:
+    """Options that only make sense with (or without) several processes, as timm's train.py asserts them.
+
+    Whether the run is distributed is read from the environment torchrun / SLURM set, as timm's
+    ``init_distributed_device`` will read it.
+    """
+    distributed = utils.is_distributed_env()
+    if args.aug_repeats and not distributed:
+        raise UsageError(f'--aug-repeats {args.aug_repeats:g} needs distributed training (torchrun with 2 or more '
+                         f"processes): timm's repeated-augmentation sampler spreads the repeats over the processes")
+    if args.sync_bn and args.torchscript:
+        raise UsageError('--sync-bn cannot be combined with --torchscript (a scripted model keeps its BatchNorm)')
+    if args.sync_bn and args.split_bn and distributed:
+        raise UsageError('--sync-bn cannot be combined with --split-bn: choose one BatchNorm conversion')
+    if args.log_wandb and args.wandb_resume_id and not args.resume:
+        raise UsageError('--wandb-resume-id continues a wandb run: add --resume with the checkpoint of that run')
+
+
+def check_output_folder(args) -> None:
+    """The run folder (or, without --experiment, the output root) can be created: its nearest existing ancestor
+    is a writable folder. Nothing is created here."""
+    root = args.output or './output/train'
+    target = os.path.join(root, args.experiment) if args.experiment else root
+    existing = os.path.abspath(target)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f'--output {root}: cannot create {target}: {existing} is a file')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f'--output {root}: cannot create {target}: {existing} is not writable')
+
+
+def dataset_classes(dataset) -> Optional[int]:
+    """How many classes a training dataset holds, when its reader knows (image folders and tars, torchvision
+    datasets); None otherwise. Loaders and wrappers (``.dataset``) are looked through."""
+    seen = set()
+    while dataset is not None and id(dataset) not in seen:
+        seen.add(id(dataset))
+        class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+        if class_to_idx:
+            return len(class_to_idx)
+        classes = getattr(dataset, 'classes', None)
+        if isinstance(classes, (list, tuple)) and classes:
+            return len(classes)
+        dataset = getattr(dataset, 'dataset', None)
+    return None
+
+
+def check_dataset_classes(args, dataset) -> None:
+    """The model has a logit for every class of the training data (a dataset or its loader), and there are at
+    least two classes."""
+    classes = dataset_classes(dataset)
+    if classes is None:
+        return
+    if classes < 2 and not args.class_map:
+        raise UsageError(f'the training split of {args.data_dir} holds a single class: timm reads one class per '
+                         f'sub-folder (train/<class>/image.jpg); put the images in one folder per class')
+    if args.num_classes is not None and args.num_classes < classes:
+        raise UsageError(f'the model has {args.num_classes} classes (--num-classes) but the training data '
+                         f'({args.data_dir}) has {classes}: use --num-classes {classes}')
