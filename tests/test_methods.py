@@ -78,15 +78,61 @@ def test_cosub_submodels_differ_on_identical_images_and_loss_weights_add_up():
     assert any(p.grad is not None for p in task.trainable_module.parameters())
 
 
-def test_cosub_skip_mode_equals_mask_mode_on_a_layernorm_model():
+@pytest.mark.parametrize('unit, rows', [('branch', 'bernoulli'), ('branch', 'fixed'), ('block', 'bernoulli')])
+def test_cosub_skip_mode_equals_mask_mode_on_a_layernorm_model(unit, rows):
     images, target = batch(dense=True)
     results = {}
-    for impl in ('skip', 'mask'):
-        task = cosub_task(tiny_vit(), impl=impl)
+    for impl in ('skip', 'mask'):  # the same step seeds the same masks
+        task = cosub_task(tiny_vit(), impl=impl, unit=unit, rows=rows)
         results[impl] = task(images, target), grads(task.trainable_module)
     assert results['skip'][0]['loss'].item() == pytest.approx(results['mask'][0]['loss'].item(), abs=1e-5)
     for name, grad in results['skip'][1].items():
         assert torch.allclose(grad, results['mask'][1][name], atol=1e-5), name
+
+
+def test_cosub_branch_skip_computes_each_branch_only_on_the_rows_that_keep_it():
+    task = cosub_task(tiny_vit(), rate=0.5, rows='fixed')
+    rows_seen = {}
+    for index, block in enumerate(task.trainable_module.blocks):
+        for name in ('attn', 'mlp'):
+            getattr(block, name).register_forward_pre_hook(
+                lambda module, args, key=(name, index): rows_seen.__setitem__(key, args[0].shape[0]))
+    task(*batch(dense=True))
+    assert len(rows_seen) == 8
+    assert set(rows_seen.values()) == {4}  # 8 rows (the batch twice), each branch keeps round(0.5 * 8)
+    assert task.unit_rates.tolist() == [0.5] * 8  # 4 blocks x (attention, MLP)
+
+
+def tiny_vit_args(*extra):
+    args, _ = parse_train_args(['--method', 'cosub', '--mixup', '0.8', '--drop-path', '0.1', *TINY_VIT, *extra])
+    train.check_method_args(args)
+    args.rank = 0  # what train.py's device set-up fills in
+    return args
+
+
+def cosub_from_args(args):
+    return CosubTask.from_args(args, train.build_model(args), None, input_size=(3, 28, 28), verbose=True)
+
+
+def test_cosub_defaults_are_deits_stochastic_depth_per_branch_constant_rate_bernoulli_rows():
+    args = tiny_vit_args()
+    task = cosub_from_args(args)
+    # DeiT's models_v2.py: a DropPath on the attention and on the MLP branch of every block (lines 81-82), each a
+    # per-row Bernoulli (timm's DropPath), at the same rate in every block (dpr, line 200)
+    assert (task.impl, task.unit, task.rows) == ('skip', 'branch', 'bernoulli')
+    slots = [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in task.trainable_module.blocks]
+    assert slots == [(pytest.approx(0.1), pytest.approx(0.1))] * 4
+    assert task.unit_rates.tolist() == pytest.approx([0.1] * 8)  # one column per branch
+    assert len(task.depth.block_map.units('branch')) == 8
+
+
+def test_cosub_under_torchcompile_keeps_a_fixed_count_of_rows_unless_told(caplog):
+    with caplog.at_level('INFO', logger='train'):
+        task = cosub_from_args(tiny_vit_args('--torchcompile'))
+    assert task.rows == 'fixed' and task.impl == 'skip'  # not the mask mode: compute is still saved
+    assert sum('--cosub-rows fixed' in r.getMessage() for r in caplog.records) == 1
+    assert cosub_from_args(tiny_vit_args('--torchcompile', '--cosub-rows', 'bernoulli')).rows == 'bernoulli'
+    assert cosub_from_args(tiny_vit_args('--torchcompile', '--cosub-impl', 'mask')).rows == 'bernoulli'
 
 
 def test_cosub_rejects_class_index_targets():
@@ -247,6 +293,9 @@ def test_task_state_carries_the_step_so_a_resume_replays_the_subnets():
     (['--method', 'cosub', '--mixup', '0.8', '--drop-path', '0.1', '--bce-target-thresh', '0'],
      'erases the labels'),
     (['--method', 'cosub', '--mixup', '0.8', '--cosub-label-weight', '2'], '--cosub-label-weight'),
+    (['--method', 'cosub', '--mixup', '0.8', '--cosub-impl', 'timm', '--cosub-drop-unit', 'block'],
+     "--cosub-impl timm is timm's own DropPath"),
+    (['--method', 'cosub', '--mixup', '0.8', '--cosub-impl', 'timm', '--cosub-rows', 'fixed'], 'Bernoulli rows'),
     (['--method', 'st++', '--st-min-size', '0'], '--st-min-size'),
     (['--method', 'st', '--st-subnets', '0'], '--st-subnets'),
     (['--method', 'gkt', '--gkt-groups', '0'], '--gkt-groups'),
@@ -325,6 +374,26 @@ def test_one_epoch_per_method_checkpoints_a_plain_timm_model(method, model, data
     trained = state_dict_of(run)
     for name, value in plain.state_dict().items():
         assert torch.equal(value, trained[name]), name
+
+
+def test_train_py_compiles_the_cosub_step_once_with_inductor(data, tmp_path, monkeypatch, single_thread):
+    """``train.py --method cosub --torchcompile`` (inductor, C++ on this CPU) on a tiny ViT: the step keeps a fixed
+    count of rows per branch, so its 5 training steps compile once (no evaluation: --val-split '')."""
+    import torch._inductor.compile_fx as inductor
+    compilations = []
+    compile_fx = inductor.compile_fx
+
+    def counting_compile_fx(graph_module, example_inputs, *args, **kwargs):
+        compilations.append(len(graph_module.graph.nodes))
+        return compile_fx(graph_module, example_inputs, *args, **kwargs)
+
+    monkeypatch.setattr(inductor, 'compile_fx', counting_compile_fx)
+    torch._dynamo.reset()
+    run = run_train(train_argv(data, tmp_path, 'compiled', *METHOD_FLAGS['cosub'], '--torchcompile',
+                               '--val-split', '', '-b', '16', model=TINY_VIT))
+    torch._dynamo.reset()
+    assert run.task.rows == 'fixed' and run.task.impl == 'skip' and run.task.step == 5
+    assert len(compilations) == 1
 
 
 @pytest.mark.parametrize('method', ['none', *METHOD_FLAGS])

@@ -4,6 +4,11 @@ The official code is a flag of facebookresearch/deit (``engine.py``): after mixu
 itself, each copy runs through its own drop-path draw, and each submodel learns from the labels (weight λ) and from
 the other's detached sigmoid (1 − λ), every term a mean BCE-with-logits. The duplication happens inside the step,
 so ``--batch-size`` keeps meaning images per device, as in DeiT.
+
+The submodels are DeiT's stochastic depth (``models_v2.py``): timm's ``DropPath`` on the attention and on the MLP
+branch of every block, each dropping a row on its own, i.i.d. Bernoulli, at the same rate in every block. By
+default we draw exactly those masks and run each branch only on the rows that keep it (the paper's "efficient
+stochastic depth", which DeiT never released); the depth engine does the work.
 """
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..blocks import UNITS
 from ..depth import DepthEngine
 from ..errors import UsageError
 from ..losses import cosub_loss
-from ..sampling import bernoulli_keep
+from ..sampling import ROWS, draw_keep
 from .base import SubnetTask
 
 __all__ = ['CosubTask', 'cosub_options']
@@ -32,27 +38,43 @@ def cosub_options(parser) -> None:
                    help="weight of the label terms; the peer terms get 1 - LAMBDA (default: 0.5, DeiT's "
                         'engine.py: four terms of 0.25)')
     g.add_argument('--cosub-impl', default='skip', choices=IMPLEMENTATIONS,
-                   help="'skip': dropped blocks are not computed for the rows that drop them (fast, default); "
-                        "'mask': same masks, branches multiplied (full cost); 'timm': timm's own per-branch "
-                        "DropPath, DeiT's implementation")
+                   help="'skip': a dropped branch is not computed for the rows that drop it (fast, default); "
+                        "'mask': the same masks multiplied in (full cost); 'timm': timm's own per-branch "
+                        "DropPath, DeiT's implementation (every branch computed, then multiplied)")
+    g.add_argument('--cosub-drop-unit', default='branch', choices=UNITS,
+                   help="what drops: each residual 'branch' on its own (a ViT block's attention and MLP, as "
+                        "DeiT's models_v2.py puts a DropPath on each; default), or a whole 'block'. Blocks with "
+                        'one branch (ResNet, ConvNeXt) are the same either way')
+    g.add_argument('--cosub-rows', default=None, choices=ROWS,
+                   help="how the rows that keep a branch are drawn: 'bernoulli', each row on its own with "
+                        "probability 1 - rate (timm's DropPath, as in DeiT; default), or 'fixed', exactly "
+                        "round((1 - rate) x rows) random rows per branch (DINOv2's): shapes never change, so "
+                        'torch.compile compiles the step once (default under --torchcompile)')
 
 
 class CosubTask(SubnetTask):
     """cosub: the batch runs twice through independent stochastic-depth submodels (one per row).
 
-    ``impl='skip'`` runs each block only on the rows that keep it (the paper's "efficient stochastic depth",
-    at block granularity); 'mask' multiplies branches by the same per-row masks at full cost; 'timm' is
-    timm's per-branch DropPath, DeiT's own implementation (masks from the global RNG, per branch).
+    ``drop_rate``: one rate per block (the model's own, see ``drop_rates_for``), shared by the block's branches.
+    ``impl='skip'`` runs each branch (``unit='branch'``) or block only on the rows that keep it; 'mask'
+    multiplies by the same masks at full cost; 'timm' is timm's per-branch DropPath, DeiT's own implementation
+    (masks from the global RNG, drawn inside the forward). ``rows``: 'bernoulli' or 'fixed' (see ``draw_keep``).
     """
 
     options = (cosub_options,)
     drop_schedule = 'constant'  # DeiT III's models_v2.py: the same drop-path rate in every block
 
-    def __init__(self, model, depth: DepthEngine, drop_rate: torch.Tensor, impl: str = 'skip',
-                 label_weight: float = 0.5, target_threshold: Optional[float] = None, rank: int = 0, **kwargs):
+    def __init__(self, model, depth: DepthEngine, drop_rate: torch.Tensor, impl: str = 'skip', unit: str = 'branch',
+                 rows: str = 'bernoulli', label_weight: float = 0.5, target_threshold: Optional[float] = None,
+                 rank: int = 0, **kwargs):
         super().__init__(model, nn.Identity(), depth, **kwargs)
-        self.drop_rate = drop_rate
-        self.impl = impl
+        if impl not in IMPLEMENTATIONS:
+            raise UsageError(f"cosub implementation must be one of {', '.join(IMPLEMENTATIONS)}, not {impl!r}")
+        if rows not in ROWS:
+            raise UsageError(f"cosub row sampling must be one of {', '.join(ROWS)}, not {rows!r}")
+        self.drop_rate = torch.as_tensor(drop_rate, dtype=torch.float64)
+        self.unit_rates = depth.block_map.per_unit(self.drop_rate, unit)  # also checks the unit
+        self.impl, self.unit, self.rows = impl, unit, rows
         self.label_weight = label_weight
         self.target_threshold = target_threshold
         self.rank = rank
@@ -71,6 +93,9 @@ class CosubTask(SubnetTask):
             raise UsageError(f'--bce-target-thresh {args.bce_target_thresh} with --smoothing {args.smoothing} '
                              f'turns every smoothed target into 1 and erases the labels; use --smoothing 0 '
                              f'(DeiT III) or a higher threshold')
+        if args.cosub_impl == 'timm' and (args.cosub_drop_unit != 'branch' or args.cosub_rows == 'fixed'):
+            raise UsageError("--cosub-impl timm is timm's own DropPath: per branch, Bernoulli rows; "
+                             '--cosub-drop-unit block and --cosub-rows fixed need --cosub-impl skip or mask')
 
     @staticmethod
     def drop_rates_for(depth: DepthEngine) -> torch.Tensor:
@@ -81,24 +106,36 @@ class CosubTask(SubnetTask):
                              f'set --drop-path > 0')
         return rates
 
+    @staticmethod
+    def row_sampling(args, verbose: bool = True) -> str:
+        """``--cosub-rows``, or its default: Bernoulli, and a fixed count under --torchcompile with skip, whose
+        per-step row counts would otherwise recompile the model every step."""
+        if args.cosub_rows is not None:
+            if args.cosub_rows == 'bernoulli' and args.torchcompile and args.cosub_impl == 'skip' and verbose:
+                _logger.warning('--cosub-rows bernoulli changes shapes every step: torch.compile recompiles until '
+                                'its recompile limit, then runs that frame eagerly; --cosub-rows fixed compiles once')
+            return args.cosub_rows
+        if args.torchcompile and args.cosub_impl == 'skip':
+            if verbose:
+                _logger.info('cosub under --torchcompile: each branch keeps a fixed count of rows (--cosub-rows '
+                             'fixed), so the shapes never change and the step compiles once.')
+            return 'fixed'
+        return 'bernoulli'
+
     @classmethod
     def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):
         depth = cls.depth_engine(model, input_size, verbose)
-        impl = args.cosub_impl
-        if impl == 'skip' and args.torchcompile:
-            _logger.warning("--cosub-impl skip changes shapes every step, which torch.compile would recompile; "
-                            "using --cosub-impl mask (same masks, static graph).")
-            impl = 'mask'
-        return cls(model, depth, cls.drop_rates_for(depth), impl=impl, label_weight=args.cosub_label_weight,
+        return cls(model, depth, cls.drop_rates_for(depth), impl=args.cosub_impl, unit=args.cosub_drop_unit,
+                   rows=cls.row_sampling(args, verbose), label_weight=args.cosub_label_weight,
                    target_threshold=args.bce_target_thresh, rank=args.rank, seed=args.seed, device=device,
                    dtype=dtype, verbose=verbose)
 
     def submodels(self, rows: int):
-        """Stochastic depth for ``rows`` rows, each row its own submodel."""
+        """Stochastic depth for ``rows`` rows, each row its own submodel (masks differ per rank: other images)."""
         if self.impl == 'timm':
             return self.depth.timm_drop_path(self.drop_rate)
-        keep_mask = bernoulli_keep(rows, self.drop_rate, self.next_generator(self.rank))
-        return self.depth.per_sample(keep_mask, 1.0 - self.drop_rate, mode=self.impl)
+        keep_mask, keep_prob = draw_keep(rows, self.unit_rates, self.rows, self.next_generator(self.rank))
+        return self.depth.per_sample(keep_mask, keep_prob, mode=self.impl, unit=self.unit)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict:
         if target.ndim != 2:
