@@ -191,3 +191,52 @@ def test_pip_install_makes_the_library_importable_from_another_loop(tmp_path):
     location, methods, finite = done.stdout.split(' ', 1)[0], done.stdout.split(' ', 1)[1], done.stdout.split()[-1]
     assert location.startswith(str(target)) and finite == 'True'
     assert "'cosub', 'gkt', 'none', 'st', 'st++'" in methods
+
+
+# ------------------------------------------------------------------------------ a model family the engine misses
+
+def docs_family(folder: Path) -> Path:
+    """docs/extending.md's model family, written where the user would put it: my_family.py."""
+    text = (ROOT / 'docs' / 'extending.md').read_text()
+    code = next(block for block in re.findall(r'```python\n(.*?)```', text, re.S) if 'my_family.py' in block)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / 'my_family.py').write_text(code)
+    return folder
+
+
+def test_the_documented_model_family_gets_blocks_and_branches_and_a_per_branch_cosub_step(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(docs_family(tmp_path / 'user')))
+    import my_family  # noqa: F401  (registers the model and its slots)
+    from subnet.methods import CosubTask
+    from subnet.sampling import drop_rates
+    engine = DepthEngine(timm.create_model('my_mixer', drop_path_rate=0.1), input_size=(3, 32, 32))
+    block_map = engine.block_map
+    assert [b.name for b in block_map.blocks] == [f'blocks.{i}' for i in range(4)]
+    assert all(b.skippable and b.separable and b.slots == ('sd_mix', 'sd_mlp') for b in block_map.blocks)
+    assert [b.children for b in block_map.blocks[0].branches] == [('norm1', 'mix'), ('norm2', 'mlp')]
+    assert engine.model_drop_path_rates().tolist() == pytest.approx([0.1] * 4)
+    assert 'branches: norm1 mix | norm2 mlp' in block_map.describe()
+    # one cosub step per implementation on the same masks: branch skip computes what the mask-multiply computes
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    target = F.one_hot(torch.tensor([1, 2, 3, 4]), 10).float()
+    results = {}
+    for impl in ('skip', 'mask'):
+        torch.manual_seed(0)
+        model = timm.create_model('my_mixer').train()
+        task = CosubTask(model, DepthEngine(model, input_size=(3, 32, 32)), drop_rates(4, 0.5, 'constant'),
+                         impl=impl)
+        results[impl] = task(images, target)['loss'], {n: p.grad for n, p in model.named_parameters()}
+    assert task.unit == 'branch' and len(task.unit_rates) == 8
+    assert results['skip'][0].item() == pytest.approx(results['mask'][0].item(), abs=1e-6)
+    for name, grad in results['skip'][1].items():
+        assert torch.allclose(grad, results['mask'][1][name], atol=1e-6), name
+
+
+def test_the_documented_model_family_trains_with_train_py(data, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(docs_family(tmp_path / 'user')))
+    argv = train_argv(data, tmp_path, 'mixer', '--extra-methods', 'my_family', '--method', 'cosub', '--mixup', '0.2',
+                      '--drop-path', '0.1', '-b', '8', model=['--model', 'my_mixer', '--img-size', '32',
+                                                                '--num-classes', '10'])
+    run = run_train(argv)
+    assert run.task.unit == 'branch' and run.task.step == 10
+    assert len(run.task.depth.block_map.units('branch')) == 8 and run.task.unit_rates.tolist() == [0.1] * 8
