@@ -20,16 +20,16 @@ the activation memory held at the end of the forward, which is what dropping blo
 """
 import argparse
 import contextlib
-import logging
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import (  # noqa: E402
+    CompileCounter, add_common_args, clock, parse_and_setup, print_table_head)
 from subnet.depth import DepthEngine  # noqa: E402
 from subnet.sampling import ROWS, draw_keep, stage_prefix_keep, unit_drop_rates  # noqa: E402
 
@@ -39,18 +39,14 @@ PER_SAMPLE_DROP = (0.05, 0.2, 0.45)
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--models', default='vit_small_patch16_224,resnet50')
-    parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--repeats', type=int, default=5, help='timed steps per row (median reported)')
+    add_common_args(parser, repeats_help='timed steps per row (median reported)')
     parser.add_argument('--warmup', type=int, default=1)
-    parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch default)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--compile-check', action='store_true',
                         help='instead of timing, count torch.compile graphs per mode over --compile-steps steps')
     parser.add_argument('--compile-steps', type=int, default=12)
     parser.add_argument('--compile-backend', default='eager', help="'eager' counts dynamo recompiles quickly")
-    return parser.parse_args()
+    return parse_and_setup(parser)
 
 
 class Bench:
@@ -67,6 +63,7 @@ class Bench:
         self.target = torch.randint(0, 1000, (args.batch_size,), generator=generator)
         self.batch = args.batch_size
         self.generator = generator
+        self.clock = clock(args)
 
     def step(self, context):
         """One forward+backward inside ``context``: (seconds, bytes of the distinct non-parameter storages autograd
@@ -80,10 +77,10 @@ class Bench:
                 saved[storage.data_ptr()] = storage.nbytes()
             return tensor
         self.model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
+        start = self.clock()
         with context, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             torch.nn.functional.cross_entropy(self.model(self.x), self.target).backward()
-        return time.perf_counter() - start, sum(saved.values())
+        return self.clock() - start, sum(saved.values())
 
     def per_batch_keep(self, fraction):
         skippable = self.block_map.skippable.nonzero().flatten()
@@ -127,12 +124,10 @@ class Bench:
 
 
 def run_timing(args):
-    print(f'torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}, '
-          f'batch {args.batch_size}, {args.img_size} px, median of {args.repeats} (+{args.warmup} warm-up) '
-          f'forward+backward steps, fp32, CPU')
-    print()
-    print('| model | mode | time ms | time ratio | memory ratio | FLOP-ideal ratio | time / ideal | memory / ideal |')
-    print('|---|---|---:|---:|---:|---:|---:|---:|')
+    print_table_head(args, f'batch {args.batch_size}, {args.img_size} px, median of {args.repeats} (+{args.warmup} '
+                     f'warm-up) forward+backward steps, fp32, CPU',
+                     ('model', 'mode', 'time ms', 'time ratio', 'memory ratio', 'FLOP-ideal ratio', 'time / ideal',
+                      'memory / ideal'))
     for name in args.models.split(','):
         bench = Bench(name, args)
         rows = bench.rows()
@@ -167,26 +162,12 @@ def run_timing(args):
         sys.stdout.flush()
 
 
-class _RecompileLimitWatch(logging.Handler):
-    """Notices dynamo's 'hit config.recompile_limit' warning: from then on that frame runs eagerly."""
-
-    def __init__(self):
-        super().__init__()
-        self.hit = False
-
-    def emit(self, record):
-        self.hit |= 'recompile_limit' in record.getMessage() or 'cache_size_limit' in record.getMessage()
-
-
 def run_compile_check(args):
-    from torch._dynamo.utils import counters
-    watch = _RecompileLimitWatch()
-    logging.getLogger('torch._dynamo.convert_frame').addHandler(watch)
-    print(f'torch.compile (backend {args.compile_backend}) over {args.compile_steps} training steps per mode; '
-          f'graphs = distinct compiled graphs, recompile limit {torch._dynamo.config.recompile_limit}')
-    print()
-    print('| model | mode | distinct masks | graphs compiled | hit recompile limit |')
-    print('|---|---|---:|---:|---|')
+    counter = CompileCounter(args.compile_backend)
+    print_table_head(args, f'torch.compile (backend {args.compile_backend}) over {args.compile_steps} training steps '
+                     f'per mode; graphs = distinct compiled graphs, recompile limit '
+                     f'{torch._dynamo.config.recompile_limit}',
+                     ('model', 'mode', 'distinct masks', 'graphs compiled', 'hit recompile limit'))
     for name in args.models.split(','):
         bench = Bench(name, args)
         rates = unit_drop_rates(bench.block_map, 0.2, 'constant', 'block')
@@ -203,9 +184,8 @@ def run_compile_check(args):
                 bench, unit='branch', rows=sampling) for sampling in ROWS})
         for label, make in modes.items():
             torch._dynamo.reset()
-            counters.clear()
-            watch.hit = False
-            compiled = torch.compile(bench.model, backend=args.compile_backend)
+            counter.label, counter.hit_limit = label, False
+            compiled = torch.compile(bench.model, backend=counter)
             patterns = set()
             for _ in range(args.compile_steps):
                 context, pattern = make()
@@ -213,8 +193,8 @@ def run_compile_check(args):
                 bench.model.zero_grad(set_to_none=True)
                 with context:
                     torch.nn.functional.cross_entropy(compiled(bench.x), bench.target).backward()
-            print(f'| {name} | {label} | {len(patterns - {None}) or "-"} | '
-                  f'{counters["stats"].get("unique_graphs", 0)} | {"yes" if watch.hit else "no"} |')
+            print(f'| {name} | {label} | {len(patterns - {None}) or "-"} | {counter.counts.get(label, 0)} | '
+                  f'{"yes" if counter.hit_limit else "no"} |')
             sys.stdout.flush()
         torch._dynamo.reset()
 
@@ -232,12 +212,7 @@ def _prefix(bench):
 
 def main():
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.compile_check:
-        run_compile_check(args)
-    else:
-        run_timing(args)
+    (run_compile_check if args.compile_check else run_timing)(args)
 
 
 if __name__ == '__main__':
