@@ -88,12 +88,13 @@ def test_a_registered_methods_checks_stop_bad_input_with_one_line(data, tmp_path
     assert capsys.readouterr().err.strip() == 'train.py: error: --toy-drop must be in [0, 1], got 2.0'
 
 
-def docs_example(folder: Path) -> Path:
-    """docs/extending.md's example method, written where the user would put it: my_methods.py."""
+def docs_example(folder: Path, module: str = 'my_methods') -> Path:
+    """A module docs/extending.md shows (its example method, my_methods.py, or its model family, my_family.py),
+    written where the user would put it."""
     text = (ROOT / 'docs' / 'extending.md').read_text()
-    code = next(block for block in re.findall(r'```python\n(.*?)```', text, re.S) if 'my_methods.py' in block)
+    code = next(block for block in re.findall(r'```python\n(.*?)```', text, re.S) if f'{module}.py' in block)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / 'my_methods.py').write_text(code)
+    (folder / f'{module}.py').write_text(code)
     return folder
 
 
@@ -195,17 +196,8 @@ def test_pip_install_makes_the_library_importable_from_another_loop(tmp_path):
 
 # ------------------------------------------------------------------------------ a model family the engine misses
 
-def docs_family(folder: Path) -> Path:
-    """docs/extending.md's model family, written where the user would put it: my_family.py."""
-    text = (ROOT / 'docs' / 'extending.md').read_text()
-    code = next(block for block in re.findall(r'```python\n(.*?)```', text, re.S) if 'my_family.py' in block)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / 'my_family.py').write_text(code)
-    return folder
-
-
 def test_the_documented_model_family_gets_blocks_and_branches_and_a_per_branch_cosub_step(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(docs_family(tmp_path / 'user')))
+    monkeypatch.syspath_prepend(str(docs_example(tmp_path / 'user', 'my_family')))
     import my_family  # noqa: F401  (registers the model and its slots)
     from subnet.methods import CosubTask
     from subnet.sampling import drop_rates
@@ -233,7 +225,7 @@ def test_the_documented_model_family_gets_blocks_and_branches_and_a_per_branch_c
 
 
 def test_the_documented_model_family_trains_with_train_py(data, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(docs_family(tmp_path / 'user')))
+    monkeypatch.syspath_prepend(str(docs_example(tmp_path / 'user', 'my_family')))
     argv = train_argv(data, tmp_path, 'mixer', '--extra-methods', 'my_family', '--method', 'cosub', '--mixup', '0.2',
                       '--drop-path', '0.1', '-b', '8', model=['--model', 'my_mixer', '--img-size', '32',
                                                                 '--num-classes', '10'])
