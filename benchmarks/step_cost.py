@@ -1,7 +1,8 @@
 """What one training step of each method costs, relative to plain training (``--method none``).
 
 For each model it times one step (forward and backward of every pass; no optimizer) of:
-  none; cosub at each drop rate of --cosub-drops (DeiT III's 0.05 / 0.2 / 0.45 for ViT-S / B / L), as
+  none; none-2x (plain training on the batch concatenated with itself: what cosub's doubled rows cost before
+  anything is dropped); cosub at each drop rate of --cosub-drops (DeiT III's 0.05 / 0.2 / 0.45 for ViT-S / B / L), as
   'cosub' (the default: per-branch skip, Bernoulli rows), 'cosub-fixed' (per-branch skip, a fixed count of rows),
   'cosub-timm' (DeiT's implementation: timm's per-branch DropPath, every branch computed and multiplied),
   and, if asked, 'cosub-mask' (our per-branch mask mode) and 'cosub-block' (block-level skip);
@@ -52,8 +53,9 @@ COSUB = {
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     add_common_args(parser, repeats_help='timed steps per row (total time compared)')
-    parser.add_argument('--methods', default='none,cosub,cosub-fixed,cosub-timm,st,st++,gkt',
-                        help=f'comma-separated, from none, {", ".join(COSUB)}, st, st++, gkt')
+    parser.add_argument('--methods', default='none,none-2x,cosub,cosub-fixed,cosub-timm,st,st++,gkt',
+                        help=f'comma-separated, from none, none-2x (plain training on the batch twice: what '
+                             f'cosub\'s doubled rows cost without dropping), {", ".join(COSUB)}, st, st++, gkt')
     parser.add_argument('--cosub-drops', default='0.05,0.2,0.45', help='drop rates of the cosub rows')
     parser.add_argument('--compile', action='store_true',
                         help='instead: inductor-compiled cosub-fixed steps against compiled plain steps')
@@ -98,7 +100,7 @@ def row_names(methods, drops):
 def build(row: str, model: nn.Module, depth: DepthEngine):
     common = dict(depth=depth, seed=0)
     method, _, drop = row.partition('@')
-    if method == 'none':
+    if method in ('none', 'none-2x'):
         return timm.task.ClassificationTask(model, nn.CrossEntropyLoss(), verbose=False)
     if method in COSUB:
         impl, unit, rows, _ = COSUB[method]
@@ -176,8 +178,11 @@ class Inputs:
         self.labels = torch.randint(0, 1000, (args.batch_size,), generator=generator)
         self.dense = torch.nn.functional.one_hot(self.labels, 1000).float() * 0.9 + 0.1 / 1000
 
-    def target(self, row: str):
-        return self.dense if row.startswith('cosub') else self.labels
+    def __call__(self, row: str):
+        """The step's (input, target): dense targets for cosub; the batch twice for none-2x."""
+        if row == 'none-2x':
+            return torch.cat([self.images, self.images]), torch.cat([self.labels, self.labels])
+        return self.images, self.dense if row.startswith('cosub') else self.labels
 
 
 def make_model(name: str, args) -> nn.Module:
@@ -192,15 +197,15 @@ def watched_tasks(rows, model: nn.Module, depth: DepthEngine, ideal: FlopIdeal, 
     built = {row: build(row, model, depth) for row in rows}
     log = PassLog(depth, ideal, batch)
     for row, task in built.items():
-        if row != 'none':
+        if not row.startswith('none'):
             log.watch(task)
     return built, log
 
 
 def step(task, row: str, inputs: Inputs, model: nn.Module) -> None:
     model.zero_grad(set_to_none=True)
-    result = task(inputs.images, inputs.target(row))
-    if row == 'none':
+    result = task(*inputs(row))
+    if row.startswith('none'):  # timm's ClassificationTask leaves the backward to the loop
         result['loss'].backward()
 
 
@@ -219,7 +224,7 @@ def bench_model(name: str, args) -> list:
             with meter():
                 step(built[row], row, inputs, model)
             elapsed = timer() - start
-            cost = log.cost() if row != 'none' else 1.0
+            cost = log.cost() if not row.startswith('none') else (2.0 if row == 'none-2x' else 1.0)
             if repeat:  # the first round warms up
                 times[row].append(elapsed)
                 ideals[row].append(cost)
@@ -248,6 +253,9 @@ def run_timing(args) -> None:
     print()
     for model in dict.fromkeys(r[0] for r in results):
         by_row = {row: (ratio, ideal) for name, row, ratio, ideal in results if name == model}
+        if 'none-2x' in by_row:
+            print(f'{model}: a plain step on the batch twice costs {by_row["none-2x"][0]:.2f}x a plain step '
+                  f'(FLOP ideal 2.00)')
         for drop in args.cosub_drops.split(','):
             deit = by_row.get(f'cosub-timm@{float(drop):g}')
             for method in ('cosub', 'cosub-fixed'):
