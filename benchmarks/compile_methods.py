@@ -26,26 +26,15 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 import timm.optim  # noqa: E402,F401  as train.py does: timm.optim.kron raises dynamo's recompile limit to 1,000,000
 from subnet.loop import StepSetup, train_one_epoch  # noqa: E402
 from train_helpers import method_training, random_batch  # noqa: E402  (tasks built as train.py builds them)
+from _common import CompileCounter  # noqa: E402
 
 METHODS = {
     'none': [],
-    'cosub': ['--mixup', '0.2', '--torchcompile'],  # --torchcompile: cosub switches to its static mask mode
+    'cosub': ['--mixup', '0.2', '--torchcompile'],  # --torchcompile: cosub keeps a fixed count of rows per branch
     'st': [],
     'st++': ['--st-min-keep', '1', '--st-min-size', '0.75'],
     'gkt': [],
 }
-
-
-class CountingBackend:
-    """A torch.compile backend that counts the graphs it is handed and passes them to ``backend``."""
-
-    def __init__(self, backend: str):
-        self.backend = torch._dynamo.lookup_backend(backend)
-        self.graphs = 0
-
-    def __call__(self, graph_module, example_inputs):
-        self.graphs += 1
-        return self.backend(graph_module, example_inputs)
 
 
 def record_subnets(task) -> set:
@@ -73,7 +62,8 @@ def measure(method: str, cli) -> dict:
     torch._dynamo.reset()
     counters.clear()
     task, optimizer, args = method_training(method, METHODS[method], cli.img_size)
-    backend = CountingBackend(cli.backend)
+    backend = CompileCounter(cli.backend)
+    backend.label = method
     task.compile(backend=backend)
     subnets = record_subnets(task)
     setup = StepSetup(device=torch.device('cpu'))
@@ -83,9 +73,9 @@ def measure(method: str, cli) -> dict:
         start = time.perf_counter()
         train_one_epoch(0, task, [batch], optimizer, args, setup)
         times.append(time.perf_counter() - start)
-    return dict(graphs=backend.graphs, frames=counters['stats'].get('unique_graphs', 0),
+    return dict(graphs=backend.counts.get(method, 0), frames=counters['stats'].get('unique_graphs', 0),
                 breaks=sum(counters['graph_break'].values()), subnets=len(subnets), times=times,
-                impl=getattr(task, 'impl', ''), limit=any('recompile limit' in k for k in counters['unimplemented']))
+                impl=getattr(task, 'impl', ''), rows=getattr(task, 'rows', ''), limit=any('recompile limit' in k for k in counters['unimplemented']))
 
 
 def main():
@@ -109,7 +99,7 @@ def main():
     for method in cli.methods.split(','):
         r = measure(method, cli)
         later = sum(r['times'][1:]) / max(len(r['times']) - 1, 1)
-        label = f'{method} ({r["impl"]})' if r['impl'] else method
+        label = f'{method} ({r["impl"]}, {r["rows"]} rows)' if r['impl'] else method
         print(f'| {label} | {r["subnets"] or "-"} | {r["frames"]} | {r["graphs"]} | {r["breaks"]} | '
               f'{"yes" if r["limit"] else "no"} | {r["times"][0]:.1f} s | {later:.2f} s |')
         sys.stdout.flush()

@@ -27,13 +27,14 @@ def test_dynamo_compiles_the_full_net_and_each_distinct_subnet_once(method, sing
     counts = compile_methods.measure(method, SimpleNamespace(steps=4, backend='eager', img_size=64, batch_size=4))
     assert counts['breaks'] == 0 and counts['graphs'] == counts['frames'] and not counts['limit']
     if method in ('none', 'cosub'):
-        # cosub under --torchcompile multiplies its per-row masks in (mask mode): one static graph for every draw
+        # cosub under --torchcompile skips dropped rows, a fixed count per branch: the shapes never change, so one
+        # graph serves every draw
         assert counts['frames'] == 1 and counts['subnets'] == (4 if method == 'cosub' else 0)
-        assert counts['impl'] == ('mask' if method == 'cosub' else '')
+        assert (counts['impl'], counts['rows']) == (('skip', 'fixed') if method == 'cosub' else ('', ''))
     else:
         assert counts['frames'] == 1 + counts['subnets'] and counts['subnets'] > 1
 
 
-def test_inductor_compiles_cosub_mask_mode_once_forward_and_backward(single_thread):
+def test_inductor_compiles_cosub_fixed_count_skip_once_forward_and_backward(single_thread):
     counts = compile_methods.measure('cosub', SimpleNamespace(steps=2, backend='inductor', img_size=64, batch_size=4))
     assert counts['frames'] == counts['graphs'] == 1 and counts['subnets'] == 2
