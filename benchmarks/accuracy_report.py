@@ -310,8 +310,9 @@ top-1 of the subsets drawn at that rate).
 Regenerate: `{command}` (it skips the runs already in `{output}`; each run's own commands are at the end).
 
 Time per run: the wall time of `train.py` (all epochs, with its evaluation after every epoch), mean over seeds, on
-this machine. "time / plain" is the cost of a run relative to plain training over the same epochs and images:
-every method does more work per step (more passes), and this is its price.
+this machine (with `--jobs N`, N runs shared its cores at a time, so a run alone is faster). "time / plain" is the
+cost of a run relative to plain training over the same epochs and images: every method does more work per step
+(more passes), and this is its price.
 
 {picture}
 
