@@ -14,7 +14,7 @@ per-sample masks ``BlockMap.units(unit)`` (``unit='branch'``: one column per res
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ from .blocks import BlockMap
 from .errors import UsageError
 
 __all__ = ['drop_rates', 'unit_drop_rates', 'bernoulli_keep', 'fixed_count_keep', 'draw_keep', 'stage_prefix_keep',
-           'nested_keep', 'step_generator', 'broadcast_from_rank0']
+           'lowest_prefix_depths', 'nested_keep', 'step_generator', 'broadcast_from_rank0']
 
 SCHEDULES = ('linear', 'constant')
 ROWS = ('bernoulli', 'fixed')  # how per-sample masks pick the rows that keep a block or branch
@@ -98,18 +98,21 @@ def stage_prefix_keep(block_map: BlockMap, min_keep: Union[int, Sequence[int]] =
     m_i = min(d_i, min_keep_i), as ST's sample spaces do (ST++ 'space3' on ResNet-50 is min_keep=3), raised to the
     stage's own minimum so that blocks that cannot be skipped (a ResNet stage's first block) are always kept.
     """
+    kept = [int(torch.randint(low, len(stage.blocks) + 1, (1,), generator=generator))
+            for stage, low in zip(block_map.stages, lowest_prefix_depths(block_map, min_keep))]
+    return block_map.prefix_keep(kept)
+
+
+def lowest_prefix_depths(block_map: BlockMap, min_keep: Union[int, Sequence[int]] = 1) -> List[int]:
+    """The fewest blocks ``stage_prefix_keep`` keeps in each stage: min(d_i, min_keep_i), and at least the stage's
+    own minimum."""
     stages = block_map.stages
     if isinstance(min_keep, int):
         min_keep = [min_keep] * len(stages)
     if len(min_keep) != len(stages):
         raise UsageError(f'{block_map.model_name}: min_keep has {len(min_keep)} entries but the model has '
                          f'{len(stages)} stages')
-    kept = []
-    for stage, wanted in zip(stages, min_keep):
-        depth = len(stage.blocks)
-        low = max(min(depth, int(wanted)), stage.min_keep)
-        kept.append(int(torch.randint(low, depth + 1, (1,), generator=generator)))
-    return block_map.prefix_keep(kept)
+    return [max(min(len(stage.blocks), int(wanted)), stage.min_keep) for stage, wanted in zip(stages, min_keep)]
 
 
 def nested_keep(parent: torch.Tensor, q: float, generator: Optional[torch.Generator] = None,

@@ -18,7 +18,7 @@ from ..blocks import BlockMap
 from ..depth import DepthEngine
 from ..errors import UsageError
 from ..losses import direction_kl, kl_distill, standardize_logits
-from ..sampling import stage_prefix_keep
+from ..sampling import lowest_prefix_depths, stage_prefix_keep
 from .base import DistillFromFullNet, distillation_options
 
 __all__ = ['StimulativeTask', 'StimulativePlusPlusTask', 'stimulative_options']
@@ -95,8 +95,7 @@ class StimulativeTask(DistillFromFullNet):
     def check_sampling_space(block_map: BlockMap, min_keep: int, method: str) -> None:
         """One line when ``min_keep`` leaves every stage at its full depth: the method would train the full net
         alone (``--method st++`` keeps 3 blocks per stage, all of a ResNet-18's 2)."""
-        # the lowest depth stage_prefix_keep draws for each stage
-        lowest = [max(min(len(s.blocks), min_keep), s.min_keep) for s in block_map.stages]
+        lowest = lowest_prefix_depths(block_map, min_keep)
         if any(low < len(s.blocks) for low, s in zip(lowest, block_map.stages)):
             return
         names = ', '.join(s.name for s in block_map.stages)
