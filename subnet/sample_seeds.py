@@ -18,7 +18,7 @@ import hashlib
 import random
 import struct
 from contextlib import contextmanager
-from typing import Iterator, List, NamedTuple
+from typing import Iterator, List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -44,10 +44,11 @@ def key_seed(seed: int, rank: int, key: SampleKey, stream: int = 0) -> int:
 
 
 @contextmanager
-def seeded_rngs(seed64: int):
-    """Seed Python's ``random``, numpy's global RNG and torch's CPU generator from ``seed64``; in the main process
-    put their states back afterwards (a loader worker's global streams serve nothing else)."""
-    keep = torch.utils.data.get_worker_info() is None
+def seeded_rngs(seed64: int, keep: Optional[bool] = None):
+    """Seed Python's ``random``, numpy's global RNG and torch's CPU generator from ``seed64``; ``keep``: put their
+    states back afterwards (default: in the main process only; a loader worker's global streams serve nothing else)."""
+    if keep is None:
+        keep = torch.utils.data.get_worker_info() is None
     if keep:
         saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
     random.seed(seed64)

@@ -19,7 +19,7 @@ import torch.utils.data
 import train
 from subnet.errors import UsageError
 from subnet.run_folder import RunLock
-from subnet.sample_seeds import KeyedSampler, SeededSamples, key_samples
+from subnet.sample_seeds import KeyedSampler, SampleKey, SeededSamples, key_samples
 from train_helpers import (ROOT, assert_same_weights, make_subset, run_train, signal_at_batch, state_dict_of,
                            torchrun, train_argv)
 
@@ -77,11 +77,12 @@ def _draws(workers: int, epoch: int = 0, seed: int = 0) -> torch.Tensor:
 def test_each_samples_draws_depend_on_its_key_not_on_the_process_that_reads_it():
     torch.manual_seed(5)
     before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
-    in_process = _draws(0)
+    sample = SeededSamples(Draws(), seed=0, rank=0)[SampleKey(index=3, epoch=0, position=3)]
     after = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
     assert before[0] == after[0] and np.array_equal(before[1], after[1]) and torch.equal(before[2], after[2]), \
-        'reading samples in this process moved its RNGs'
-    assert torch.equal(in_process, _draws(2))
+        'reading a sample in this process moved its RNGs'
+    in_process = _draws(0)
+    assert torch.equal(in_process[3], sample) and torch.equal(in_process, _draws(2))
     assert torch.equal(in_process[:, 0], torch.arange(12, dtype=torch.float64))
     draws = in_process[:, 1:]
     assert len({tuple(row.tolist()) for row in draws}) == 12  # every sample its own stream, all three RNGs seeded
