@@ -203,3 +203,35 @@ def test_a_forked_child_does_not_keep_a_dead_runs_lock(tmp_path):
     holder.wait()
     holder.stdout.close()
     RunLock(str(tmp_path)).release()  # at once, though the holder's child still runs
+
+
+def test_the_training_transform_is_timms_own_only_its_stream_is_per_sample(data):
+    """--method none samples timm's distributions: the loader's transform is the one timm's create_transform builds
+    for the same options, and over many samples a flip happens half the time."""
+    from timm.data import create_transform, resolve_data_config
+    from subnet.data import build_loaders
+    from subnet.timm_options import parse_train_args
+    args, _ = parse_train_args(['--data-dir', str(data), '--aa', 'rand-m9-mstd0.5', '--reprob', '0.25',
+                                '--color-jitter', '0.3', '--img-size', '28', '-b', '8', '--workers', '0',
+                                '--no-prefetcher'])
+    args.prefetcher, args.distributed, args.rank, args.world_size, args.num_classes = False, False, 0, 1, 10
+    config = resolve_data_config(vars(args))
+    loader = build_loaders(args, config, torch.device('cpu'), None, 0).train
+    assert isinstance(loader.dataset, SeededSamples)
+    timms = create_transform(config['input_size'], is_training=True, auto_augment='rand-m9-mstd0.5', re_prob=0.25, re_mode='pixel',
+                             color_jitter=0.3, interpolation='random', mean=config['mean'], std=config['std'])
+    assert repr(loader.dataset.transform) == repr(timms)
+    flips = SeededSamples(Flips(), seed=0, rank=0)
+    flipped = sum(flips[SampleKey(0, 0, position)] for position in range(4000)) / 4000
+    assert abs(flipped - 0.5) < 0.03, flipped  # 4000 fair coins: 3 % is over 3.5 standard deviations
+
+
+class Flips(torch.utils.data.Dataset):
+    """torchvision's random horizontal flip (timm's) of a 1x2 image: 1 when flipped."""
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        from torchvision import transforms
+        return int(transforms.RandomHorizontalFlip()(torch.tensor([[[0., 1.]]]))[0, 0, 0].item())
