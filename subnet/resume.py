@@ -30,8 +30,8 @@ import torch.utils.data
 from timm.data.loader import PrefetchLoader
 from timm.utils import load_checkpoint_metadata
 
-__all__ = ['rng_state', 'set_rng_state', 'BatchCursor', 'DeliveredBatches', 'install_cursor', 'EpochStart', 'POSITION_KEY',
-           'epoch_start_from', 'resume_order', 'newest_checkpoint', 'PositionWriter']
+__all__ = ['rng_state', 'set_rng_state', 'BatchCursor', 'DeliveredBatches', 'install_cursor', 'EpochStart',
+           'POSITION_KEY', 'epoch_start_from', 'resume_order', 'newest_checkpoint', 'PositionWriter']
 
 _logger = logging.getLogger('train')
 

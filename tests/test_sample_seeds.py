@@ -4,7 +4,6 @@ torchrun job restarted after one rank was killed (kill -9) finishes with the uni
 folder's lock lets the restarted attempt of the same torchrun job in and still refuses another job."""
 import os
 import random
-import signal
 import subprocess
 import sys
 import textwrap
@@ -218,8 +217,8 @@ def test_the_training_transform_is_timms_own_only_its_stream_is_per_sample(data)
     config = resolve_data_config(vars(args))
     loader = build_loaders(args, config, torch.device('cpu'), None, 0).train
     assert isinstance(loader.dataset, SeededSamples)
-    timms = create_transform(config['input_size'], is_training=True, auto_augment='rand-m9-mstd0.5', re_prob=0.25, re_mode='pixel',
-                             color_jitter=0.3, interpolation='random', mean=config['mean'], std=config['std'])
+    timms = create_transform(config['input_size'], is_training=True, auto_augment='rand-m9-mstd0.5', re_prob=0.25,
+                             re_mode='pixel', color_jitter=0.3, interpolation='random', mean=config['mean'], std=config['std'])
     assert repr(loader.dataset.transform) == repr(timms)
     flips = SeededSamples(Flips(), seed=0, rank=0)
     flipped = sum(flips[SampleKey(0, 0, position)] for position in range(4000)) / 4000
