@@ -25,7 +25,8 @@ import torch
 import torch.utils.data
 from timm.data import FastCollateMixup
 
-__all__ = ['SampleKey', 'KeyedSampler', 'SeededSamples', 'SeededCollateMixup', 'seeded_rngs', 'key_seed', 'key_samples']
+__all__ = ['SampleKey', 'KeyedSampler', 'SeededSamples', 'SeededCollateMixup', 'seeded_rngs', 'key_seed',
+           'key_samples']
 
 _COLLATE = 1  # the stream of a batch's collate, apart from its first sample's own
 
