@@ -104,12 +104,17 @@ def test_same_seed_runs_with_0_and_2_workers_end_with_the_same_weights(data, tmp
     assert_same_weights(with_two_workers, state_dict_of(run_train(_argv(data, tmp_path, 'w0', 0))))
 
 
-def test_sigterm_mid_epoch_with_workers_then_resume_auto_is_the_uninterrupted_run(data, tmp_path, with_two_workers):
-    argv = _argv(data, tmp_path, 'split', 2, '--resume', 'auto')
+@pytest.mark.parametrize('extra', [(), ('--no-prefetcher', '--mixup', '0.2')], ids=['prefetcher', 'no-prefetcher'])
+def test_sigterm_mid_epoch_with_workers_then_resume_auto_is_the_uninterrupted_run(extra, data, tmp_path,
+                                                                                   with_two_workers):
+    """With the prefetcher its random erasing is drawn as a batch is handed over; without it, mixup in the loop."""
+    uninterrupted = state_dict_of(run_train(_argv(data, tmp_path, 'straight', 2, *extra))) if extra \
+        else with_two_workers
+    argv = _argv(data, tmp_path, 'split', 2, *extra, '--resume', 'auto')
     with signal_at_batch(7):  # epoch 1, its second batch
         assert train.main(argv) == 143
     assert (tmp_path / 'split' / 'recovery-1-1.pth.tar').is_file()
-    assert_same_weights(with_two_workers, state_dict_of(run_train(argv)))
+    assert_same_weights(uninterrupted, state_dict_of(run_train(argv)))
 
 
 def test_a_method_with_collate_mixup_in_the_workers_resumes_bit_for_bit(data, tmp_path):
