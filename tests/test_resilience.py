@@ -19,7 +19,7 @@ import train
 import validate
 from subnet.errors import RunStopped
 from subnet.methods import PlainTask, register_method
-from subnet.run_folder import AtomicCheckpointSaver, CheckpointContent
+from subnet.run_folder import AtomicCheckpointSaver
 from subnet.unreadable import NOT_COUNTED, ImageFailures, ReadableImages
 from train_helpers import (ROOT, assert_same_weights, make_subset, run_train, signal_at_batch, state_dict_of,
                            torchrun, train_argv)
@@ -331,7 +331,7 @@ def test_no_checkpoint_is_ever_written_with_a_non_finite_weight(tmp_path):
     model = torch.nn.Linear(2, 2)
     saver = AtomicCheckpointSaver(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                   checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path),
-                                  task=CheckpointContent(PlainTask(model=model, criterion=torch.nn.CrossEntropyLoss())))
+                                  task=PlainTask(model=model, criterion=torch.nn.CrossEntropyLoss()))
     saver.save_checkpoint(0, metric=1.0)
     good = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
     with torch.no_grad():
