@@ -65,8 +65,8 @@ class LoopOptions:
 
     @classmethod
     def from_args(cls, args, naflex: bool = False, output_dir: Optional[str] = None) -> 'LoopOptions':
-        return cls(batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                   skip_nonfinite=getattr(args, 'skip_nonfinite', 0),
+        return cls(batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
+                   clip_mode=args.clip_mode, skip_nonfinite=args.skip_nonfinite,
                    batch_loss_scale=args.naflex_loss_scale if naflex else args.variable_batch_loss_scale,
                    prefetcher=args.prefetcher, channels_last=args.channels_last, mixup_off_epoch=args.mixup_off_epoch,
                    distributed=args.distributed, world_size=args.world_size, primary=utils.is_primary(args),
@@ -101,6 +101,7 @@ class EpochMeters:
         self.part_sums, self.part_count = {}, 0
         self.counters = dict.fromkeys(self.COUNTERS, 0)
         self.update_samples = 0
+        self.last_scale = None  # the fp16 grad scaler's scale after the last update
         self.progress = EpochProgress(f'Train {epoch}', updates_per_epoch, enabled=primary)
 
     def add_step(self, result: dict, batch_size: int, global_batch_size: int) -> bool:
@@ -133,6 +134,26 @@ class EpochMeters:
         for name, total in self.part_sums.items():
             metrics[name] = (total / max(self.part_count, 1)).item()
         return metrics
+
+    def reduced(self, device: torch.device, world_size: int = 1) -> OrderedDict:
+        """The epoch's averages (over ranks) and its non-zero counts (summed over ranks)."""
+        metrics, counters = self.metrics(), self.counters
+        if world_size > 1:
+            values = torch.tensor(list(metrics.values()), device=device, dtype=torch.float32)
+            metrics = OrderedDict(zip(metrics.keys(), utils.reduce_tensor(values, world_size).tolist()))
+            totals = torch.tensor(list(counters.values()), device=device, dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            counters = dict(zip(counters.keys(), (int(v) for v in totals.tolist())))
+        metrics.update((k, v) for k, v in counters.items() if v)
+        return metrics
+
+    def count_overflow(self, loss_scaler) -> None:
+        """The fp16 grad scaler skips a step whose gradients overflowed, and lowers its scale: count those (the
+        first call, at the epoch's start, reads the scale it starts from)."""
+        scale = loss_scaler.state_dict().get('scale') if loss_scaler is not None else None
+        if scale is not None and self.last_scale is not None and scale < self.last_scale:
+            self.counters['overflow_steps'] += 1
+        self.last_scale = scale
 
     def state_dict(self) -> dict:
         return {'loss': {k: getattr(self.losses, k) for k in ('val', 'avg', 'sum', 'count')},
@@ -219,7 +240,7 @@ class _TrainingEpoch:
                                       self.meters)
         self.update = Update(task, optimizer, setup.loss_scaler, options.clip_grad, options.clip_mode,
                              options.skip_nonfinite)
-        self.last_scale = self.data_start = self.update_start = None
+        self.data_start = self.update_start = None
 
     @property
     def num_updates(self) -> int:
@@ -239,7 +260,7 @@ class _TrainingEpoch:
         if hasattr(self.optimizer, 'sync_lookahead'):
             self.optimizer.sync_lookahead()
         self.guard.end_of_epoch(self.position)
-        return self._metrics()
+        return self.meters.reduced(self.setup.device, self.options.world_size if self.options.distributed else 1)
 
     def _begin(self) -> None:
         if self.options.mixup_off_epoch and self.epoch >= self.options.mixup_off_epoch:
@@ -249,8 +270,7 @@ class _TrainingEpoch:
         if start is not None:
             self.meters.load_state_dict(start.meters, self.setup.device)
             self.meters.progress.done_before = self.position.updates = start.updates
-        if self.setup.loss_scaler is not None:
-            self.last_scale = self.setup.loss_scaler.state_dict().get('scale')
+        self.meters.count_overflow(self.setup.loss_scaler)
         self.data_start = self.update_start = time.time()
         self.optimizer.zero_grad()
 
@@ -281,7 +301,7 @@ class _TrainingEpoch:
         meters.update_time.update(now - self.update_start)
         self.update_start = now
         meters.progress.show(update_idx + 1, f'loss {meters.losses.avg:#.3g}')
-        self._count_overflow()
+        meters.count_overflow(self.setup.loss_scaler)
         if update_idx % self.options.log_interval == 0 or batch_idx == self.windows.num_batches - 1:
             self._log(update_idx, batch_idx, input)
         if self.lr_scheduler is not None:
@@ -300,27 +320,6 @@ class _TrainingEpoch:
                 torchvision.utils.save_image(
                     input, os.path.join(options.output_dir, f'train-batch-{batch_idx}.jpg'), padding=0, normalize=True)
 
-    def _count_overflow(self) -> None:
-        """The fp16 grad scaler skips a step whose gradients overflowed, and lowers its scale: count those."""
-        if self.setup.loss_scaler is None:
-            return
-        scale = self.setup.loss_scaler.state_dict().get('scale')  # read after the step's sync: no extra wait
-        if scale is not None and self.last_scale is not None and scale < self.last_scale:
-            self.meters.counters['overflow_steps'] += 1
-        self.last_scale = scale
-
-    def _metrics(self) -> OrderedDict:
-        """The epoch's averages (over ranks) and its non-zero counts (summed over ranks)."""
-        metrics, counters = self.meters.metrics(), self.meters.counters
-        if self.options.distributed:
-            device, world_size = self.setup.device, self.options.world_size
-            values = torch.tensor(list(metrics.values()), device=device, dtype=torch.float32)
-            metrics = OrderedDict(zip(metrics.keys(), utils.reduce_tensor(values, world_size).tolist()))
-            totals = torch.tensor(list(counters.values()), device=device, dtype=torch.float64)
-            torch.distributed.all_reduce(totals)
-            counters = dict(zip(counters.keys(), (int(v) for v in totals.tolist())))
-        metrics.update((k, v) for k, v in counters.items() if v)
-        return metrics
 
 
 @torch.inference_mode()

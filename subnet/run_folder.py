@@ -148,8 +148,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def checkpoint_state(self, epoch: int, metric: Optional[float] = None) -> dict:
         """What timm's saver writes: epoch, arch, args, optimizer, AMP scaler, the task's state (weights, EMA,
         task_state), metric, and the saver's own history (``state_dict``)."""
-        state = {'epoch': epoch, 'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
-                 'optimizer': self.optimizer.state_dict(), 'version': 2}
+        arch = self.args.model if self.args is not None else type(self.model).__name__.lower()
+        state = {'epoch': epoch, 'arch': arch, 'optimizer': self.optimizer.state_dict(), 'version': 2}
         if self.args is not None:
             state['args'] = self.args
         if self.amp_scaler is not None:
