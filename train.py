@@ -8,7 +8,8 @@ timm loads). Add ``--method cosub|st|st++|gkt`` for the methods; ``--method none
     torchrun --nproc_per_node 8 train.py --data-dir /imagenet -c hparams/cosub_deit3_vit_base.yaml
 
 The script reads top to bottom: parse → check → build (model, data, task, optimizer, run folder, schedule) →
-loop (train an epoch, evaluate, checkpoint) → report. The epoch loop is ``subnet/loop.py``; the methods are
+loop (train an epoch, evaluate, checkpoint) → report. The epoch loop is ``subnet/loop.py``, evaluation
+``subnet/evaluation.py``; the methods are
 ``subnet/methods/``, one module each. What keeps a long run alive (signals, mid-epoch resume, unreadable images,
 non-finite losses, one run per folder) is ``subnet/stopping.py``, ``resume.py``, ``unreadable.py``, ``finite.py``
 and ``run_folder.py``.
@@ -46,12 +47,13 @@ from subnet.data import (Loaders, build_loaders, check_image_folders, loader_ima
 from subnet.device import (check_precision_args, limit_workers, model_dtype as dtype_of, training_device,
                            training_precision, use_default_device)
 from subnet.errors import EXIT_USAGE, RunStopped, UsageError
-from subnet.evaluation import SubnetMonitor
+from subnet.evaluation import SubnetMonitor, evaluate
 from subnet.finite import stop_if_weights_nonfinite
-from subnet.loop import Safeguards, StepSetup, evaluate, train_one_epoch
+from subnet.loop import Safeguards, StepSetup, train_one_epoch
 from subnet.methods import method_class
 from subnet.models import (check_state_dict_fits, constant_drop_path, load_checkpoint_file, load_initial_checkpoint,
                            model_drop_path_rate, naflex_patch_size, resolve_model_name)
+from subnet.spec import SubnetSpecError
 from subnet.stopping import SignalWatch, StopPolicy, Vote
 from subnet.timm_options import parse_train_args, train_options_given
 
@@ -304,7 +306,10 @@ def build(args) -> Training:
     training.guards = Safeguards(cursor=resume.install_cursor(loaders.train), failures=loaders.failures,
                                  bad_image_limit=args.bad_image_limit, start=epoch_start)
     if loaders.eval is not None:
-        training.subnet_monitor = SubnetMonitor.from_args(args, task, data_config['input_size'])
+        try:
+            training.subnet_monitor = SubnetMonitor.from_args(args, task, data_config['input_size'])
+        except SubnetSpecError as e:  # a term this model cannot have (first:K past its last block)
+            raise UsageError(str(e)) from None
     return training
 
 

@@ -17,21 +17,12 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import UsageError
-from .spec import kind_of
+from .spec import FULL_STYLE, PlotStyle, kind_of, spec_kind, spec_kinds
 
 __all__ = ['MissingPackage', 'require_matplotlib', 'check_figure_path', 'plot_subnets', 'run_labels',
            'plot_summary', 'summary_paths', 'summary_after_training', 'TensorBoardLog']
 
 _logger = logging.getLogger('train')
-
-# how each kind of subnet is drawn: marker, line style (None: points only), legend text
-_KIND_STYLE = {
-    'prefix': ('o', '-', 'stage prefixes (ST)'),
-    'first': ('s', '--', 'first k blocks'),
-    'random': ('x', None, 'random subsets'),
-    'full': ('*', None, 'full net'),
-}
-
 
 class MissingPackage(UsageError):
     """An optional package a picture or log needs is not installed."""
@@ -90,11 +81,47 @@ def run_labels(checkpoints: Sequence[str]) -> List[str]:
     return [f'{f}/{s}' for f, s in zip(folders, stems)]
 
 
+def _kind_style(kind: str) -> PlotStyle:
+    return FULL_STYLE if kind == 'full' else spec_kind(kind).style
+
+
+def _draw_curve(ax, points: Dict[str, List[Tuple[float, float]]], colour) -> None:
+    """One checkpoint's subnets: each line kind (``PlotStyle.line``) joined to the full net, the point kinds as
+    points, the full net as a labelled star."""
+    full = points.get('full', [])
+    line_kinds = [k for k in points if k != 'full' and _kind_style(k).line is not None]
+    for kind in line_kinds:
+        style = _kind_style(kind)
+        xy = sorted(points[kind] + full)
+        ax.plot([x for x, _ in xy], [y for _, y in xy], linestyle=style.line, marker=style.marker, color=colour,
+                markersize=5, linewidth=1.6)
+    for kind in (k for k in points if k != 'full' and k not in line_kinds):
+        ax.scatter([x for x, _ in points[kind]], [y for _, y in points[kind]], marker=_kind_style(kind).marker,
+                   color=colour, s=30, linewidths=1.2, alpha=0.8)
+    for x, y in full:
+        ax.scatter([x], [y], marker=FULL_STYLE.marker, s=220, color=colour, edgecolors='black', linewidths=0.8,
+                   zorder=5)
+        ax.annotate(f'{y:.1f}', (x, y), textcoords='offset points', xytext=(-8, 9), ha='right', fontsize=9,
+                    color=colour, fontweight='bold')
+
+
+def _kind_legend(kinds_seen: set) -> list:
+    """One legend entry per kind drawn: line kinds first, then point kinds, then the full net."""
+    from matplotlib.lines import Line2D
+    kinds = [k.name for k in spec_kinds()]
+    ordered = [k for k in kinds if _kind_style(k).line is not None] + \
+              [k for k in kinds if _kind_style(k).line is None] + ['full']
+    return [Line2D([], [], color='0.35', marker=_kind_style(k).marker, linestyle=_kind_style(k).line or 'none',
+                   markersize=12 if k == 'full' else 6, label=_kind_style(k).legend)
+            for k in ordered if k in kinds_seen]
+
+
 def plot_subnets(curves: Sequence[Tuple[str, Sequence[dict]]], path: str, title: Optional[str] = None) -> str:
     """Top-1 (%) against FLOPs (% of the full net), one colour per ``(label, result rows)``.
 
-    Rows are validate.py's (``subnet``, ``flop_fraction``, ``top1``). Stage-prefix and first-k subnets are
-    joined into curves ending at the full net (a star); random subsets are crosses.
+    Rows are validate.py's (``subnet``, ``flop_fraction``, ``top1``). Each SPEC kind is drawn as its
+    ``PlotStyle`` says (``subnet/spec.py``): stage-prefix and first-k subnets are joined into curves ending at
+    the full net (a star); random subsets are crosses.
     """
     Figure = require_matplotlib('--plot')
     from matplotlib.lines import Line2D
@@ -108,28 +135,10 @@ def plot_subnets(curves: Sequence[Tuple[str, Sequence[dict]]], path: str, title:
         for row in rows:
             kind = kind_of(row.get('subnet', 'full'))
             points.setdefault(kind, []).append((100 * float(row.get('flop_fraction', 1.0)), float(row['top1'])))
-        full = points.get('full', [])
-        for kind in ('prefix', 'first'):
-            if kind in points:
-                marker, style, _ = _KIND_STYLE[kind]
-                xy = sorted(points[kind] + full)
-                ax.plot([x for x, _ in xy], [y for _, y in xy], linestyle=style, marker=marker, color=colour,
-                        markersize=5, linewidth=1.6)
-                kinds_seen.add(kind)
-        if 'random' in points:
-            ax.scatter([x for x, _ in points['random']], [y for _, y in points['random']], marker='x',
-                       color=colour, s=30, linewidths=1.2, alpha=0.8)
-            kinds_seen.add('random')
-        for x, y in full:
-            ax.scatter([x], [y], marker='*', s=220, color=colour, edgecolors='black', linewidths=0.8, zorder=5)
-            ax.annotate(f'{y:.1f}', (x, y), textcoords='offset points', xytext=(-8, 9), ha='right', fontsize=9,
-                        color=colour, fontweight='bold')
-            kinds_seen.add('full')
+        _draw_curve(ax, points, colour)
+        kinds_seen.update(points)
         curve_handles.append(Line2D([], [], color=colour, linewidth=3, label=label))
 
-    kind_handles = [Line2D([], [], color='0.35', marker=marker, linestyle=style or 'none',
-                           markersize=12 if kind == 'full' else 6, label=text)
-                    for kind, (marker, style, text) in _KIND_STYLE.items() if kind in kinds_seen]
     ax.margins(y=0.1)  # room for the full-net labels above the stars
     ax.set_xlabel('FLOPs (% of the full network)', fontsize=11)
     ax.set_ylabel('Top-1 accuracy (%)', fontsize=11)
@@ -142,8 +151,8 @@ def plot_subnets(curves: Sequence[Tuple[str, Sequence[dict]]], path: str, title:
     first = ax.legend(handles=curve_handles, title='checkpoint', loc='upper left', bbox_to_anchor=(1.01, 1.0),
                       fontsize=9, title_fontsize=9, frameon=False)
     ax.add_artist(first)
-    ax.legend(handles=kind_handles, title='subnets', loc='lower left', bbox_to_anchor=(1.01, 0.0), fontsize=9,
-              title_fontsize=9, frameon=False)
+    ax.legend(handles=_kind_legend(kinds_seen), title='subnets', loc='lower left', bbox_to_anchor=(1.01, 0.0),
+              fontsize=9, title_fontsize=9, frameon=False)
     return _save(figure, path)
 
 

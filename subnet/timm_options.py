@@ -385,6 +385,8 @@ def _convert(action: argparse.Action, value, key: str):
             fail('an integer')
         try:
             converted = (action.type or str)(item)
+        except argparse.ArgumentTypeError as e:  # a type with its own message (a SPEC's grammar)
+            raise UsageError(str(e)) from None
         except (TypeError, ValueError):
             fail(f'a {getattr(action.type, "__name__", "value")}')
         if action.choices is not None and converted not in action.choices:
