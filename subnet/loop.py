@@ -29,6 +29,7 @@ from .backward import StepBackward
 from .errors import EXIT_NONFINITE, RunStopped, UsageError
 from .finite import stop_if_weights_nonfinite
 from .progress import EpochProgress, format_duration
+from .results import LOOP_COUNTERS
 from .resume import BatchCursor, EpochStart, PositionWriter, set_rng_state
 from .stopping import Requests, SignalWatch, StopPolicy, Vote
 from .unreadable import ImageFailures, over_limit
@@ -78,7 +79,7 @@ class EpochMeters:
     counts of what went wrong (steps with a non-finite loss, fp16 overflows the grad scaler skipped, unreadable
     images replaced). A mid-epoch checkpoint keeps them (``state_dict``), so a resumed epoch reports the same."""
 
-    COUNTERS = ('unreadable_images', 'nonfinite_steps', 'overflow_steps')
+    COUNTERS = tuple(part.name for part in LOOP_COUNTERS)
 
     def __init__(self, epoch: int, updates_per_epoch: int, primary: bool):
         self.epoch, self.updates_per_epoch = epoch, updates_per_epoch

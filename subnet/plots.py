@@ -1,7 +1,8 @@
 """Pictures of runs and subnets (matplotlib) and TensorBoard scalars; both packages are optional.
 
 - ``plot_subnets``: top-1 against FLOPs, one colour per checkpoint (``validate.py --subnets SPEC --plot``);
-- ``plot_summary``: loss, top-1 and learning rate of a run against epoch (``summary.png`` beside ``summary.csv``);
+- ``plot_summary``: loss, top-1 and learning rate of a run against epoch (``summary.png`` beside ``summary.csv``),
+  one ``Panel`` per entry of ``SUMMARY_PANELS`` (a new picture of a run is one more entry);
 - ``TensorBoardLog``: the summary row's scalars per epoch (``train.py --log-tensorboard``).
 
 A missing package is one line saying what to install: ``MissingPackage`` (a UsageError) where the picture was
@@ -14,13 +15,14 @@ import csv
 import logging
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import UsageError
+from .results import LOSS, result_part
 from .spec import FULL_STYLE, PlotStyle, kind_of, spec_kind, spec_kinds
 
 __all__ = ['MissingPackage', 'require_matplotlib', 'check_figure_path', 'plot_subnets', 'run_labels',
-           'plot_summary', 'summary_paths', 'summary_after_training', 'TensorBoardLog']
+           'Panel', 'SUMMARY_PANELS', 'plot_summary', 'summary_paths', 'summary_after_training', 'TensorBoardLog']
 
 _logger = logging.getLogger('train')
 
@@ -187,11 +189,75 @@ def _line(ax, epochs, values, label, **style) -> bool:
     return True
 
 
+def _ema(columns: Dict[str, List[float]]) -> bool:
+    """With --model-ema the eval_* columns are the EMA's and model_* the live model's."""
+    return 'model_top1' in columns
+
+
+def _loss_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
+    """Train loss, the method's declared loss parts (dashed; ``subnet/results.py``), eval loss."""
+    _line(ax, epochs, columns.get('train_loss'), 'train loss', color='tab:blue', linewidth=2)
+    part_columns = [c for c in columns if c != 'train_loss' and getattr(result_part(c), 'kind', None) == LOSS]
+    # blue, orange and red are the train / EMA / live-model lines; the parts take the other tab10 colours
+    part_colours = ['tab:green', 'tab:purple', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan', 'tab:gray']
+    for column, colour in zip(part_columns, part_colours * len(part_columns)):
+        _line(ax, epochs, columns[column], column[len('train_'):].replace('_', ' '), color=colour, linestyle='--')
+    _line(ax, epochs, columns.get('eval_loss'), 'eval loss (EMA)' if _ema(columns) else 'eval loss',
+          color='tab:orange', linewidth=2)
+    _line(ax, epochs, columns.get('model_loss'), 'eval loss', color='tab:red', linewidth=1.5)
+    ax.set_ylabel('loss')
+
+
+def _top1_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
+    drawn = _line(ax, epochs, columns.get('model_top1'), 'top-1 (live model)', color='tab:red', linewidth=1.5)
+    drawn |= _line(ax, epochs, columns.get('eval_top1'), 'top-1 (EMA)' if _ema(columns) else 'top-1',
+                   color='tab:orange', linewidth=2)
+    if not drawn:
+        ax.text(0.5, 0.5, 'no evaluation in this run', ha='center', va='center', transform=ax.transAxes)
+    ax.set_ylabel('top-1 accuracy (%)')
+
+
+def _subnet_columns(columns: Dict[str, List[float]]) -> List[str]:
+    return [c for c in columns if c.startswith('subnet_') and c.endswith('_top1')]
+
+
+def _subnet_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
+    _line(ax, epochs, columns.get('model_top1', columns.get('eval_top1')), 'full net', color='black', linewidth=2)
+    subnet_columns = _subnet_columns(columns)
+    for column, colour in zip(subnet_columns, _colours(len(subnet_columns))):
+        _line(ax, epochs, columns[column], column[len('subnet_'):-len('_top1')], color=colour)
+    ax.set_ylabel('top-1 accuracy (%)')
+
+
+def _lr_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
+    _line(ax, epochs, columns.get('lr'), 'learning rate', color='tab:green', linewidth=2)
+    ax.set_ylabel('learning rate')
+    ax.ticklabel_format(axis='y', style='sci', scilimits=(-2, 3))
+
+
+class Panel(NamedTuple):
+    """One panel of summary.png: ``draw(ax, epochs, columns)`` draws summary.csv's ``columns`` (name → one
+    number per epoch, NaN where empty) on ``ax``; ``shown(columns)`` says whether this run has anything for it."""
+    title: str
+    draw: Callable
+    shown: Callable = lambda columns: True
+    legend: bool = True
+
+
+# summary.png's panels, left to right: a new picture of a run is one more entry here
+SUMMARY_PANELS: List[Panel] = [
+    Panel('Losses', _loss_panel),
+    Panel('Top-1', _top1_panel),
+    Panel('Subnet top-1 (--subnet-eval)', _subnet_panel, shown=lambda columns: bool(_subnet_columns(columns))),
+    Panel('Learning rate', _lr_panel, legend=False),
+]
+
+
 def plot_summary(path: str, title: Optional[str] = None) -> str:
     """Write summary.png beside a run's summary.csv (``path``: the run folder or the file); returns its path.
 
-    Panels: losses (train, the method's loss parts dashed, eval), top-1 (with --model-ema the eval_* columns
-    are the EMA's and model_* the live model's), subnet top-1 when --subnet-eval columns exist, learning rate.
+    One panel per entry of ``SUMMARY_PANELS`` this run has columns for: losses, top-1, subnet top-1 when
+    --subnet-eval columns exist, learning rate.
     """
     Figure = require_matplotlib('--plot-summary')
     from matplotlib.ticker import MaxNLocator
@@ -199,53 +265,15 @@ def plot_summary(path: str, title: Optional[str] = None) -> str:
     csv_path, png_path = summary_paths(path)
     columns = _read_summary(csv_path)
     epochs = columns['epoch']
-    ema = 'model_top1' in columns
-    subnet_columns = [c for c in columns if c.startswith('subnet_') and c.endswith('_top1')]
-    part_columns = [c for c in columns if c.startswith('train_') and c != 'train_loss' and not c.endswith('flops')]
-
-    panels = ['loss', 'top1'] + (['subnets'] if subnet_columns else []) + ['lr']
+    panels = [panel for panel in SUMMARY_PANELS if panel.shown(columns)]
     figure = Figure(figsize=(4.6 * len(panels), 4.2), dpi=120, layout='constrained')
-    axes = dict(zip(panels, figure.subplots(1, len(panels), squeeze=False)[0]))
-
-    ax = axes['loss']
-    _line(ax, epochs, columns.get('train_loss'), 'train loss', color='tab:blue', linewidth=2)
-    # blue, orange and red are the train / EMA / live-model lines; the parts take the other tab10 colours
-    part_colours = ['tab:green', 'tab:purple', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan', 'tab:gray']
-    for column, colour in zip(part_columns, part_colours * len(part_columns)):
-        _line(ax, epochs, columns[column], column[len('train_'):].replace('_', ' '), color=colour, linestyle='--')
-    _line(ax, epochs, columns.get('eval_loss'), 'eval loss (EMA)' if ema else 'eval loss', color='tab:orange',
-          linewidth=2)
-    _line(ax, epochs, columns.get('model_loss'), 'eval loss', color='tab:red', linewidth=1.5)
-    ax.set_ylabel('loss')
-
-    ax = axes['top1']
-    drawn = _line(ax, epochs, columns.get('model_top1'), 'top-1 (live model)', color='tab:red', linewidth=1.5)
-    drawn |= _line(ax, epochs, columns.get('eval_top1'), 'top-1 (EMA)' if ema else 'top-1', color='tab:orange',
-                   linewidth=2)
-    if not drawn:
-        ax.text(0.5, 0.5, 'no evaluation in this run', ha='center', va='center', transform=ax.transAxes)
-    ax.set_ylabel('top-1 accuracy (%)')
-
-    if subnet_columns:
-        ax = axes['subnets']
-        _line(ax, epochs, columns.get('model_top1', columns.get('eval_top1')), 'full net', color='black',
-              linewidth=2)
-        for column, colour in zip(subnet_columns, _colours(len(subnet_columns))):
-            _line(ax, epochs, columns[column], column[len('subnet_'):-len('_top1')], color=colour)
-        ax.set_ylabel('top-1 accuracy (%)')
-
-    ax = axes['lr']
-    _line(ax, epochs, columns.get('lr'), 'learning rate', color='tab:green', linewidth=2)
-    ax.set_ylabel('learning rate')
-    ax.ticklabel_format(axis='y', style='sci', scilimits=(-2, 3))
-
-    titles = {'loss': 'Losses', 'top1': 'Top-1', 'subnets': 'Subnet top-1 (--subnet-eval)', 'lr': 'Learning rate'}
-    for name, ax in axes.items():
-        ax.set_title(titles[name], fontsize=11)
+    for panel, ax in zip(panels, figure.subplots(1, len(panels), squeeze=False)[0]):
+        panel.draw(ax, epochs, columns)
+        ax.set_title(panel.title, fontsize=11)
         ax.set_xlabel('epoch')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-        if name != 'lr' and ax.get_legend_handles_labels()[0]:
+        if panel.legend and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     figure.suptitle(title or os.path.basename(os.path.dirname(os.path.abspath(csv_path))), fontsize=12)
     return _save(figure, png_path)

@@ -25,6 +25,7 @@ from ..backward import StepBackward
 from ..batchnorm import frozen_running_stats, recalibrate
 from ..depth import DepthEngine
 from ..errors import UsageError
+from ..results import ResultPart
 from ..sampling import step_generator
 
 __all__ = ['Method', 'SubnetTask', 'DistillFromFullNet', 'distillation_options', 'check_distillation_args']
@@ -36,7 +37,7 @@ class Method:
     """The command line and loop hooks of a task; mixed into a ``timm.task.TrainingTask`` subclass.
 
     Class-level (before any model exists): ``options`` (functions that add option groups to train.py's parser;
-    a group shared by several methods is added once), ``check_args`` (one ``UsageError`` per configuration the
+    a group shared by several methods is added once), ``result_parts`` (``subnet/results.py``), ``check_args`` (one ``UsageError`` per configuration the
     method cannot run), ``model_kwargs`` (extra ``create_model`` kwargs) and ``from_args`` (the task itself).
     """
 
@@ -45,6 +46,7 @@ class Method:
     drop_schedule: str = 'linear'  # the model's drop-path rates unless --drop-schedule says: timm's ramp
     owns_backward: bool = False  # True: forward back-propagates through the loop's StepBackward itself
     depth: Optional[DepthEngine] = None  # the depth engine of a task that runs subnets
+    result_parts: Tuple[ResultPart, ...] = ()  # the scalars forward returns besides loss and output
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:

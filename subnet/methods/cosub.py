@@ -22,6 +22,7 @@ from ..blocks import UNITS
 from ..depth import DepthEngine
 from ..errors import UsageError
 from ..losses import cosub_loss
+from ..results import loss_part
 from ..sampling import ROWS, draw_keep
 from .base import SubnetTask
 
@@ -62,6 +63,8 @@ class CosubTask(SubnetTask):
     """
 
     options = (cosub_options,)
+    result_parts = (loss_part('cosub_label', 'the two submodels\' label (BCE) loss'),
+                    loss_part('cosub_peer', 'each submodel\'s BCE against the other\'s sigmoid'))
     drop_schedule = 'constant'  # DeiT III's models_v2.py: the same drop-path rate in every block
 
     def __init__(self, model, depth: DepthEngine, drop_rate: torch.Tensor, impl: str = 'skip', unit: str = 'branch',
