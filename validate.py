@@ -47,28 +47,22 @@ _logger = logging.getLogger('validate')
 
 _NON_IN1K_FILTERS = ['*_in21k', '*_in22k', '*in12k', '*_dino', '*fcmae', '*seer']
 
-# validate.py options filled from a checkpoint's training args when not given on the command line
-_FROM_TRAINING = {'model': ('--model', '-m'), 'model_kwargs': ('--model-kwargs',), 'num_classes': ('--num-classes',),
-                  'in_chans': ('--in-chans',), 'gp': ('--gp',), 'img_size': ('--img-size',),
-                  'input_size': ('--input-size',), 'crop_pct': ('--crop-pct',), 'mean': ('--mean',),
-                  'std': ('--std',), 'interpolation': ('--interpolation',)}
-
-
-def _given(argv, flags) -> bool:
-    return any(a == f or a.startswith(f + '=') or (f.startswith('--') and len(a) > 3 and f.startswith(a))
-               for a in argv for f in flags)
+# validate.py options (dests) filled from a checkpoint's training args when not given on the command line
+_FROM_TRAINING = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'gp', 'img_size', 'input_size', 'crop_pct',
+                  'mean', 'std', 'interpolation')
 
 
 def adopt_training_args(args, argv) -> None:
     """Fill model options from the checkpoint's training ``args`` where the command line left them."""
-    if not args.checkpoint or not os.path.isfile(args.checkpoint) or _given(argv, ('--model', '-m')):
+    given = given_on_command_line(validate_parser(), argv)
+    if not args.checkpoint or not os.path.isfile(args.checkpoint) or 'model' in given:
         return
     checkpoint = load_checkpoint_file(args.checkpoint, '--checkpoint')
     trained = checkpoint.get('args')
     if trained is None or not getattr(trained, 'model', None):
         return
-    for key, flags in _FROM_TRAINING.items():
-        if not _given(argv, flags) and getattr(trained, key, None) not in (None, '', {}):
+    for key in _FROM_TRAINING:
+        if key not in given and getattr(trained, key, None) not in (None, '', {}):
             setattr(args, key, getattr(trained, key))
     # evaluate as the training run did (its data config is the model's train-size one)
     args.use_train_size = True

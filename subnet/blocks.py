@@ -18,13 +18,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from timm.utils import unwrap_model
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .branches import Branch, check_branches, record_branches, restore_slots, swap_slots, unbatched_args
 from .errors import UsageError
 
-__all__ = ['Block', 'Stage', 'DropUnit', 'BlockMap', 'UNITS', 'find_blocks', 'drop_path_slots',
-           'register_drop_path_slots', 'swap_slots', 'restore_slots', 'unwrap_model', 'model_name']
+__all__ = ['Block', 'Stage', 'DropUnit', 'BlockMap', 'UNITS', 'find_blocks', 'drop_path_slots', 'slot_drop_rate',
+           'register_drop_path_slots', 'swap_slots', 'restore_slots', 'model_name']
 
 _logger = logging.getLogger(__name__)
 
@@ -45,17 +46,6 @@ def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=N
 _EXTRA_FLOP_FORMULAS = {}
 if hasattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu'):
     _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 def model_name(model: nn.Module) -> str:
@@ -90,6 +80,11 @@ def drop_path_slots(module: nn.Module) -> Tuple[str, ...]:
                   if cls is None or isinstance(module, cls) for n in slots}
     return tuple(sorted({n for n in names if (n.startswith('drop_path') and not n.endswith('_rate'))
                          or n in registered}))
+
+
+def slot_drop_rate(slot: Optional[nn.Module]) -> float:
+    """The drop-path rate a slot holds as the model was built (0 for Identity / None)."""
+    return float(getattr(slot, 'drop_prob', 0.0) or 0.0)
 
 
 @dataclass(frozen=True, eq=False)

@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from timm.layers import drop_path
+from timm.utils import unwrap_model
 
-from .blocks import Block, BlockMap, DropUnit, find_blocks, unwrap_model
+from .blocks import Block, BlockMap, DropUnit, find_blocks, slot_drop_rate
 from .branches import (
     BranchRows, InstanceForward, SlotModule, install_branch_rows, restore_slots, same_format, swap_slots)
 from .errors import UsageError
@@ -380,11 +381,8 @@ class DepthEngine:
 
     def model_drop_path_rates(self) -> torch.Tensor:
         """The drop-path rate of each block as the model was built (0 for Identity / None slots)."""
-        rates = []
-        for block in self.block_map.blocks:
-            slots = [getattr(block.module, s) for s in block.slots]
-            rates.append(max([float(getattr(s, 'drop_prob', 0.0)) for s in slots if s is not None], default=0.0))
-        return torch.tensor(rates, dtype=torch.float64)
+        return torch.tensor([max((slot_drop_rate(getattr(block.module, s)) for s in block.slots), default=0.0)
+                             for block in self.block_map.blocks], dtype=torch.float64)
 
 
 class _DropPathSlot(SlotModule):

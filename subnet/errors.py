@@ -13,6 +13,12 @@ EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class UsageError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 

@@ -27,10 +27,11 @@ import torch
 from timm import utils
 from timm.data import create_loader
 from timm.task.evaluator import ClassificationEvaluator, evaluation_sample_limit
+from timm.utils import unwrap_model
 from torch import nn
 
 from .batchnorm import batchnorm_layers, recalibrated
-from .blocks import BlockMap, unwrap_model
+from .blocks import BlockMap
 from .depth import DepthEngine
 from .progress import EpochProgress
 from .spec import parse_spec, spec_kind

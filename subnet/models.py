@@ -16,8 +16,8 @@ from timm.layers import DropPath, resample_abs_pos_embed
 from timm.models import is_model, split_model_name_tag
 from timm.utils import unwrap_model
 
-from .blocks import drop_path_slots
-from .errors import UsageError
+from .blocks import drop_path_slots, slot_drop_rate
+from .errors import UsageError, first_line
 
 _logger = logging.getLogger('train')
 
@@ -53,8 +53,7 @@ def load_checkpoint_file(path: str, what: str) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f'{what} {path} is not a readable checkpoint ({reason[:160]})') from None
+        raise UsageError(f'{what} {path} is not a readable checkpoint ({first_line(e)[:160]})') from None
     if not isinstance(checkpoint, dict):
         raise UsageError(f'{what} {path} holds a {type(checkpoint).__name__}, not a checkpoint dict')
     return checkpoint
@@ -95,7 +94,7 @@ def load_initial_checkpoint(model: torch.nn.Module, path: str) -> None:
         try:
             timm.models.load_checkpoint(model, path)
         except (RuntimeError, ValueError, OSError, NotImplementedError) as e:
-            raise UsageError(f'--initial-checkpoint {path} cannot be loaded: {str(e).splitlines()[0][:160]}') from None
+            raise UsageError(f'--initial-checkpoint {path} cannot be loaded: {first_line(e)[:160]}') from None
         return
     checkpoint = load_checkpoint_file(path, '--initial-checkpoint')
     resample_position_embedding(model, checkpoint_weights(checkpoint, use_ema=True))
@@ -135,8 +134,8 @@ def naflex_patch_size(model: torch.nn.Module) -> tuple:
 
 def model_drop_path_rate(model: torch.nn.Module) -> float:
     """The highest drop-path rate of any of the model's drop-path slots (0 when it has none)."""
-    return max((float(getattr(getattr(m, slot), 'drop_prob', 0.0) or 0.0)
-                for m in model.modules() for slot in drop_path_slots(m)), default=0.0)
+    return max((slot_drop_rate(getattr(m, slot)) for m in model.modules() for slot in drop_path_slots(m)),
+               default=0.0)
 
 
 def constant_drop_path(model: torch.nn.Module, rate: float) -> None:

@@ -22,7 +22,7 @@ from timm.utils import ParseKwargs
 
 from .methods import import_extra_methods
 from .subnet_options import add_train_options, add_validate_options
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 _logger = logging.getLogger('train')
 
@@ -415,7 +415,7 @@ def read_config(path: str) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f' (line {mark.line + 1})' if mark is not None else ''
-        problem = getattr(e, 'problem', None) or str(e).strip().splitlines()[0]
+        problem = getattr(e, 'problem', None) or first_line(e)
         raise UsageError(f'config file {path} is not valid YAML{where}: {problem}')
     if cfg is None:
         return {}
