@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import UsageError, first_line
+from .errors import first_line
 
 __all__ = ['Branch', 'BranchRows', 'SlotModule', 'InstanceForward', 'swap_slots', 'restore_slots',
            'record_branches', 'check_branches', 'install_branch_rows', 'unbatched_args']
@@ -202,7 +202,7 @@ class BranchRows:
         """The branch of this call (and the arguments it shares), checking that the block keeps its probe order."""
         expected = self.calls[self.position][0] if self.position < len(self.calls) else 'nothing more'
         if name != expected:
-            raise UsageError(f'{self.model_name}: block {self.block_name} called {name} where the discovery probe '
+            raise ValueError(f'{self.model_name}: block {self.block_name} called {name} where the discovery probe '
                              f'saw {expected}, so its branches cannot run on their own rows (use unit="block")')
         _, branch, shared = self.calls[self.position]
         self.position += 1
@@ -259,13 +259,13 @@ class ScatterRows(SlotModule):
         rows, factor = state.rows[branch], state.factor[branch]
         if torch.is_tensor(factor):
             if x.shape[0] != factor.shape[0]:
-                raise UsageError(f'{state.model_name}: keep mask has {factor.shape[0]} rows but the batch has '
+                raise ValueError(f'{state.model_name}: keep mask has {factor.shape[0]} rows but the batch has '
                                  f'{x.shape[0]}')
             return x * factor.view((-1,) + (1,) * (x.ndim - 1)).to(x.dtype)
         if rows is None:
             return x if factor == 1.0 else x * factor
         if x.shape[0] != rows.shape[0]:
-            raise UsageError(f'{state.model_name}: keep mask has {state.batch} rows but block {state.block_name} '
+            raise ValueError(f'{state.model_name}: keep mask has {state.batch} rows but block {state.block_name} '
                              f'got a batch of {x.shape[0]}')
         if factor != 1.0:
             x = x * factor
