@@ -51,8 +51,8 @@ from subnet.evaluation import SubnetMonitor, evaluate
 from subnet.finite import stop_if_weights_nonfinite
 from subnet.loop import Safeguards, StepSetup, train_one_epoch
 from subnet.methods import method_class
-from subnet.models import (check_state_dict_fits, constant_drop_path, load_checkpoint_file, load_initial_checkpoint,
-                           model_drop_path_rate, naflex_patch_size, resolve_model_name)
+from subnet.models import (accepted_kwargs, check_state_dict_fits, constant_drop_path, load_checkpoint_file,
+                           load_initial_checkpoint, model_drop_path_rate, naflex_patch_size, resolve_model_name)
 from subnet.spec import SubnetSpecError
 from subnet.stopping import SignalWatch, StopPolicy, Vote
 from subnet.timm_options import parse_train_args, train_options_given
@@ -125,10 +125,9 @@ def build_model(args) -> nn.Module:
                      **factory_kwargs)
     method_kwargs = {k: v for k, v in method_class(args.method).model_kwargs(args).items()
                      if k not in args.model_kwargs}
-    try:
-        model = create(**method_kwargs, **args.model_kwargs)
-    except TypeError:  # a model without the option (e.g. dynamic_img_size on a CNN) does not need it
-        model = create(**args.model_kwargs)
+    # a model without the option (e.g. dynamic_img_size on a CNN) does not need it
+    method_kwargs = accepted_kwargs(args.model, method_kwargs, in_chans=in_chans, **args.model_kwargs)
+    model = create(**method_kwargs, **args.model_kwargs)
     schedule = args.drop_schedule or method_class(args.method).drop_schedule
     if schedule == 'constant':
         constant_drop_path(model, args.drop_path if args.drop_path is not None else model_drop_path_rate(model))

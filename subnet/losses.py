@@ -5,7 +5,7 @@ Every function computes in float32, or float64 when given float64: under AMP the
 softmax/KL lose precision and the 1e-7 eps of the standardisation is below fp16 resolution.
 Teachers are always detached, so a distillation term only ever sends gradient into its student.
 """
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -156,48 +156,6 @@ class GroupKnowledge:
             raise LookupError(f'group {group} has no knowledge yet: update it before teaching group {group + 1}')
         return self._knowledge[group]
 
-    def __contains__(self, group: int) -> bool:
-        return group in self._knowledge
-
     def reset(self) -> None:
         """Forget all groups (start of a new batch)."""
         self._knowledge.clear()
-
-
-class GroupKnowledgeTerms(NamedTuple):
-    """The GKT step loss, its label part and its distillation terms in loop/group order."""
-    total: Tensor
-    label: Tensor
-    distill_terms: list[Tensor]
-
-
-def group_knowledge_loss(
-        main_logits: Tensor,
-        target: Tensor,
-        subnet_logits: Sequence[Tensor],
-        knowledge: GroupKnowledge,
-        temperature: float = 1.0,
-        distill_weight: float = 1.0,
-) -> GroupKnowledgeTerms:
-    """Whole-step GKT loss: CE(main, y) + λ·Σ_{r,g} T²·KL(softmax(K_{g−1}/T) ‖ softmax(z_{r,g}/T)).
-
-    ``subnet_logits`` come in sampling order, loop 1 groups 1..G, then loop 2, ...; each term sees its teacher's
-    knowledge as it stands at that moment, which already includes this loop's parent. Terms are summed, not averaged
-    (ST's ``kl_coef`` per subnet). ``knowledge`` is reset first and holds the final group knowledge afterwards. The
-    training task runs the same sequence one pass at a time (backward after each); this is its reference.
-    ``target``: class indices or dense probabilities (mixup), as ``F.cross_entropy`` takes both.
-    """
-    if len(subnet_logits) % knowledge.num_groups != 0:
-        raise ValueError(f'{len(subnet_logits)} subnet outputs do not fill whole loops of '
-                         f'{knowledge.num_groups} groups')
-    main_logits = _at_least_fp32(main_logits)
-    label = F.cross_entropy(main_logits, target if target.ndim == 1 else target.to(main_logits.dtype))
-    knowledge.reset()
-    knowledge.update(0, main_logits)
-    distill_terms = []
-    for index, logits in enumerate(subnet_logits):
-        group = index % knowledge.num_groups + 1
-        distill_terms.append(kl_distill(logits, knowledge.teacher(group - 1), temperature))
-        knowledge.update(group, logits)
-    total = label + distill_weight * sum(distill_terms, torch.zeros_like(label))
-    return GroupKnowledgeTerms(total, label, distill_terms)

@@ -5,6 +5,7 @@ ViT of that size at 224 px; a name that matches nothing stops with the closest t
 """
 import argparse
 import difflib
+import inspect
 import logging
 import os
 import pickle
@@ -130,6 +131,22 @@ def naflex_patch_size(model: torch.nn.Module) -> tuple:
         return tuple(patch_size)
     _logger.warning('Could not determine model patch size, using default: (16, 16)')
     return 16, 16
+
+
+def accepted_kwargs(model_name: str, kwargs: dict, **create_kwargs) -> dict:
+    """The entries of ``kwargs`` the model's class takes (its ``__init__`` names them, or takes ``**kwargs``).
+
+    A method's model kwargs may fit only some families (ST++ asks ViTs for ``dynamic_img_size``); the class is
+    found by building the model on the meta device (no memory, the RNGs left as they were).
+    """
+    if not kwargs:
+        return {}
+    with torch.random.fork_rng(devices=[]), torch.device('meta'):
+        probe = timm.create_model(model_name, pretrained=False, **create_kwargs)
+    parameters = inspect.signature(type(probe).__init__).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in parameters}
 
 
 def model_drop_path_rate(model: torch.nn.Module) -> float:

@@ -10,19 +10,18 @@ per-sample masks ``BlockMap.units(unit)`` (``unit='branch'``: one column per res
   ``unit_drop_rates``: per-column rates from a per-block schedule.
 * ``stage_prefix_keep``: ST / ST++ "ordered residual sampling", the first k_i blocks of each stage.
 * ``nested_keep``: GKT subnet-in-subnet, a child inherits its parent's drops and drops each survivor with prob q.
-* ``step_generator`` / ``broadcast_from_rank0``: the same mask on every DDP rank when a method needs it.
+* ``step_generator``: the same mask on every DDP rank when a method needs it.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 
 from .blocks import BlockMap
 
 __all__ = ['drop_rates', 'unit_drop_rates', 'bernoulli_keep', 'fixed_count_keep', 'draw_keep', 'stage_prefix_keep',
-           'lowest_prefix_depths', 'nested_keep', 'step_generator', 'broadcast_from_rank0']
+           'lowest_prefix_depths', 'nested_keep', 'step_generator']
 
 SCHEDULES = ('linear', 'constant')
 ROW_SAMPLINGS = ('bernoulli', 'fixed')  # how per-sample masks pick the rows that keep a block or branch
@@ -139,14 +138,3 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     for masks identical on all DDP ranks without communication, or the real rank for per-rank masks."""
     mixed = _splitmix64(_splitmix64(_splitmix64(int(seed)) ^ int(step)) ^ int(rank))
     return torch.Generator().manual_seed(mixed & 0x7FFFFFFFFFFFFFFF)
-
-
-def broadcast_from_rank0(mask: torch.Tensor) -> torch.Tensor:
-    """Rank 0's mask on every rank (a no-op without torch.distributed); NCCL gets a CUDA copy."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return mask
-    on_cuda = dist.get_backend() == 'nccl'
-    buffer = mask.to(torch.uint8)
-    buffer = buffer.cuda() if on_cuda else buffer.clone()
-    dist.broadcast(buffer, src=0)
-    return buffer.to(mask.device).to(mask.dtype)

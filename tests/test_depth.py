@@ -640,7 +640,7 @@ def _ddp_worker(rank, world, port, result_dir):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group('gloo', rank=rank, world_size=world)
-    from subnet.sampling import broadcast_from_rank0
+    from train_helpers import broadcast_from_rank0
     torch.manual_seed(0)
     model = timm.create_model('vit_tiny_patch16_224', img_size=32, depth=4, embed_dim=32, num_heads=2,
                               num_classes=5).train()

@@ -16,7 +16,8 @@ import train
 from subnet.methods import CosubTask, GroupKnowledgeTask, StimulativeTask
 from subnet.depth import DepthEngine
 from subnet.errors import ModelNotSupported, UsageError
-from subnet.losses import GroupKnowledge, group_knowledge_loss, kl_distill, standardize_logits
+from reference_losses import group_knowledge_loss
+from subnet.losses import GroupKnowledge, kl_distill, standardize_logits
 from subnet.sampling import drop_rates
 from subnet.timm_options import parse_train_args
 from train_helpers import ROOT, TINY_RESNET, TINY_VIT, make_subset, run_train, state_dict_of, torchrun, train_argv

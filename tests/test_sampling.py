@@ -7,8 +7,9 @@ import torch
 from timm.layers import calculate_drop_path_rates
 
 from subnet.sampling import (
-    bernoulli_keep, broadcast_from_rank0, draw_keep, drop_rates, fixed_count_keep, fixed_counts, nested_keep,
+    bernoulli_keep, draw_keep, drop_rates, fixed_count_keep, fixed_counts, nested_keep,
     stage_prefix_keep, step_generator, unit_drop_rates)
+from train_helpers import broadcast_from_rank0
 
 pytestmark = pytest.mark.usefixtures('single_thread')
 
