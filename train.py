@@ -75,6 +75,8 @@ def preflight(args) -> None:
     check_precision_args(args, amp_needs_fp32_model=True)
     if args.aug_splits == 1:
         raise UsageError('--aug-splits 1 makes no sense: use 0 (off) or 2 or more')
+    if args.jsd_loss and args.aug_splits < 2:
+        raise UsageError('--jsd-loss needs --aug-splits 2 or more')
     checks.check_distributed_options(args)
     check_method_args(args)
     args.model = resolve_model_name(args.model)

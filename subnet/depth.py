@@ -15,7 +15,8 @@ on an exception), so outside a context the model is the plain timm model: module
   branch, or whose branches cannot run apart, keep one column.
 * ``per_sample(..., mode='mask')``: every block runs on every row and its branches are multiplied by the per-row
   mask / keep_prob; same result, full cost, but a graph whose structure does not depend on the mask.
-* ``timm_drop_path(rates)``: the model's own per-branch ``DropPath`` with the given per-block rates (DeiT / cosub).
+* ``timm_drop_path(rates)``: timm's per-branch stochastic depth (``timm.layers.drop_path``) at the given per-block
+  rates, in place of the model's slots (DeiT / ``--cosub-impl timm``).
 
 With grad checkpointing the blocks run again during backward, so call ``backward()`` inside the context.
 """

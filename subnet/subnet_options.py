@@ -4,7 +4,7 @@ They live in new namespaces (``--method*``, ``--cosub-*``, ``--st-*``, ``--gkt-*
 ``--plot-summary``, ``--log-tensorboard``, ``--bad-image-limit``, ``--skip-nonfinite``, ``--recovery-minutes``), so
 none of them makes an abbreviation of a timm option ambiguous (``--recovery`` stays timm's ``--recovery-interval``,
 see ``OneLineParser``). As with every option, the YAML key is the underscore name (``method: cosub``); an option's other spellings are YAML
-keys too (``st_bn`` for ``--subnet-bn``). The methods' own groups come from the method registry.
+keys too (``dr`` for timm's ``--decay-rate``). The methods' own groups come from the method registry.
 """
 import argparse
 
@@ -24,7 +24,7 @@ def _method_selection(parser: argparse.ArgumentParser) -> None:
 def add_model_and_data_options(parser: argparse.ArgumentParser) -> None:
     """What the papers' recipes need and timm's train.py cannot say."""
     g = parser.add_argument_group('Model and data (subnet)')
-    g.add_argument('--drop-schedule', '--cosub-drop-schedule', default=None, choices=('linear', 'constant'),
+    g.add_argument('--drop-schedule', default=None, choices=('linear', 'constant'),
                    help="per-block drop-path rates of the model: timm's linear ramp from 0 to --drop-path, or "
                         "DeiT III's constant --drop-path in every block (default: the method's; constant for "
                         "cosub, as DeiT III, linear otherwise, as timm)")

@@ -425,8 +425,8 @@ def read_config(path: str) -> dict:
 
 
 def _actions_by_key(parser: argparse.ArgumentParser) -> dict:
-    """YAML key -> option: every dest, and every other long spelling with underscores (``st_bn`` is the old
-    name of ``--subnet-bn``, ``dr`` of timm's ``--decay-rate``)."""
+    """YAML key -> option: every dest, and every other long spelling with underscores (``dr`` is timm's other
+    name of ``--decay-rate``)."""
     actions = {}
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):

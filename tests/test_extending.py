@@ -155,15 +155,17 @@ def test_registering_twice_under_another_name_or_a_taken_name_is_refused():
         register_method('toy2', ToyTask)
 
 
-def test_shared_options_are_defined_once_and_the_old_names_still_work(tmp_path):
-    args, _ = parse_train_args(['--method', 'gkt', '--gkt-bn', 'recal', '--st-temperature', '2'])
+def test_shared_options_are_defined_once_under_one_name(tmp_path):
+    args, _ = parse_train_args(['--method', 'gkt', '--subnet-bn', 'recal', '--subnet-temperature', '2'])
     assert (args.subnet_bn, args.subnet_temperature) == ('recal', 2.0)
-    config = tmp_path / 'old.yaml'
-    config.write_text('method: st\nst_bn: recal\ngkt_weight: 0.5\nst_kl_weight: 0.25\n')
+    config = tmp_path / 'shared.yaml'
+    config.write_text('method: st\nsubnet_bn: recal\nsubnet_kd_weight: 0.25\n')
     args, text = parse_train_args(['-c', str(config)])
     assert (args.subnet_bn, args.subnet_kd_weight) == ('recal', 0.25)
     saved = yaml.safe_load(text)  # args.yaml carries the one name
     assert saved['subnet_bn'] == 'recal' and not {'st_bn', 'gkt_weight', 'st_kl_weight'} & set(saved)
+    with pytest.raises(SystemExit):  # the per-method names of the shared options are gone
+        parse_train_args(['--method', 'gkt', '--gkt-bn', 'recal'])
 
 
 def test_pip_install_makes_the_library_importable_from_another_loop(tmp_path):

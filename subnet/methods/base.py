@@ -130,19 +130,18 @@ BN_MODES = ('freeze', 'recal')
 
 
 def distillation_options(parser: argparse.ArgumentParser) -> None:
-    """What every method that distils subnets from a teacher shares (st, st++, gkt; the old per-method names stay
-    as aliases, also as YAML keys: st_temperature, gkt_weight, st_bn, ...)."""
+    """What every method that distils subnets from a teacher shares (st, st++, gkt)."""
     g = parser.add_argument_group('Subnet distillation (st, st++, gkt)')
-    g.add_argument('--subnet-temperature', '--st-temperature', '--gkt-temperature', type=float, default=1.0,
+    g.add_argument('--subnet-temperature', type=float, default=1.0,
                    metavar='T', help='distillation temperature; each KL term is multiplied by T^2 '
                                      "(default: 1, the ST code's --Temp)")
-    g.add_argument('--subnet-kd-weight', '--st-kl-weight', '--gkt-weight', type=float, default=1.0, metavar='W',
+    g.add_argument('--subnet-kd-weight', type=float, default=1.0, metavar='W',
                    help="weight of each subnet's KL term; the terms are summed (default: 1, the ST code's "
                         '--kl_coef)')
-    g.add_argument('--subnet-bn', '--st-bn', '--gkt-bn', default='freeze', choices=BN_MODES,
+    g.add_argument('--subnet-bn', default='freeze', choices=BN_MODES,
                    help="BatchNorm running statistics: 'freeze' them during subnet passes (default), or 'recal': "
                         're-estimate them with the full net before each evaluation (the official ST code)')
-    g.add_argument('--subnet-bn-images', '--st-recal-images', '--gkt-recal-images', type=int, default=2048,
+    g.add_argument('--subnet-bn-images', type=int, default=2048,
                    metavar='N', help='training images for --subnet-bn recal (default: 2048, the official ST code)')
 
 
