@@ -99,10 +99,15 @@ def register_kind(kind: SpecKind) -> SpecKind:
     """Make ``kind`` a SPEC term kind (its name must be lower-case letters, not yet taken); returns it."""
     if not re.fullmatch(r'[a-z]+', kind.name or '') or kind.name == 'full':
         raise ValueError(f'a SPEC kind name is lower-case letters other than full, got {kind.name!r}')
-    if kind.name in _KINDS:
-        raise ValueError(f'SPEC kind {kind.name!r} is registered already')
+    known = _KINDS.get(kind.name)
+    if known is not None and _class_name(known) != _class_name(kind):  # the same class again: a module re-imported
+        raise ValueError(f'SPEC kind {kind.name!r} is registered already ({_class_name(known)})')
     _KINDS[kind.name] = kind
     return kind
+
+
+def _class_name(kind: SpecKind) -> str:
+    return f'{type(kind).__module__}.{type(kind).__qualname__}'
 
 
 def spec_kind(name: str) -> SpecKind:
