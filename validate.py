@@ -140,9 +140,9 @@ def classification_scores(args, labels: evaluation.Labels) -> dict:
             f'{avg}_f1_score': round(100 * f1_score(y_true, y_pred, average=avg, zero_division=0), 4)}
 
 
-def validate(args):
-    """Validate one model (and checkpoint); returns timm's result row, or with --subnets a list of rows (the
-    full net's first, then one per subnet with the SUBNET_FIELDS appended)."""
+def prepare(args) -> tuple:
+    """timm's validate.py set-up before the model: device, precision, seed, fuser; returns (device, model dtype,
+    autocast)."""
     args.pretrained = args.pretrained or not args.checkpoint
     args.prefetcher = not args.no_prefetcher
     device = validation_device(args)
@@ -164,7 +164,33 @@ def validate(args):
         utils.set_jit_fuser(args.fuser)
     if args.fast_norm:
         set_fast_norm()
+    return device, model_dtype, amp_autocast
 
+
+def result_row(args, metrics: dict, scores: dict, param_count: int, data_config: dict, crop_pct) -> OrderedDict:
+    """timm's result row of one evaluation, logged as timm's `` * Acc@1`` line."""
+    top1, top5 = metrics['top1'], metrics['top5']
+    result = OrderedDict(model=args.model, top1=round(top1, 4), top1_err=round(100 - top1, 4),
+                         top5=round(top5, 4), top5_err=round(100 - top5, 4), **scores,
+                         param_count=round(param_count / 1e6, 2), img_size=data_config['input_size'][-1],
+                         crop_pct=crop_pct, interpolation=data_config['interpolation'])
+    line = (f' * Acc@1 {result["top1"]:.3f} ({result["top1_err"]:.3f}) '
+            f'Acc@5 {result["top5"]:.3f} ({result["top5_err"]:.3f})')
+    if metrics.get('unreadable_images'):  # a column only then: timm's result fields otherwise
+        result['unreadable_images'] = metrics['unreadable_images']
+        line += f' | {metrics["unreadable_images"]} unreadable images left out'
+    if scores:
+        avg = args.metrics_avg
+        line += (f' | Precision({avg}) {scores[f"{avg}_precision"]:.3f} | Recall({avg}) '
+                 f'{scores[f"{avg}_recall"]:.3f} | F1-score({avg}) {scores[f"{avg}_f1_score"]:.3f}')
+    _logger.info(line)
+    return result
+
+
+def validate(args):
+    """Validate one model (and checkpoint); returns timm's result row, or with --subnets a list of rows (the
+    full net's first, then one per subnet with the SUBNET_FIELDS appended)."""
+    device, model_dtype, amp_autocast = prepare(args)
     model, data_config, test_time_pool, param_count = build_model(args, device, model_dtype)
     patch_size = naflex_patch_size(model) if args.naflex_loader else None
     dataset, loader, crop_pct = build_loader(args, data_config, test_time_pool, device, model_dtype,
@@ -189,22 +215,7 @@ def validate(args):
         metrics = evaluation.evaluate(model, loader, args, device, amp_autocast, model_dtype,
                                       report=evaluation.ValidateReport(args.log_freq, _logger), labels=labels)
         scores = classification_scores(args, labels) if args.metrics_avg else {}
-        top1, top5 = metrics['top1'], metrics['top5']
-        result = OrderedDict(model=args.model, top1=round(top1, 4), top1_err=round(100 - top1, 4),
-                             top5=round(top5, 4), top5_err=round(100 - top5, 4), **scores,
-                             param_count=round(param_count / 1e6, 2), img_size=data_config['input_size'][-1],
-                             crop_pct=crop_pct, interpolation=data_config['interpolation'])
-        line = (f' * Acc@1 {result["top1"]:.3f} ({result["top1_err"]:.3f}) '
-                f'Acc@5 {result["top5"]:.3f} ({result["top5_err"]:.3f})')
-        if metrics.get('unreadable_images'):  # a column only then: timm's result fields otherwise
-            result['unreadable_images'] = metrics['unreadable_images']
-            line += f' | {metrics["unreadable_images"]} unreadable images left out'
-        if scores:
-            avg = args.metrics_avg
-            line += (f' | Precision({avg}) {scores[f"{avg}_precision"]:.3f} | Recall({avg}) '
-                     f'{scores[f"{avg}_recall"]:.3f} | F1-score({avg}) {scores[f"{avg}_f1_score"]:.3f}')
-        _logger.info(line)
-        return result
+        return result_row(args, metrics, scores, param_count, data_config, crop_pct)
 
     if subnets is None:
         return measure()

@@ -508,15 +508,19 @@ def train_options_given(argv: Optional[List[str]] = None) -> Set[str]:
 
 # ---------------------------------------------------------------------------------------------- validate.py
 
-def validate_parser() -> argparse.ArgumentParser:
-    """timm's validate.py parser (no YAML: timm's validate has none), then subnet's own options."""
-    p = OneLineParser(prog='validate.py', description='Validate timm models and checkpoints, and their subnets.')
+def _validate_dataset_options(p: argparse.ArgumentParser) -> None:
     p.add_argument('data', nargs='?', metavar='DIR', const=None, help='dataset root (deprecated, use --data-dir)')
     p.add_argument('--data-dir', metavar='DIR', help='dataset root')
     p.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name; empty: image folder')
     p.add_argument('--split', metavar='NAME', default='validation', help='split to evaluate (default: validation)')
     p.add_argument('--num-samples', default=None, type=int, metavar='N', help='samples, for iterable datasets')
     _dataset_reading_options(p)
+
+
+def validate_parser() -> argparse.ArgumentParser:
+    """timm's validate.py parser (no YAML: timm's validate has none), then subnet's own options."""
+    p = OneLineParser(prog='validate.py', description='Validate timm models and checkpoints, and their subnets.')
+    _validate_dataset_options(p)
     p.add_argument('--model', '-m', metavar='NAME', default='dpn92',
                    help="model name, wildcard, 'all' or a file of names (default: dpn92)")
     p.add_argument('--pretrained', dest='pretrained', action='store_true', help='use pretrained weights')
