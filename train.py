@@ -46,7 +46,7 @@ from subnet.data import (Loaders, build_loaders, check_image_folders, loader_ima
                          set_loader_epoch)
 from subnet.device import (check_precision_args, limit_workers, model_dtype as dtype_of, training_device,
                            training_precision, use_default_device)
-from subnet.errors import EXIT_USAGE, ModelNotSupported, RunStopped, UsageError
+from subnet.errors import EXIT_USAGE, InputError, RunStopped, UsageError
 from subnet.evaluation import SubnetMonitor, evaluate
 from subnet.finite import stop_if_weights_nonfinite
 from subnet.loop import Safeguards, StepSetup, train_one_epoch
@@ -498,7 +498,7 @@ class TrainRun:
 
 
 def run(argv=None) -> TrainRun:
-    """Train as the command line says; raises UsageError on bad input."""
+    """Train as the command line says; raises UsageError (or the library's InputError) on bad input."""
     rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
     logs.setup_logging(primary=rank == 0, to_file_later=True)
     try:
@@ -566,7 +566,7 @@ def main(argv=None) -> int:
     try:
         run(argv)
         return 0
-    except (UsageError, ModelNotSupported) as e:
+    except (UsageError, InputError) as e:
         message = str(e)
         if 'Original Traceback' in message:  # raised in a DataLoader worker: keep the original line
             message = message.strip().splitlines()[-1].split('UsageError: ', 1)[-1]

@@ -37,7 +37,7 @@ from subnet import evaluation, logs, plots
 from subnet.data import FixedSample, check_image_folders, loader_images
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
-from subnet.errors import ModelNotSupported, UsageError
+from subnet.errors import InputError, UsageError
 from subnet.spec import SubnetSpecError
 from subnet.unreadable import readable
 from subnet.models import check_state_dict_fits, load_checkpoint_file, naflex_patch_size, resolve_model_name
@@ -366,7 +366,7 @@ def main(argv=None) -> int:
     logs.setup_logging(primary=True)
     try:
         return run(argv)
-    except (UsageError, ModelNotSupported) as e:
+    except (UsageError, InputError) as e:
         print(f'validate.py: error: {e}', file=sys.stderr)
         return 2
     finally:

@@ -5,7 +5,7 @@
   one ``Panel`` per entry of ``SUMMARY_PANELS`` (a new picture of a run is one more entry);
 - ``TensorBoardLog``: the summary row's scalars per epoch (``train.py --log-tensorboard``).
 
-A missing package is one line saying what to install: ``MissingPackage`` (a UsageError) where the picture was
+A missing package is one line saying what to install: ``MissingPackage`` (an InputError) where the picture was
 the point of the command, a warning where it is a by-product of training. Figures are drawn on matplotlib's
 object API (``Figure`` + Agg canvas), never pyplot, so no GUI backend or global figure state is involved.
 """
@@ -17,7 +17,7 @@ import math
 import os
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from .errors import UsageError
+from .errors import InputError
 from .results import LOSS, result_part
 from .spec import FULL_STYLE, PlotStyle, kind_of, spec_kind, spec_kinds
 
@@ -26,7 +26,7 @@ __all__ = ['MissingPackage', 'require_matplotlib', 'check_figure_path', 'plot_su
 
 _logger = logging.getLogger('train')
 
-class MissingPackage(UsageError):
+class MissingPackage(InputError):
     """An optional package a picture or log needs is not installed."""
 
 
@@ -46,11 +46,11 @@ def check_figure_path(path: str, what: str) -> None:
     from matplotlib.backend_bases import FigureCanvasBase
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise UsageError(f'{what} {path}: folder {folder} does not exist')
+        raise InputError(f'{what} {path}: folder {folder} does not exist')
     suffix = os.path.splitext(path)[1].lstrip('.').lower()
     formats = FigureCanvasBase.get_supported_filetypes()
     if suffix not in formats:
-        raise UsageError(f'{what} {path}: the file name must end in one of '
+        raise InputError(f'{what} {path}: the file name must end in one of '
                          + ', '.join(f'.{f}' for f in sorted(formats)) + ' (e.g. .png)')
 
 
@@ -164,7 +164,7 @@ def summary_paths(path: str) -> Tuple[str, str]:
     """(summary.csv, summary.png) for a run folder or a summary.csv file."""
     csv_path = os.path.join(path, 'summary.csv') if os.path.isdir(path) else path
     if not os.path.isfile(csv_path):
-        raise UsageError(f'--plot-summary {path}: no summary.csv there (give a run folder or its summary.csv)')
+        raise InputError(f'--plot-summary {path}: no summary.csv there (give a run folder or its summary.csv)')
     return csv_path, os.path.join(os.path.dirname(os.path.abspath(csv_path)), 'summary.png')
 
 
@@ -172,7 +172,7 @@ def _read_summary(csv_path: str) -> Dict[str, List[float]]:
     with open(csv_path, newline='') as f:
         rows = list(csv.DictReader(f))
     if not rows or 'epoch' not in rows[0]:
-        raise UsageError(f'{csv_path} is not a train.py summary.csv (no epoch column or no rows)')
+        raise InputError(f'{csv_path} is not a train.py summary.csv (no epoch column or no rows)')
 
     def number(text):
         try:

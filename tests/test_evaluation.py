@@ -345,3 +345,18 @@ def test_bad_subnet_eval_spec_stops_train_py_before_anything_is_built(data, tmp_
     assert 'argument --subnet-eval: subnet spec term' in lines[0] and 'fraction 0 must lie in' in lines[0]
     assert 'write random:N@R' in lines[1]
     assert not (tmp_path / 'x').exists() and not (tmp_path / 'y').exists()
+
+
+def test_a_spec_kind_needs_a_free_lower_case_name():
+    from subnet.spec import SpecKind, register_kind, spec_kind
+
+    class Prefix(SpecKind):
+        name = 'prefix'
+
+    class Named(SpecKind):
+        name = 'Deep2'
+
+    for kind, message in ((Prefix(), "'prefix' is registered already"), (Named(), 'lower-case letters')):
+        with pytest.raises(ValueError, match=message):
+            register_kind(kind)
+    assert type(spec_kind('prefix')).__name__ == 'StagePrefix'
