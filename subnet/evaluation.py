@@ -239,7 +239,7 @@ def evaluate(model, loader, args, device: torch.device, amp_autocast: Callable =
 class Subnet:
     """A named per-batch subnet of a model: one bool per entry of ``BlockMap.blocks`` and what it costs."""
     name: str
-    kind: str                      # 'full', 'prefix', 'random' or 'first'
+    kind: str                      # a SPEC kind's name (subnet/spec.py), or 'full'
     keep: torch.Tensor
     depths: Tuple[int, ...]        # blocks kept per stage (ST writes subnets so)
     kept_fraction: float           # kept blocks / blocks
