@@ -79,8 +79,8 @@ def fixed_count_keep(batch: int, rates: Union[torch.Tensor, Sequence[float]],
 
 def draw_keep(batch: int, rates: Union[torch.Tensor, Sequence[float]], row_sampling: str = 'bernoulli',
               generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A keep mask drawn as ``row_sampling`` says ('bernoulli' or 'fixed'), and the per-column keep probabilities to pass
-    to ``DepthEngine.per_sample``: 1 - rates for Bernoulli rows, kept / batch for fixed counts."""
+    """A keep mask drawn as ``row_sampling`` says ('bernoulli' or 'fixed'), and the per-column keep probabilities to
+    pass to ``DepthEngine.per_sample``: 1 - rates for Bernoulli rows, kept / batch for fixed counts."""
     rates = torch.as_tensor(rates, dtype=torch.float64)
     if row_sampling == 'bernoulli':
         return bernoulli_keep(batch, rates, generator), 1.0 - rates

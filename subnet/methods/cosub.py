@@ -23,6 +23,7 @@ from ..errors import UsageError
 from ..losses import CosubLoss
 from ..results import loss_part
 from ..sampling import ROW_SAMPLINGS, draw_keep
+from ..step import Step
 from .base import SubnetTask
 
 __all__ = ['CosubTask', 'cosub_options']
@@ -132,19 +133,20 @@ class CosubTask(SubnetTask):
                    dtype=dtype, verbose=verbose)
 
     def submodels(self, batch: int):
-        """Stochastic depth for a batch of ``batch`` rows, each row its own submodel (masks differ per rank: other images)."""
+        """Stochastic depth for ``batch`` rows, each row its own submodel (masks differ per rank: other images)."""
         if self.impl == 'timm':
             return self.depth.timm_drop_path(self.drop_rate)
         keep_mask, keep_prob = draw_keep(batch, self.unit_rates, self.row_sampling, self.next_generator(self.rank))
         return self.depth.per_sample(keep_mask, keep_prob, mode=self.impl, unit=self.unit)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict:
+    def train_step(self, input: torch.Tensor, target: torch.Tensor, step: Step) -> dict:
         if target.ndim != 2:
             raise ValueError('cosub needs dense (mixup/cutmix) targets, got class indices')
         batch = input.shape[0]
         with self.submodels(2 * batch):
-            logits = self.forward_pass(torch.cat([input, input]))
-            terms = self.criterion(logits[:batch], logits[batch:], target)
-            self.backward.final(terms.total)
+            with step.autocast():
+                logits = self.forward_pass(torch.cat([input, input]))
+                terms = self.criterion(logits[:batch], logits[batch:], target)
+            step.backward(terms.total)
         return {'loss': terms.total.detach(), 'output': logits[:batch].detach(),
                 'cosub_label': terms.label.detach(), 'cosub_peer': terms.peer.detach()}
