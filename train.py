@@ -39,7 +39,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import trim_summary
 
-from subnet import checks, logs, plots, resume, run_folder
+from subnet import checks, intact, logs, plots, resume, run_folder
 from subnet.criterion import build_criterion
 from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
@@ -184,14 +184,21 @@ def derive_lr(args, batch_size_reference: float) -> None:
 
 
 def resume_path(args, output_dir: str) -> str:
-    """The checkpoint to continue from: ``--resume PATH``, or for ``auto`` the run folder's furthest one
-    (last.pth.tar or a recovery file written mid-epoch)."""
+    """The checkpoint to continue from: ``--resume PATH``, or for ``auto`` the run folder's furthest intact one
+    (a recovery file written mid-epoch, last.pth.tar, checkpoint-N.pth.tar), naming those it passes over. A folder
+    that holds a run but no intact checkpoint stops the run: a fresh start would overwrite it."""
     if args.resume != 'auto':
         return args.resume
-    newest = resume.newest_checkpoint(output_dir) if os.path.isdir(output_dir) else ''
-    if newest:
-        _logger.info(f'Resuming from {newest} (--resume auto).')
-        return newest
+    path, skipped = intact.intact_candidates(output_dir) if os.path.isdir(output_dir) else ('', [])
+    if skipped and utils.is_primary(args):
+        _logger.warning(f'--resume auto passes over {"; ".join(skipped)}.')
+    if path:
+        _logger.info(f'Resuming from {path} (--resume auto).')
+        return path
+    if run_folder.holds_run(output_dir):
+        raise UsageError(f'--resume auto: {output_dir} holds a run but no intact checkpoint '
+                         f'({"; ".join(skipped) or "none left"}); nothing was overwritten: restore a checkpoint '
+                         f'from a copy, or choose a new --experiment')
     _logger.info(f'--resume auto: no checkpoint in {output_dir} yet, starting a fresh run there.')
     return ''
 
@@ -330,7 +337,7 @@ def open_run_folder(training: Training, args_text: str) -> None:
     logs.log_to_file(os.path.join(out, 'log.txt'))
     with open(os.path.join(out, 'args.yaml'), 'w') as f:
         f.write(args_text)
-    content = run_folder.CheckpointContent(training.task)
+    content = run_folder.CheckpointContent(training.task, training.optimizer)
     training.saver = run_folder.AtomicCheckpointSaver(
         model=training.task.get_trainable_module(), optimizer=training.optimizer, args=args,
         amp_scaler=training.setup.loss_scaler, checkpoint_dir=out, recovery_dir=out,

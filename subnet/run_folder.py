@@ -28,6 +28,7 @@ from timm.utils import CheckpointSaver, load_checkpoint_metadata, unwrap_model
 
 from .errors import EXIT_NONFINITE, RunStopped, UsageError
 from .finite import first_nonfinite
+from .intact import CHECKSUM_KEY, checksums
 from .resume import POSITION_KEY
 
 _logger = logging.getLogger('train')
@@ -129,15 +130,17 @@ def claim_output_dir(folder: str, resuming_in_place: bool, lock: Optional[RunLoc
 
 class CheckpointContent:
     """What the saver writes as the task's part of a checkpoint (it calls ``get_checkpoint_state``, as on a task):
-    the task's state, plus the epoch position of a mid-epoch checkpoint (``position``, set while one is saved).
+    the task's state, the epoch position of a mid-epoch checkpoint (``position``, set while one is saved), and the
+    checksums of the parts (``subnet.intact``; the optimizer's too, when given).
 
     A weight that is not finite stops the run before anything is written: no ``last``/``best``/recovery file ever
     holds one, and the previous checkpoints stay as they were.
     """
 
-    def __init__(self, task):
-        self.task = task
+    def __init__(self, task, optimizer=None):
+        self.task, self.optimizer = task, optimizer
         self.position: Optional[dict] = None
+        self._checksums: dict = {}
 
     def get_checkpoint_state(self, ema: bool = False, unwrap_fn=unwrap_model) -> dict:
         state = self.task.get_checkpoint_state(ema=ema, unwrap_fn=unwrap_fn)
@@ -145,8 +148,16 @@ class CheckpointContent:
         if bad is not None:
             raise RunStopped(f'error: {"the EMA weight" if ema else "weight"} {bad} is not finite: no checkpoint '
                              f'written, the run folder keeps its last good one', EXIT_NONFINITE)
-        if self.position is not None and not ema:
+        if ema:
+            # timm's saver asks for the EMA part after the rest, and has put the dict returned then into the
+            # checkpoint already: the EMA checksums join that same dict
+            self._checksums.update(checksums(state))
+            return state
+        if self.position is not None:
             state[POSITION_KEY] = self.position
+        parts = dict(state, optimizer=self.optimizer.state_dict()) if self.optimizer is not None else state
+        self._checksums = checksums(parts)
+        state[CHECKSUM_KEY] = self._checksums
         return state
 
 
