@@ -272,6 +272,7 @@ def build(args) -> Training:
     amp_autocast, loss_scaler = training_precision(args, device)
     loaders = build_loaders(args, data_config, device, model_dtype, num_aug_splits, patch_size)
     checks.check_dataset_classes(args, loaders.train)
+    checks.check_eval_classes(args, loaders.train, loaders.eval)
     derive_lr(args, loaders.batch_size_reference)
 
     criterion = build_criterion(args, num_aug_splits, mixup_kwargs(args) is not None).to(device)

@@ -118,7 +118,7 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
     split = split or args.split
     if not args.dataset:
         check_image_folders(root, {'evaluation' if split == args.split else 'BN recalibration': split},
-                            args.class_map)
+                            args.class_map, root_may_be_split=True)
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     dataset = create_dataset(
         root=root, name=args.dataset, split=split, download=args.dataset_download,
