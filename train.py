@@ -39,7 +39,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import trim_summary
 
-from subnet import checks, intact, logs, plots, resume, run_folder
+from subnet import checks, intact, logs, option_ranges, plots, resume, run_folder
 from subnet.criterion import build_criterion
 from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
@@ -65,7 +65,8 @@ def check_method_args(args) -> None:
 
 def preflight(args) -> None:
     """Every check that needs no model or data loading, so bad input stops before anything is built."""
-    checks.check_counts(args)
+    option_ranges.check_ranges(args)
+    option_ranges.check_together(args)
     if args.stop_epoch is not None and not 0 < args.stop_epoch <= args.epochs:
         raise UsageError(f'--stop-epoch {args.stop_epoch} must be between 1 and --epochs ({args.epochs})')
     if args.resume == 'auto' and not args.experiment:
@@ -147,6 +148,19 @@ def build_model(args) -> nn.Module:
     return model
 
 
+def build_model_explained(args) -> nn.Module:
+    """``build_model``; a model that its ``--model-kwargs`` values break stops with one line naming them (timm's
+    model classes raise TypeError/ValueError/AssertionError deep inside their constructors)."""
+    try:
+        return build_model(args)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        if not args.model_kwargs:
+            raise
+        given = ' '.join(f'{k}={v!r}' for k, v in args.model_kwargs.items())
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise UsageError(f'--model-kwargs {given}: {args.model} cannot be built with them ({reason})') from None
+
+
 def place_model(args, model: nn.Module, device: torch.device, model_dtype, num_aug_splits: int) -> nn.Module:
     """Split BN, device and dtype, channels_last, sync BN and TorchScript, in timm's order."""
     if args.split_bn:
@@ -217,6 +231,8 @@ def restore(args, path: str, task, optimizer, loss_scaler) -> tuple:
         raise UsageError(f'--resume {path}: its optimizer state does not fit this run ({e}); '
                          f'add --no-resume-opt to start the optimizer afresh') from None
     start = resume.epoch_start_from(checkpoint, args.rank, args.world_size)
+    if start is not None:
+        option_ranges.check_resumed_position(args, checkpoint, path)
     if start is None:
         return epoch or 0, None
     if utils.is_primary(args):
@@ -264,7 +280,7 @@ def build(args) -> Training:
     device = training_device(args)
     model_dtype = dtype_of(args)
     utils.random_seed(args.seed, args.rank)
-    model = build_model(args)
+    model = build_model_explained(args)
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
     patch_size = naflex_patch_size(model) if args.naflex_loader else None

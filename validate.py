@@ -35,7 +35,7 @@ from timm.models import create_model, is_model, list_models, load_checkpoint
 from timm.task.evaluator import ClassificationEvaluator
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
 
-from subnet import evaluation, logs, plots
+from subnet import evaluation, logs, option_ranges, plots
 from subnet.data import FixedSample, check_image_folders, loader_images
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
@@ -359,6 +359,8 @@ def run(argv) -> int:
     args = validate_parser().parse_args(argv)
     if args.results_format not in ('csv', 'json'):
         raise UsageError(f"--results-format must be 'csv' or 'json', got {args.results_format!r}")
+    option_ranges.check_ranges(args)
+    option_ranges.check_together(args)
     check_subnet_options(args)
     configs = model_configs(args)
     use_default_device(args, device_given='device' in given_on_command_line(validate_parser(), argv))

@@ -11,20 +11,8 @@ from timm import utils
 
 from .errors import UsageError
 
-__all__ = ['check_counts', 'check_distributed_options', 'check_output_folder', 'check_dataset_classes',
+__all__ = ['check_distributed_options', 'check_output_folder', 'check_dataset_classes',
            'dataset_classes', 'class_to_idx', 'check_eval_classes']
-
-
-def check_counts(args) -> None:
-    """Sizes and intervals that must be positive (timm fails later with a ZeroDivisionError or an empty run)."""
-    for option, value in (('--batch-size', args.batch_size), ('--epochs', args.epochs),
-                          ('--validation-batch-size', args.validation_batch_size),
-                          ('--grad-accum-steps', args.grad_accum_steps),
-                          ('--log-interval', args.log_interval), ('--val-interval', args.val_interval)):
-        if value is not None and value < 1:
-            raise UsageError(f'{option} must be >= 1, got {value}')
-    if args.workers < 0:
-        raise UsageError(f'--workers must be >= 0, got {args.workers}')
 
 
 def check_distributed_options(args) -> None:
