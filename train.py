@@ -423,7 +423,8 @@ def end_of_epoch(training: Training, epoch: int, train_metrics: dict) -> None:
     if saver is not None:
         lrs = [group['lr'] for group in training.optimizer.param_groups]
         row = run_folder.summary_row(epoch, train_metrics, eval_metrics, sum(lrs) / len(lrs), extra)
-        run_folder.append_summary(os.path.join(training.output_dir, 'summary.csv'), row)
+        with run_folder.stop_on_failed_write(training.output_dir, f'the summary row of epoch {epoch}'):
+            run_folder.append_summary(os.path.join(training.output_dir, 'summary.csv'), row)
         if training.tensorboard is not None:
             training.tensorboard.log(epoch, row)
         if args.log_wandb:

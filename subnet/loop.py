@@ -27,7 +27,7 @@ from timm import utils
 from timm.task.evaluator import ClassificationEvaluator, evaluation_sample_limit
 
 from .backward import StepBackward
-from .errors import EXIT_NONFINITE, RunStopped, UsageError
+from .errors import EXIT_NONFINITE, RunStopped, UsageError, WriteFailed
 from .finite import stop_if_weights_nonfinite
 from .progress import EpochProgress, format_duration
 from .resume import BatchCursor, EpochStart, PositionWriter, set_rng_state
@@ -335,7 +335,13 @@ class _TrainingEpoch:
             raise RunStopped(self._nonfinite_message(requests.nonfinite - 1), EXIT_NONFINITE)
         if requests.bad_images:
             raise UsageError(self._bad_images_message(requests.bad_images))
-        path = self._save_position(batches_done) if save or requests.signal else ''
+        try:
+            path = self._save_position(batches_done) if save or requests.signal else ''
+        except WriteFailed as failed:  # the signal's exit status still tells the scheduler what stopped the run
+            if not requests.signal:
+                raise
+            raise WriteFailed(f'{failed} (stopped by {signal.Signals(requests.signal).name})',
+                              128 + requests.signal) from None
         if requests.signal:
             raise RunStopped(self._signal_message(requests.signal, batches_done, path), 128 + requests.signal)
 
