@@ -14,8 +14,9 @@ non-finite losses, one run per folder) is ``subnet/stopping.py``, ``resume.py``,
 and ``run_folder.py``.
 
 Exit status: 0 done (or nothing left to do); 2 bad input, or a dataset with too many unreadable images; 3 a loss
-or weight that is not finite (nothing saved); 128 + N stopped by signal N (SIGINT 130, SIGTERM 143, SIGUSR1 138)
-after saving a checkpoint that ``--resume auto`` continues from.
+or weight that is not finite, or a run that diverged (``--divergence-limit``; nothing saved); 4 a checkpoint could
+not be written (disk full, permissions; the partial file removed); 128 + N stopped by signal N (SIGINT 130, SIGTERM
+143, SIGUSR1 138) after saving a checkpoint that ``--resume auto`` continues from.
 """
 import argparse
 import json
@@ -37,7 +38,7 @@ from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
-from timm.utils import trim_summary
+from timm.utils import trim_summary, unwrap_model
 
 from subnet import checks, intact, logs, option_ranges, plots, resume, run_folder
 from subnet.criterion import build_criterion
@@ -45,6 +46,7 @@ from subnet.data import (Loaders, build_loaders, check_image_folders, loader_ima
                          set_loader_epoch)
 from subnet.device import (check_precision_args, limit_workers, model_dtype as dtype_of, training_device,
                            training_precision, use_default_device)
+from subnet.divergence import DivergenceLimit
 from subnet.errors import EXIT_USAGE, RunStopped, UsageError
 from subnet.evaluation import SubnetMonitor
 from subnet.finite import stop_if_weights_nonfinite
@@ -258,6 +260,7 @@ class Training:
     lock: Optional[run_folder.RunLock] = None
     saver: Optional[run_folder.AtomicCheckpointSaver] = None
     subnet_monitor: Optional[SubnetMonitor] = None
+    limit: Optional[DivergenceLimit] = None  # the weight and loss bounds of a run that diverges
     tensorboard: Optional[plots.TensorBoardLog] = None
     results: list = field(default_factory=list)
     best: tuple = (None, None)
@@ -325,6 +328,8 @@ def build(args) -> Training:
                       mixup_fn=loaders.mixup_fn, naflex=loaders.naflex, scheduled_batches=loaders.scheduled_batches,
                       batch_size_reference=loaders.batch_size_reference)
     training = Training(args, task, optimizer, loaders, setup, output_dir, checkpoint_path, start_epoch)
+    training.limit = DivergenceLimit.start(args.divergence_limit, unwrap_model(task.get_trainable_module()),
+                                           args.num_classes)
     training.guards = Safeguards(cursor=resume.install_cursor(loaders.train), failures=loaders.failures,
                                  bad_image_limit=args.bad_image_limit, start=epoch_start)
     if loaders.eval is not None:
@@ -354,7 +359,7 @@ def open_run_folder(training: Training, args_text: str) -> None:
     logs.log_to_file(os.path.join(out, 'log.txt'))
     with open(os.path.join(out, 'args.yaml'), 'w') as f:
         f.write(args_text)
-    content = run_folder.CheckpointContent(training.task, training.optimizer)
+    content = run_folder.CheckpointContent(training.task, training.optimizer, training.limit)
     training.saver = run_folder.AtomicCheckpointSaver(
         model=training.task.get_trainable_module(), optimizer=training.optimizer, args=args,
         amp_scaler=training.setup.loss_scaler, checkpoint_dir=out, recovery_dir=out,
@@ -418,6 +423,8 @@ def end_of_epoch(training: Training, epoch: int, train_metrics: dict) -> None:
     evaluate_model = partial(evaluate, loader=training.loaders.eval, args=args, device=setup.device,
                              amp_autocast=setup.amp_autocast, model_dtype=setup.model_dtype)
     eval_metrics, extra = evaluate_all(training, evaluate_model)
+    for key, what in (('loss', 'evaluation loss'), ('model_loss', 'evaluation loss of the live model')):
+        training.limit.check_loss(({**extra, **(eval_metrics or {})}).get(key), what, f'after epoch {epoch}')
     latest_metric = (eval_metrics or train_metrics)[training.eval_metric]
     saver = training.saver
     if saver is not None:
@@ -458,6 +465,9 @@ def train_epochs(training: Training) -> None:
             _logger.info('Distributing BatchNorm running means and vars')
             utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
         stop_if_weights_nonfinite(task.get_trainable_module(), f'at the end of epoch {epoch}')
+        training.limit.check_weights(unwrap_model(task.get_trainable_module()).named_parameters(),
+                                     f'at the end of epoch {epoch}')
+        training.limit.check_loss(train_metrics.get('loss'), 'training loss', f'of epoch {epoch}')
         if skips_eval(training, epoch + 1):
             _logger.info('Skipping eval and checkpointing ')
             if training.lr_scheduler is not None:

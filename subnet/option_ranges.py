@@ -164,7 +164,7 @@ RANGES = {
     # subnet's methods: the options they share, and method options no check_args looks at (each method's
     # check_args checks the rest of its own, with the method's reasons)
     '--subnet-temperature': POSITIVE, '--subnet-kd-weight': NON_NEGATIVE, '--subnet-bn-images': AT_LEAST_ONE,
-    '--st-amplitude': POSITIVE,
+    '--st-amplitude': POSITIVE, '--divergence-limit': Interval(1, low_open=True),
 }
 
 

@@ -136,12 +136,12 @@ class CheckpointContent:
     the task's state, the epoch position of a mid-epoch checkpoint (``position``, set while one is saved), and the
     checksums of the parts (``subnet.intact``; the optimizer's too, when given).
 
-    A weight that is not finite stops the run before anything is written: no ``last``/``best``/recovery file ever
-    holds one, and the previous checkpoints stay as they were.
+    A weight that is not finite, or beyond the run's divergence bound (``limit``), stops the run before anything is
+    written: no ``last``/``best``/recovery file ever holds one, and the previous checkpoints stay as they were.
     """
 
-    def __init__(self, task, optimizer=None):
-        self.task, self.optimizer = task, optimizer
+    def __init__(self, task, optimizer=None, limit=None):
+        self.task, self.optimizer, self.limit = task, optimizer, limit  # limit: a divergence.DivergenceLimit
         self.position: Optional[dict] = None
         self._checksums: dict = {}
 
@@ -151,6 +151,10 @@ class CheckpointContent:
         if bad is not None:
             raise RunStopped(f'error: {"the EMA weight" if ema else "weight"} {bad} is not finite: no checkpoint '
                              f'written, the run folder keeps its last good one', EXIT_NONFINITE)
+        module = self.task.get_trainable_module(ema=ema) if self.limit is not None else None
+        if module is not None:
+            self.limit.check_weights(unwrap_fn(module).named_parameters(), 'when saving a checkpoint',
+                                     'the EMA weight' if ema else 'weight')
         if ema:
             # timm's saver asks for the EMA part after the rest, and has put the dict returned then into the
             # checkpoint already: the EMA checksums join that same dict
