@@ -35,7 +35,7 @@ from timm.models import create_model, is_model, list_models, load_checkpoint
 from timm.task.evaluator import ClassificationEvaluator
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
 
-from subnet import evaluation, logs, option_ranges, plots
+from subnet import checks, evaluation, logs, option_ranges, plots
 from subnet.data import FixedSample, check_image_folders, loader_images
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
@@ -223,6 +223,7 @@ def validate(args):
     patch_size = naflex_patch_size(model) if args.naflex_loader else None
     dataset, loader, crop_pct = build_loader(args, data_config, test_time_pool, device, model_dtype,
                                              patch_size=patch_size)
+    checks.check_model_covers_classes(args.num_classes, dataset, f'the {args.split} split of {args.data or args.data_dir}')
     subnets = evaluation.SubnetEvaluation(model, args.subnets, seed=args.seed,
                                           input_size=data_config['input_size']) if args.subnets else None
     valid_labels = None

@@ -12,7 +12,7 @@ from timm import utils
 from .errors import UsageError
 
 __all__ = ['check_distributed_options', 'check_output_folder', 'check_dataset_classes',
-           'dataset_classes', 'class_to_idx', 'check_eval_classes']
+           'dataset_classes', 'class_to_idx', 'check_eval_classes', 'check_model_covers_classes']
 
 
 def check_distributed_options(args) -> None:
@@ -114,3 +114,12 @@ def check_dataset_classes(args, dataset) -> None:
     if args.num_classes is not None and args.num_classes < classes:
         raise UsageError(f'the model has {args.num_classes} classes (--num-classes) but the training data '
                          f'({args.data_dir}) has {classes}: use --num-classes {classes}')
+
+
+def check_model_covers_classes(num_classes: Optional[int], dataset, where: str) -> None:
+    """An evaluation split with more classes than the model has logits: its labels past the last logit would
+    fail deep inside the accuracy (or count as always wrong)."""
+    classes = dataset_classes(dataset)
+    if classes is not None and num_classes is not None and classes > num_classes:
+        raise UsageError(f'{where} has {classes} classes but the model has {num_classes}: evaluate it on the '
+                         f'classes the model was trained on')

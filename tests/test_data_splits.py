@@ -95,3 +95,15 @@ def test_validate_refuses_a_missing_split_and_reads_a_split_folder_given_itself(
         f"eval/, evaluation/ folder (timm would read the whole of {root} instead); name the folder with --split, or "
         f"add it")
     assert validate.main(argv + ['--data-dir', str(root / 'train')]) == 0
+
+
+def test_validate_refuses_a_split_with_more_classes_than_the_model(data, tmp_path, capsys):
+    root = _copy(data, tmp_path)
+    run_train(train_argv(root, tmp_path, 'x', '-b', '4'))
+    shutil.copytree(root / 'val' / '03_dress', root / 'val' / '10_extra')
+    argv = ['--checkpoint', str(tmp_path / 'x' / 'last.pth.tar'), '--workers', '0', '--device', 'cpu', '-b', '4',
+            '--data-dir', str(root)]
+    assert validate.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f'validate.py: error: the validation split of {root} has 11 classes but the model has 10: evaluate it on the '
+        f'classes the model was trained on')
