@@ -156,11 +156,12 @@ def build_model_explained(args) -> nn.Module:
     try:
         return build_model(args)
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        if not args.model_kwargs:
+        given = ([f'--model-kwargs {" ".join(f"{k}={v!r}" for k, v in args.model_kwargs.items())}']
+                 if args.model_kwargs else []) + ([f'--gp {args.gp}'] if args.gp else [])
+        if not given:
             raise
-        given = ' '.join(f'{k}={v!r}' for k, v in args.model_kwargs.items())
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-        raise UsageError(f'--model-kwargs {given}: {args.model} cannot be built with them ({reason})') from None
+        raise UsageError(f'{args.model} cannot be built with {" and ".join(given)} ({reason})') from None
 
 
 def place_model(args, model: nn.Module, device: torch.device, model_dtype, num_aug_splits: int) -> nn.Module:
@@ -297,7 +298,12 @@ def build(args) -> Training:
     criterion = build_criterion(args, num_aug_splits, mixup_kwargs(args) is not None).to(device)
     task = method_class(args.method).from_args(args, model, criterion, device=device, dtype=model_dtype,
                                                input_size=data_config['input_size'], verbose=utils.is_primary(args))
-    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    try:
+        optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    except TypeError as e:  # an --opt-kwargs key the optimizer's constructor does not take
+        if not args.opt_kwargs:
+            raise
+        raise UsageError(f'--opt-kwargs: {args.opt} does not take them ({e})') from None
     if utils.is_primary(args):
         defaults = dict(optimizer.defaults, weight_decay=args.weight_decay)
         _logger.info(f'Created {type(optimizer).__name__} ({args.opt}) optimizer: '

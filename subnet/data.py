@@ -52,6 +52,9 @@ def _holds_splits(root: str) -> bool:
 def _missing_split(role: str, split: str, data_dir: str) -> UsageError:
     names = next((synonyms for synonyms in _SPLIT_SYNONYMS if split in synonyms), (split,))
     option = '--train-split' if role == 'train' else '--val-split' if role == 'validation' else '--split'
+    if not split:
+        return UsageError(f'{option} is empty: name the {role} split folder of {data_dir} (timm would read the '
+                          f'whole of {data_dir})')
     off = ' or --val-split none to train without evaluation,' if role == 'validation' else ''
     return UsageError(f'{role} split {split!r} not found: {data_dir} has no {"/, ".join(names)}/ folder (timm would '
                       f'read the whole of {data_dir} instead); name the folder with {option},{off} or add it')

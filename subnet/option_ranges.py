@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
 from timm.data import str_to_interp_mode
+from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.optim import get_optimizer_info, list_optimizers
 
 from .errors import UsageError
@@ -92,6 +93,22 @@ def _interpolation(name: str) -> bool:
     return True
 
 
+def _augment_policy(name: str) -> bool:
+    """Whether timm's transform factory can build ``--aa name``: it dispatches on the prefix (``rand``, ``augmix``,
+    else the AutoAugment policies, ``3a`` among them), as here; a bad name fails there with an AssertionError."""
+    params = dict(translate_const=100, img_mean=(124, 116, 104))
+    try:
+        if name.startswith('rand'):
+            rand_augment_transform(name, params)
+        elif name.startswith('augmix'):
+            augment_and_mix_transform(name, dict(params, translate_pct=0.3))
+        else:
+            auto_augment_transform(name, params)
+    except (AssertionError, ValueError, KeyError, IndexError):
+        return False
+    return True
+
+
 # timm's create_scheduler_v2 (1.0.31) builds these; any other name raises there, after the model and data
 SCHEDULERS = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'none')
 # what the evaluation reports (top-1/top-5 accuracy, loss) and may rank checkpoints by
@@ -134,7 +151,10 @@ RANGES = {
     '--warmup-epochs': NON_NEGATIVE, '--cooldown-epochs': NON_NEGATIVE, '--patience-epochs': NON_NEGATIVE,
     '--decay-rate': POSITIVE,
     # augmentation, regularization, losses
-    '--scale': Values(POSITIVE, counts=(2,), ordered=True), '--ratio': Values(POSITIVE, counts=(2,), ordered=True),
+    '--scale': Values(NON_NEGATIVE, counts=(2,), ordered=True), '--ratio': Values(POSITIVE, counts=(2,), ordered=True),
+    '--aa': OneOf((), "a policy timm builds: rand-m9-mstd0.5 (RandAugment), augmix-m5-w4-d2, original, v0, 3a, ...",
+                  _augment_policy),
+    '--train-crop-mode': OneOf(('rrc', 'rkrc', 'rkrr'), 'rrc, rkrc or rkrr'),
     '--hflip': PROBABILITY, '--vflip': PROBABILITY, '--color-jitter': NON_NEGATIVE,
     '--color-jitter-prob': PROBABILITY, '--grayscale-prob': PROBABILITY, '--gaussian-blur-prob': PROBABILITY,
     '--aug-repeats': NON_NEGATIVE, '--aug-splits': NON_NEGATIVE,

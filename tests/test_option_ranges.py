@@ -53,8 +53,14 @@ BAD = {
     'eval-metric': (['--eval-metric', 'bogus'], "--eval-metric must be one the evaluation reports: top1, top5, loss, "
                     "got 'bogus'"),
     'mean': (['--mean', '1', '2'], '--mean takes 1 value or one per input channel (3), got 2'),
-    'model-kwargs': (['--model-kwargs', 'depth=abc'], "--model-kwargs depth='abc': resnet18 cannot be built with "
-                     "them (ResNet.__init__() got an unexpected keyword argument 'depth')"),
+    'model-kwargs': (['--model-kwargs', 'depth=abc'], "resnet18 cannot be built with --model-kwargs depth='abc' "
+                     "(ResNet.__init__() got an unexpected keyword argument 'depth')"),
+    'opt-kwargs': (['--opt-kwargs', 'bogus=1'], "--opt-kwargs: sgd does not take them (SGD.__init__() got an "
+                   "unexpected keyword argument 'bogus')"),
+    'aa': (['--aa', 'bogus'], "--aa must be a policy timm builds: rand-m9-mstd0.5 (RandAugment), augmix-m5-w4-d2, "
+           "original, v0, 3a, ..., got 'bogus'"),
+    'train-crop-mode': (['--train-crop-mode', 'bogus'], "--train-crop-mode must be rrc, rkrc or rkrr, got 'bogus'"),
+    'empty-train-split': (['--train-split', ''], '--train-split is empty: name the train split folder of '),
     # more of the same kind
     'interpolation': (['--interpolation', 'cubic'], "--interpolation must be '' (the model's) or one of nearest, "
                       "bilinear, bicubic, box, hamming, lanczos, got 'cubic' (closest: bicubic"),
@@ -76,7 +82,7 @@ def test_a_value_out_of_range_is_one_line_exit_2_and_nothing_written(case, data,
     assert train.main(argv + extra) == 2
     assert _one_line(capsys).startswith(f'train.py: error: {message}')
     written = [p.name for p in (tmp_path / 'x').iterdir()] if (tmp_path / 'x').exists() else []
-    assert written in ([], ['.lock'])  # the model-kwargs case fails while building, with the folder locked
+    assert written in ([], ['.lock'])  # the *-kwargs cases fail while building, with the folder locked
 
 
 def test_validate_checks_the_same_table(capsys):
