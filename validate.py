@@ -223,7 +223,8 @@ def validate(args):
     patch_size = naflex_patch_size(model) if args.naflex_loader else None
     dataset, loader, crop_pct = build_loader(args, data_config, test_time_pool, device, model_dtype,
                                              patch_size=patch_size)
-    checks.check_model_covers_classes(args.num_classes, dataset, f'the {args.split} split of {args.data or args.data_dir}')
+    checks.check_model_covers_classes(args.num_classes, dataset,
+                                      f'the {args.split} split of {args.data or args.data_dir}')
     subnets = evaluation.SubnetEvaluation(model, args.subnets, seed=args.seed,
                                           input_size=data_config['input_size']) if args.subnets else None
     valid_labels = None
