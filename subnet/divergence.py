@@ -48,12 +48,21 @@ class DivergenceLimit:
     factor: float
     weight_scale: float
     loss_scale: float
+    parameter_names: frozenset = frozenset()  # a checkpoint's weights to check (its buffers, e.g. BN statistics, not)
 
     @classmethod
     def start(cls, factor: float, model: torch.nn.Module, num_classes: int) -> 'DivergenceLimit':
         """The bounds for a run whose model starts (fresh, pretrained or resumed) as ``model`` is now."""
         _, largest = _largest(model.named_parameters())
-        return cls(factor, max(1., largest), math.log(max(2, num_classes or 2)))
+        return cls(factor, max(1., largest), math.log(max(2, num_classes or 2)),
+                   frozenset(name for name, _ in model.named_parameters()))
+
+    def check_state(self, state: dict) -> None:
+        """Stop (exit 3) before a checkpoint whose weights or EMA weights are beyond the bound is written."""
+        for key, what in (('state_dict', 'weight'), ('state_dict_ema', 'the EMA weight')):
+            weights = state.get(key) or {}
+            self.check_weights(((k, v) for k, v in weights.items() if k in self.parameter_names),
+                               'when saving a checkpoint', what)
 
     def check_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]], where: str, what: str = 'weight'):
         """Stop (exit 3) if a tensor is beyond the weight bound."""

@@ -151,10 +151,8 @@ class CheckpointContent:
         if bad is not None:
             raise RunStopped(f'error: {"the EMA weight" if ema else "weight"} {bad} is not finite: no checkpoint '
                              f'written, the run folder keeps its last good one', EXIT_NONFINITE)
-        module = self.task.get_trainable_module(ema=ema) if self.limit is not None else None
-        if module is not None:
-            self.limit.check_weights(unwrap_fn(module).named_parameters(), 'when saving a checkpoint',
-                                     'the EMA weight' if ema else 'weight')
+        if self.limit is not None:
+            self.limit.check_state(state)
         if ema:
             # timm's saver asks for the EMA part after the rest, and has put the dict returned then into the
             # checkpoint already: the EMA checksums join that same dict

@@ -79,3 +79,18 @@ def test_a_user_can_loosen_the_limit_and_it_is_checked(data, tmp_path, capsys, m
     assert run.results[0]['validation']['loss'] == 1e5
     assert train.main(train_argv(data, tmp_path, 'y', '--divergence-limit', '1')) == 2
     assert _one_line(capsys) == 'train.py: error: --divergence-limit must be > 1, got 1.0'
+
+
+def test_a_checkpoint_with_diverged_ema_weights_is_refused_and_buffers_are_not_weights():
+    import torch
+    from subnet.divergence import DivergenceLimit
+    from subnet.errors import RunStopped
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    limit = DivergenceLimit.start(1000., model, num_classes=10)
+    state = {'state_dict': model.state_dict(), 'state_dict_ema': {k: v.clone() for k, v in model.state_dict().items()}}
+    state['state_dict']['1.running_var'] = torch.full((4,), 1e6)  # statistics may be large: not checked
+    limit.check_state(state)
+    state['state_dict_ema']['0.weight'] = torch.full((4, 4), 2e3)
+    with pytest.raises(RunStopped, match=r'the run diverged: the EMA weight 0.weight reaches 2e\+03, beyond '
+                                         r'--divergence-limit 1000 x the largest starting weight \(1\), when saving'):
+        limit.check_state(state)
