@@ -64,9 +64,9 @@ def check_image_folders(data_dir: Optional[str], splits: dict, class_map: str = 
                         root_may_be_split: bool = False) -> None:
     """Fail early and clearly on what timm reports late (or not at all) for folder datasets.
 
-    ``splits`` maps a role ('train', 'validation') to a split name; a validation split '' or 'none' is off. A split without its
-    folder is an error; with ``root_may_be_split`` (validate.py, given a split folder itself as timm's docs do) a
-    root without any split-named sub-folder is read as the split.
+    ``splits`` maps a role ('train', 'validation') to a split name; a validation split '' or 'none' is off. A
+    split without its folder is an error; with ``root_may_be_split`` (validate.py, given a split folder itself as
+    timm's docs do) a root without any split-named sub-folder is read as the split.
     """
     if not data_dir:
         raise UsageError('no dataset given: pass --data-dir DIR (a folder with train/ and val/ sub-folders)')

@@ -2,6 +2,7 @@
 ``last.pth.tar`` or recovery file that is cut short, random, empty or changed inside a tensor (caught by its checksum),
 names it, and continues from the furthest intact checkpoint; a folder with none intact stops with one line and keeps
 every file. Checkpoints with checksums still load in plain timm."""
+import argparse
 import os
 import random
 import shutil
@@ -69,11 +70,12 @@ def _flip_tensor_byte(path: Path):
     at = entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2
     raw[at] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with torch.serialization.safe_globals([__import__('argparse').Namespace]):
+    with torch.serialization.safe_globals([argparse.Namespace]):
         assert isinstance(torch.load(path, map_location='cpu', weights_only=True), dict)  # loads, yet damaged
 
 
-CORRUPTIONS = {'truncated': _truncate, 'random-bytes': _random, 'empty': _empty, 'flipped-tensor-byte': _flip_tensor_byte}
+CORRUPTIONS = {'truncated': _truncate, 'random-bytes': _random, 'empty': _empty,
+               'flipped-tensor-byte': _flip_tensor_byte}
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:
