@@ -47,7 +47,7 @@ from subnet.data import (Loaders, build_loaders, check_image_folders, loader_ima
 from subnet.device import (check_precision_args, limit_workers, model_dtype as dtype_of, training_device,
                            training_precision, use_default_device)
 from subnet.divergence import DivergenceLimit
-from subnet.errors import EXIT_USAGE, RunStopped, UsageError
+from subnet.errors import EXIT_USAGE, RunStopped, UsageError, WriteFailed
 from subnet.evaluation import SubnetMonitor
 from subnet.guard import RunGuard
 from subnet.loop import LoopOptions, StepSetup, evaluate, train_one_epoch
@@ -539,6 +539,14 @@ def run(argv=None) -> TrainRun:
         logs.close_log_file()
 
 
+def with_signal_status(failed: WriteFailed, signum: int) -> WriteFailed:
+    """A failed checkpoint write after stop signal ``signum`` (the write it asked for, or one under way) still exits
+    with 128 + the signal: the scheduler reads the status to tell a preemption from a failure."""
+    if not signum:
+        return failed
+    return WriteFailed(f'{failed} (stopped by {signal.Signals(signum).name})', 128 + signum)
+
+
 def _train(argv) -> TrainRun:
     args, args_text = parse_train_args(argv)
     if args.plot_summary:  # a picture of a finished (or running) run, no training
@@ -560,7 +568,10 @@ def _train(argv) -> TrainRun:
         if training.checkpoint_path and training.start_epoch >= training.end_epoch:
             say_finished(training)
         with training.guard:
-            train_epochs(training)
+            try:
+                train_epochs(training)
+            except WriteFailed as failed:
+                raise with_signal_status(failed, training.guard.policy.signals.received) from None
     except RunStopped:
         if args.distributed:  # every rank stopped at the same update
             torch.distributed.destroy_process_group()

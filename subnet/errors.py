@@ -6,7 +6,7 @@
   (128 + the signal's number, as a shell reports a process killed by it: 130 for SIGINT, 143 for SIGTERM,
   138 for SIGUSR1) or a loss that is no longer finite (3).
 - ``WriteFailed`` (a ``RunStopped``): a checkpoint could not be written (disk full, permissions, read-only file
-  system): 4, or 128 + N when the write was the one signal N asked for.
+  system): 4, or 128 + N after stop signal N.
 
 Anything else is a bug and keeps its traceback.
 """

@@ -19,8 +19,8 @@ from typing import Any, Iterator, Optional
 
 from timm import utils
 
-from .errors import EXIT_NONFINITE, RunStopped, UsageError, WriteFailed
 from .divergence import DivergenceLimit
+from .errors import EXIT_NONFINITE, RunStopped, UsageError
 from .finite import check_state_finite
 from .resume import BatchCursor, EpochStart, PositionWriter, install_cursor, set_rng_state
 from .stopping import Requests, SignalWatch, StopPolicy, Vote
@@ -148,14 +148,7 @@ class RunGuard:
             raise UsageError(self._bad_images_message(position.epoch, requests.bad_images))
         path = ''
         if (save or requests.signal) and self.positions is not None:
-            try:
-                path = self.positions.save(position.epoch, batches_done, position.updates,
-                                           position.meters.state_dict())
-            except WriteFailed as failed:  # the signal's exit status still tells the scheduler what stopped the run
-                if not requests.signal:
-                    raise
-                raise WriteFailed(f'{failed} (stopped by {signal.Signals(requests.signal).name})',
-                                  128 + requests.signal) from None
+            path = self.positions.save(position.epoch, batches_done, position.updates, position.meters.state_dict())
         if requests.signal:
             raise RunStopped(self._signal_message(requests.signal, position, batches_done, path),
                              128 + requests.signal)
