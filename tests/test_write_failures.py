@@ -108,3 +108,20 @@ def test_a_really_full_disk_stops_with_one_line_and_resume_continues_once_there_
         assert [r['epoch'] for r in run.results] == [1]
     finally:
         subprocess.run(['umount', str(disk)], check=True)
+
+
+def test_an_epoch_checkpoint_that_fails_after_a_stop_signal_exits_128_plus_the_signal(data, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """SIGTERM arrives while the epoch's checkpoint is written, and the write fails: still 143."""
+    save = torch.save
+
+    def signal_then_fail(obj, f, *args, **kwargs):
+        if str(f).endswith('/tmp.pth.tar') and obj['epoch'] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, 'save', signal_then_fail)
+    assert train.main(train_argv(data, tmp_path, 'x', *PLAIN)) == 128 + signal.SIGTERM
+    line = _one_line(capsys)
+    assert line.startswith(f'train.py: error: cannot write the checkpoint of epoch 1 in {tmp_path / "x"}: no space '
+                           f'left on device') and line.endswith(' (stopped by SIGTERM)')
