@@ -16,9 +16,7 @@ at the next epoch); ours continues at the next batch:
   not draw from these RNGs: it comes from streams seeded per sample (``sample_seeds.py``), in the loader's workers
   or in this process alike, so the result is bitwise the uninterrupted run with any ``--workers``.
 """
-import glob
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -28,12 +26,11 @@ import numpy as np
 import torch
 import torch.utils.data
 from timm.data.loader import PrefetchLoader
-from timm.utils import load_checkpoint_metadata
 
 from .errors import RunStopped
 
 __all__ = ['rng_state', 'set_rng_state', 'BatchCursor', 'DeliveredBatches', 'install_cursor', 'EpochStart',
-           'POSITION_KEY', 'epoch_start_from', 'resume_order', 'newest_checkpoint', 'PositionWriter']
+           'POSITION_KEY', 'epoch_start_from', 'resume_order', 'PositionWriter']
 
 _logger = logging.getLogger('train')
 
@@ -209,23 +206,6 @@ def resume_order(checkpoint: dict) -> tuple:
     if position:
         return position['epoch'], position['batches']
     return checkpoint.get('epoch', -1) + 1, 0
-
-
-def newest_checkpoint(folder: str) -> str:
-    """The checkpoint of ``folder`` that is furthest on: ``last.pth.tar`` or a recovery file ('' if none)."""
-    candidates = [os.path.join(folder, 'last.pth.tar')] + glob.glob(os.path.join(folder, 'recovery-*.pth.tar'))
-    best, best_order = '', None
-    for path in candidates:
-        if not os.path.isfile(path):
-            continue
-        try:
-            order = resume_order(load_checkpoint_metadata(path))
-        except Exception as e:  # a file someone else put there: say so and look at the others
-            _logger.warning(f'Cannot read {path} ({type(e).__name__}); not resuming from it.')
-            continue
-        if best_order is None or order > best_order:
-            best, best_order = path, order
-    return best
 
 
 class PositionWriter:
