@@ -123,10 +123,12 @@ def build_model(args) -> nn.Module:
                      **factory_kwargs)
     method_kwargs = {k: v for k, v in method_class(args.method).model_kwargs(args).items()
                      if k not in args.model_kwargs}
+    model_kwargs = dict(method_kwargs, **args.model_kwargs)
     try:
-        model = create(**method_kwargs, **args.model_kwargs)
+        model = create(**model_kwargs)
     except TypeError:  # a model without the option (e.g. dynamic_img_size on a CNN) does not need it
-        model = create(**args.model_kwargs)
+        model_kwargs = dict(args.model_kwargs)
+        model = create(**model_kwargs)
     schedule = args.drop_schedule or method_class(args.method).drop_schedule
     if schedule == 'constant':
         constant_drop_path(model, args.drop_path if args.drop_path is not None else model_drop_path_rate(model))
@@ -144,6 +146,8 @@ def build_model(args) -> nn.Module:
         model.set_grad_checkpointing(enable=True)
     if utils.is_primary(args):
         _logger.info(f'Model {args.model} created, param count:{sum(p.numel() for p in model.parameters())}')
+        _logger.info(f'Model kwargs: {model_kwargs} (the config file\'s model_kwargs, --model-kwargs winning per '
+                     f'key, and the method\'s)')
     return model
 
 
