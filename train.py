@@ -39,7 +39,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import trim_summary
 
-from subnet import checks, logs, plots, resume, run_folder
+from subnet import checks, global_batch, logs, plots, resume, run_folder
 from subnet.criterion import build_criterion
 from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
@@ -53,7 +53,7 @@ from subnet.methods import method_class
 from subnet.models import (check_state_dict_fits, constant_drop_path, load_checkpoint_file, load_initial_checkpoint,
                            model_drop_path_rate, naflex_patch_size, resolve_model_name)
 from subnet.stopping import SignalWatch, StopPolicy, Vote
-from subnet.timm_options import parse_train_args, train_options_given
+from subnet.timm_options import parse_train_args, train_option_sources
 
 _logger = logging.getLogger('train')
 
@@ -185,6 +185,23 @@ def derive_lr(args, batch_size_reference: float) -> None:
     if utils.is_primary(args):
         _logger.info(f'Learning rate ({args.lr}) calculated from base learning rate ({args.lr_base}) and effective '
                      f'global batch size ({global_batch_size:g}) with {args.lr_base_scale} scaling.')
+
+
+def log_global_batch(args, batch_size_reference: float, on_command_line: set, in_config: set) -> None:
+    """The global batch and the learning rate in use, and a warning when the config file's absolute lr was
+    declared (``recipe_global_batch``) for another global batch."""
+    if 'lr' in on_command_line:
+        origin = 'from --lr'
+    elif 'lr' in in_config:
+        origin = 'absolute, from the config file'
+    else:
+        origin = f'--lr-base {args.lr_base:g} per {args.lr_base_size} images, {args.lr_base_scale} scaling'
+    warning = global_batch.mismatch_warning(args, batch_size_reference,
+                                            lr_from_config='lr' in in_config and 'lr' not in on_command_line)
+    if utils.is_primary(args):
+        _logger.info(global_batch.describe(args, batch_size_reference, origin))
+        if warning:
+            _logger.warning(warning)
 
 
 def resume_path(args, output_dir: str) -> str:
@@ -513,12 +530,14 @@ def _train(argv) -> TrainRun:
         return TrainRun(args, None, os.path.dirname(png), [])
     args.rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
     preflight(args)
-    use_default_device(args, device_given='device' in train_options_given(argv))
+    on_command_line, in_config = train_option_sources(argv)
+    use_default_device(args, device_given='device' in (on_command_line | in_config))
     limit_workers(args)
     args.prefetcher = not args.no_prefetcher
     locks = [lock_experiment(args)]
     try:
         training = build(args)
+        log_global_batch(args, training.loaders.batch_size_reference, on_command_line, in_config)
         training.lock = locks[0]
         open_run_folder(training, args_text)
         locks.append(training.lock)

@@ -509,13 +509,19 @@ def given_on_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> S
     return set(vars(parser.parse_known_args(argv)[0]))
 
 
-def train_options_given(argv: Optional[List[str]] = None) -> Set[str]:
-    """The train.py options the user set, on the command line or in the ``-c`` YAML, rather than left at their
-    defaults (``--device``: timm's default 'cuda' falls back to the CPU quietly, a 'cuda' asked for warns)."""
+def train_option_sources(argv: Optional[List[str]] = None) -> Tuple[Set[str], Set[str]]:
+    """The train.py options (dests) set on the command line, and those set in the ``-c`` YAML."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, _, remaining, parser = _train_config(argv)
     actions = _actions_by_key(parser)
-    return given_on_command_line(parser, remaining) | {actions[k].dest for k in cfg if k in actions}
+    return given_on_command_line(parser, remaining), {actions[k].dest for k in cfg if k in actions}
+
+
+def train_options_given(argv: Optional[List[str]] = None) -> Set[str]:
+    """The train.py options the user set, on the command line or in the ``-c`` YAML, rather than left at their
+    defaults (``--device``: timm's default 'cuda' falls back to the CPU quietly, a 'cuda' asked for warns)."""
+    on_command_line, in_config = train_option_sources(argv)
+    return on_command_line | in_config
 
 
 # ---------------------------------------------------------------------------------------------- validate.py
