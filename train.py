@@ -39,7 +39,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import trim_summary
 
-from subnet import checks, global_batch, logs, plots, resume, run_folder
+from subnet import checks, downloads, global_batch, logs, plots, resume, run_folder
 from subnet.criterion import build_criterion
 from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
@@ -278,13 +278,15 @@ def build(args) -> Training:
     device = training_device(args)
     model_dtype = dtype_of(args)
     utils.random_seed(args.seed, args.rank)
-    model = build_model(args)
+    with downloads.model_download(args.model, args.pretrained, '--pretrained-path FILE'):
+        model = build_model(args)
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
     patch_size = naflex_patch_size(model) if args.naflex_loader else None
     model = place_model(args, model, device, model_dtype, num_aug_splits)
     amp_autocast, loss_scaler = training_precision(args, device)
-    loaders = build_loaders(args, data_config, device, model_dtype, num_aug_splits, patch_size)
+    with downloads.dataset_download(args.dataset, args.data_dir, args.dataset_download):
+        loaders = build_loaders(args, data_config, device, model_dtype, num_aug_splits, patch_size)
     checks.check_dataset_classes(args, loaders.train)
     derive_lr(args, loaders.batch_size_reference)
 

@@ -35,7 +35,7 @@ from timm.models import create_model, is_model, list_models, load_checkpoint
 from timm.task.evaluator import ClassificationEvaluator
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
 
-from subnet import evaluation, logs, plots
+from subnet import downloads, evaluation, logs, plots
 from subnet.data import FixedSample, check_image_folders, loader_images
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
@@ -79,8 +79,10 @@ def adopt_training_args(args, argv) -> None:
 
 def build_model(args, device, model_dtype):
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    model = create_model(resolve_model_name(args.model), pretrained=args.pretrained, num_classes=args.num_classes,
-                         in_chans=in_chans, global_pool=args.gp, scriptable=args.torchscript, **args.model_kwargs)
+    with downloads.model_download(args.model, args.pretrained, '--checkpoint FILE'):
+        model = create_model(resolve_model_name(args.model), pretrained=args.pretrained,
+                             num_classes=args.num_classes, in_chans=in_chans, global_pool=args.gp,
+                             scriptable=args.torchscript, **args.model_kwargs)
     if args.num_classes is None:
         args.num_classes = model.num_classes
     if args.checkpoint:
@@ -120,11 +122,12 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
         check_image_folders(root, {'evaluation' if split == args.split else 'BN recalibration': split},
                             args.class_map)
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
-    dataset = create_dataset(
-        root=root, name=args.dataset, split=split, download=args.dataset_download,
-        load_bytes=args.tf_preprocessing, class_map=args.class_map, num_samples=args.num_samples,
-        input_key=args.input_key, input_img_mode=input_img_mode, target_key=args.target_key,
-        trust_remote_code=args.dataset_trust_remote_code, seed=args.seed)
+    with downloads.dataset_download(args.dataset, root, args.dataset_download):
+        dataset = create_dataset(
+            root=root, name=args.dataset, split=split, download=args.dataset_download,
+            load_bytes=args.tf_preprocessing, class_map=args.class_map, num_samples=args.num_samples,
+            input_key=args.input_key, input_img_mode=input_img_mode, target_key=args.target_key,
+            trust_remote_code=args.dataset_trust_remote_code, seed=args.seed)
     dataset = readable(dataset, training=False)
     if sample and not isinstance(dataset, torch.utils.data.IterableDataset):
         dataset = FixedSample(dataset, sample, args.seed)
