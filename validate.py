@@ -11,8 +11,8 @@ on the command line wins. (timm's validate.py needs ``--model ... --model-kwargs
 --use-train-size`` for the same numbers.)
 
 Subnets (``subnet/evaluation.py``; the SPEC grammar is ``subnet/spec.py``): ``--subnets SPEC`` adds one row per
-subnet after the full net's (which is the plain validation's row), with its description and cost; ``--bn-recal N``
-re-estimates each subnet's BatchNorm statistics first; ``--plot FILE.png`` draws top-1 against FLOPs, one colour
+subnet after the full net's (the plain validation's row), with its description and cost; ``--bn-recal N``
+re-estimates the BatchNorm statistics of every net first, the full net's too, so that all rows compare; ``--plot FILE.png`` draws top-1 against FLOPs, one colour
 per checkpoint (a folder, or a glob pattern such as ``'output/train/*/model_best.pth.tar'`` to compare runs).
 """
 import argparse
@@ -358,6 +358,16 @@ def _with_checkpoint(row: OrderedDict, checkpoint: str) -> OrderedDict:
     return row
 
 
+def recalibration_note(rows: list) -> str:
+    """What the plot's title says about BN statistics: which points were re-estimated (``bn_recal`` > 0)."""
+    counts = {row.get('bn_recal', 0) for row in rows}
+    if counts == {0}:
+        return ''
+    if 0 not in counts:
+        return f', BN statistics of every net (full nets too) re-estimated on {max(counts)} images'
+    return f', BN statistics re-estimated on {max(counts)} images for the BatchNorm models only'
+
+
 def run(argv) -> int:
     args = validate_parser().parse_args(argv)
     if args.results_format not in ('csv', 'json'):
@@ -396,8 +406,7 @@ def run(argv) -> int:
         labels = plots.run_labels([g for g, _ in groups]) if all(os.path.isfile(g) for g, _ in groups) \
             else [g for g, _ in groups]
         models = sorted({rows[0]['model'] for _, rows in groups})
-        recal = f', BN statistics re-estimated on {args.bn_recal} images' if args.bn_recal else ''
-        title = f'{", ".join(models)}: subnet top-1 against FLOPs{recal}'
+        title = f'{", ".join(models)}: subnet top-1 against FLOPs{recalibration_note(_rows(results))}'
         _logger.info(f'Wrote {plots.plot_subnets(list(zip(labels, (rows for _, rows in groups))), args.plot, title)}')
     print(f'--result\n{json.dumps(results, indent=4)}')
     return 0

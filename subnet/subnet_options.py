@@ -107,10 +107,10 @@ def add_validate_options(parser: argparse.ArgumentParser) -> None:
                         f'blocks, kept_fraction, flop_fraction, bn_recal); random subsets are drawn from --seed; '
                         f'SPEC: {SPEC_HELP}')
     g.add_argument('--bn-recal', type=int, default=0, metavar='N',
-                   help='re-estimate the BatchNorm statistics of each subnet on N training images before '
-                        "evaluating it (ST's code uses 2048); the full net keeps the checkpoint's, the checkpoint "
-                        'file is never changed (default: 0, off: measure the checkpoint as it is, no training '
-                        'data needed)')
+                   help='re-estimate the BatchNorm statistics of every evaluated net, the full net included, on N '
+                        "training images before evaluating it (ST's code uses 2048), so that all rows compare; the "
+                        'checkpoint file is never changed (default: 0, off: measure the checkpoint as it is, no '
+                        'training data needed)')
     g.add_argument('--bn-recal-split', default='train', metavar='NAME',
                    help='split of --data-dir the --bn-recal images come from (a seeded random sample), read with '
                         'the evaluation transforms: the statistics of the inputs being evaluated, the same every '
