@@ -28,7 +28,7 @@ def add_model_and_data_options(parser: argparse.ArgumentParser) -> None:
                    help="per-block drop-path rates of the model: timm's linear ramp from 0 to --drop-path, or "
                         "DeiT III's constant --drop-path in every block (default: the method's; constant for "
                         "cosub, as DeiT III, linear otherwise, as timm)")
-    g.add_argument('--recipe-global-batch', type=int, default=None, metavar='N',
+    g.add_argument('--recipe-global-batch', type=_non_negative_int, default=None, metavar='N',
                    help="the global batch (per-process batch x processes x --grad-accum-steps) a recipe's absolute "
                         '--lr was tuned for; a run at another one warns with the scaled rate (default: none)')
     g.add_argument('--force-color-jitter', action='store_true', default=False,
