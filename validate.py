@@ -13,8 +13,8 @@ on the command line wins. (timm's validate.py needs ``--model ... --model-kwargs
 Subnets (``subnet/evaluation.py``; the SPEC grammar is ``subnet/spec.py``): ``--subnets SPEC`` adds one row per
 subnet after the full net's (without --bn-recal the plain validation's row), with its description and cost;
 ``--bn-recal N`` re-estimates the BatchNorm statistics of every net first, the full net's too, so that all rows
-compare; ``--plot FILE.png`` draws top-1 against FLOPs, one colour per checkpoint (a folder, or a glob pattern such as
-``'output/train/*/model_best.pth.tar'`` to compare runs).
+compare; ``--plot FILE.png`` draws top-1 against FLOPs, one colour per checkpoint (a folder, or a glob pattern
+such as ``'output/train/*/model_best.pth.tar'`` to compare runs).
 """
 import argparse
 import csv
