@@ -3,13 +3,13 @@
 Pretrained weights and ``hf-hub:`` models come from the Hugging Face Hub (or a URL) through timm; ``torch/``
 datasets are downloaded by torchvision with ``--dataset-download``. Offline, both end in tracebacks of 40-100
 lines (the hub first retries for about 45 s unless ``HF_HUB_OFFLINE=1`` is set); these context managers turn
-them into the command line's one ``UsageError`` naming the option and the cause. Anything else passes through.
+them into one ``InputError`` that names the option and the cause (the scripts print it as one line).
 """
 import contextlib
 import urllib.error
 from typing import Iterator
 
-from .errors import UsageError
+from .errors import InputError
 
 __all__ = ['model_download', 'dataset_download']
 
@@ -45,7 +45,7 @@ def model_download(model_name: str, pretrained: bool, weights_file_option: str) 
         cause, hint = ('HF_HUB_OFFLINE is set', '') if offline else (
             'no network?', "; set HF_HUB_OFFLINE=1 to fail at once instead of after the hub's retries")
         alternative = 'a timm architecture name with' if hub_model else 'the weights as a file with'
-        raise UsageError(f'{option}: cannot fetch {model_name} from the Hugging Face Hub ({cause}) and it is not '
+        raise InputError(f'{option}: cannot fetch {model_name} from the Hugging Face Hub ({cause}) and it is not '
                          f'in the cache {cache}; run once with a network to fill the cache, or give {alternative} '
                          f'{weights_file_option}{hint}') from None
 
@@ -58,13 +58,13 @@ def dataset_download(dataset: str, root: str, download: bool) -> Iterator[None]:
         yield
     except RuntimeError as e:
         if 'download=True' in str(e) and not download:  # torchvision's "You can use download=True ..."
-            raise UsageError(f'--dataset {dataset}: not found in --data-dir {root}; add --dataset-download to '
+            raise InputError(f'--dataset {dataset}: not found in --data-dir {root}; add --dataset-download to '
                              f'download it there') from None
         if 'Error downloading' in str(e):  # torchvision's MNIST family, after every mirror failed
-            raise UsageError(_cannot_download(dataset, root, str(e))) from None
+            raise InputError(_cannot_download(dataset, root, str(e))) from None
         raise
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-        raise UsageError(_cannot_download(dataset, root, str(getattr(e, 'reason', e)))) from None
+        raise InputError(_cannot_download(dataset, root, str(getattr(e, 'reason', e)))) from None
 
 
 def _cannot_download(dataset: str, root: str, reason: str) -> str:

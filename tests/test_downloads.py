@@ -13,7 +13,7 @@ import torch
 import train
 import validate
 from subnet import downloads
-from subnet.errors import UsageError
+from subnet.errors import InputError
 from train_helpers import SHIPPED, TINY_RESNET
 
 CIFAR = ['--dataset', 'torch/cifar10', '--device', 'cpu', '--workers', '0', '-b', '8', '--epochs', '1']
@@ -78,9 +78,9 @@ def test_hub_retries_that_end_offline_suggest_hf_hub_offline(monkeypatch):
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
-    with pytest.raises(UsageError, match=r"\(no network\?\).*set HF_HUB_OFFLINE=1 to fail at once"):
+    with pytest.raises(InputError, match=r"\(no network\?\).*set HF_HUB_OFFLINE=1 to fail at once"):
         with downloads.model_download('resnet18', True, '--pretrained-path FILE'):
             raise LocalEntryNotFoundError('cannot find the requested files in the local cache')
-    with pytest.raises(ValueError):  # anything else passes through
+    with pytest.raises(ValueError, match='not a download'):  # anything else passes through
         with downloads.model_download('resnet18', True, '--pretrained-path FILE'):
             raise ValueError('not a download')
