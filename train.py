@@ -643,7 +643,7 @@ def main(argv=None) -> int:
     except (UsageError, InputError) as e:
         message = str(e)
         if 'Original Traceback' in message:  # raised in a DataLoader worker: keep the original line
-            message = message.strip().splitlines()[-1].split('UsageError: ', 1)[-1]
+            message = message.strip().splitlines()[-1].split('Error: ', 1)[-1]  # drop 'subnet.errors.InputError: '
         print(f'train.py: error: {message}', file=sys.stderr)
         return EXIT_USAGE
     except RunStopped as e:

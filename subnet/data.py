@@ -18,7 +18,7 @@ from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
 from timm.data.scheduled_sampler import ScheduledTransformDataset
 from torchvision import transforms
 
-from .errors import UsageError
+from .errors import InputError
 from .evaluation import NaFlexEval, eval_loader
 from .sample_seeds import SeededCollateMixup, SeededSamples, key_samples
 from .unreadable import ImageFailures, readable
@@ -51,14 +51,14 @@ def _holds_splits(root: str) -> bool:
     return any(os.path.isdir(os.path.join(root, name)) for synonyms in _SPLIT_SYNONYMS for name in synonyms)
 
 
-def _missing_split(role: str, split: str, data_dir: str) -> UsageError:
+def _missing_split(role: str, split: str, data_dir: str) -> InputError:
     names = next((synonyms for synonyms in _SPLIT_SYNONYMS if split in synonyms), (split,))
     option = '--train-split' if role == 'train' else '--val-split' if role == 'validation' else '--split'
     if not split:
-        return UsageError(f'{option} is empty: name the {role} split folder of {data_dir} (timm would read the '
+        return InputError(f'{option} is empty: name the {role} split folder of {data_dir} (timm would read the '
                           f'whole of {data_dir})')
     off = ' or --val-split none to train without evaluation,' if role == 'validation' else ''
-    return UsageError(f'{role} split {split!r} not found: {data_dir} has no {"/, ".join(names)}/ folder (timm would '
+    return InputError(f'{role} split {split!r} not found: {data_dir} has no {"/, ".join(names)}/ folder (timm would '
                       f'read the whole of {data_dir} instead); name the folder with {option},{off} or add it')
 
 
@@ -71,13 +71,13 @@ def check_image_folders(data_dir: Optional[str], splits: dict, class_map: str = 
     timm's docs do) a root without any split-named sub-folder is read as the split.
     """
     if not data_dir:
-        raise UsageError('no dataset given: pass --data-dir DIR (a folder with train/ and val/ sub-folders)')
+        raise InputError('no dataset given: pass --data-dir DIR (a folder with train/ and val/ sub-folders)')
     if not os.path.exists(data_dir):
-        raise UsageError(f'data dir {data_dir} does not exist')
+        raise InputError(f'data dir {data_dir} does not exist')
     if os.path.isfile(data_dir) and data_dir.endswith('.tar'):
         return
     if not os.path.isdir(data_dir):
-        raise UsageError(f'data dir {data_dir} is not a folder')
+        raise InputError(f'data dir {data_dir} is not a folder')
     folders = {}
     for role, split in splits.items():
         if role == 'validation' and split.lower() in NO_SPLIT:
@@ -88,7 +88,7 @@ def check_image_folders(data_dir: Optional[str], splits: dict, class_map: str = 
                 raise _missing_split(role, split, data_dir)
             folder = data_dir
         if not any(files for _, _, files in os.walk(folder, followlinks=True)):
-            raise UsageError(f'{role} split {split!r} resolves to {folder}, which holds no files')
+            raise InputError(f'{role} split {split!r} resolves to {folder}, which holds no files')
         if not class_map:
             check_class_folders(role, split, folder)
         folders[role] = os.path.realpath(folder)
@@ -105,7 +105,7 @@ def check_class_folders(role: str, split: str, folder: str) -> None:
     with os.scandir(folder) as entries:
         loose = sum(1 for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in extensions)
     if loose:
-        raise UsageError(f'{role} split {split!r} resolves to {folder}, which holds {loose} images directly: timm '
+        raise InputError(f'{role} split {split!r} resolves to {folder}, which holds {loose} images directly: timm '
                          f'reads one class per sub-folder, so put them in {os.path.join(folder, "<class>")}/')
 
 
@@ -167,7 +167,7 @@ def build_dataset(args, split: str, is_training: bool, input_img_mode: str, num_
         )
     except RuntimeError as e:
         if 'Found 0 images' in str(e):
-            raise UsageError(str(e).split('. Supported')[0]) from None
+            raise InputError(str(e).split('. Supported')[0]) from None
         raise
     return readable(dataset, training=is_training)
 
@@ -267,7 +267,7 @@ def _train_loader(args, dataset, data_config: dict, num_aug_splits: int, common:
     if mixup is not None:
         if args.prefetcher:
             if num_aug_splits:
-                raise UsageError('mixup with the prefetcher cannot be combined with --aug-splits; '
+                raise InputError('mixup with the prefetcher cannot be combined with --aug-splits; '
                                  'add --no-prefetcher')
             collate_fn = (SeededCollateMixup(**mixup, seed=args.seed, rank=args.rank) if seeded
                           else FastCollateMixup(**mixup))
@@ -292,7 +292,7 @@ def _train_loader(args, dataset, data_config: dict, num_aug_splits: int, common:
         key_samples(getattr(loader, 'loader', loader))  # timm's PrefetchLoader holds the DataLoader in .loader
     if args.force_color_jitter and args.aa and '3a' not in args.aa and args.color_jitter and not args.no_aug:
         if num_aug_splits:
-            raise UsageError('--force-color-jitter does not support --aug-splits')
+            raise InputError('--force-color-jitter does not support --aug-splits')
         keep_color_jitter(loader.dataset, args.color_jitter, args.color_jitter_prob)
     return loader, mixup_fn
 
@@ -330,7 +330,7 @@ def build_loaders(args, data_config: dict, device: torch.device, model_dtype, nu
             loaders.scheduled_batches = True
             loaders.batch_size_reference = loaders.train.batch_sampler.average_batch_size
     if len(loaders.train) == 0:
-        raise UsageError(f'the training split has fewer images than one batch (--batch-size {args.batch_size})')
+        raise InputError(f'the training split has fewer images than one batch (--batch-size {args.batch_size})')
     if args.val_split.lower() not in NO_SPLIT:
         dataset_eval = build_dataset(args, args.val_split, False, input_img_mode, args.val_num_samples)
         loaders.eval = _eval_loader(args, dataset_eval, data_config, patch_size, device, model_dtype)

@@ -19,7 +19,7 @@ from timm import utils
 from timm.utils import NativeScaler
 
 from . import elastic
-from .errors import UsageError
+from .errors import InputError
 
 __all__ = ['check_precision_args', 'model_dtype', 'use_default_device', 'fall_back_to_cpu', 'limit_workers',
            'training_device', 'validation_device', 'autocast_for', 'training_precision']
@@ -34,11 +34,11 @@ _SCALED_DEVICES = ('cuda', 'cpu')  # where float16 AMP gets a grad scaler (timm:
 def check_precision_args(args, amp_needs_fp32_model: bool = False) -> None:
     """One line for a precision option neither script can use."""
     if args.model_dtype and args.model_dtype not in _MODEL_DTYPES:
-        raise UsageError(f'--model-dtype must be float32, float16 or bfloat16, got {args.model_dtype}')
+        raise InputError(f'--model-dtype must be float32, float16 or bfloat16, got {args.model_dtype}')
     if args.amp and args.amp_dtype not in _AMP_DTYPES:
-        raise UsageError(f'--amp-dtype must be float16 or bfloat16, got {args.amp_dtype}')
+        raise InputError(f'--amp-dtype must be float16 or bfloat16, got {args.amp_dtype}')
     if amp_needs_fp32_model and args.amp and args.model_dtype not in (None, 'float32'):
-        raise UsageError('--amp needs a float32 model (drop --model-dtype)')
+        raise InputError('--amp needs a float32 model (drop --model-dtype)')
 
 
 def model_dtype(args) -> Optional[torch.dtype]:

@@ -1,9 +1,11 @@
 """The exceptions that end a run with one line instead of a traceback, and the exit codes they map to.
 
-- ``UsageError``: a problem with the user's input (bad flag, bad model, bad file, a dataset with too many unreadable
-  images). ``train.py`` and ``validate.py`` print it as a single ``error: ...`` line on stderr, exit status 2.
+- ``UsageError``: a bad command line (a flag, a config file, a combination of options). It is raised only by
+  ``train.py``, ``validate.py`` and the option-parsing layer (``timm_options.py``, ``subnet_options.py``,
+  ``option_ranges.py``, ``checks.py``); the scripts print it as a single ``error: ...`` line on stderr, exit status 2.
 - ``InputError`` (a ValueError; ``ModelNotSupported`` is one): the library's error for what the user gave that it
-  cannot use; the scripts report it as they report a UsageError.
+  cannot use (a model, a file, a dataset with too many unreadable images, a method's options); every other module
+  raises it (or ValueError/TypeError for misuse of its API), and the scripts report it as they report a UsageError.
 - ``RunStopped``: the run ended early on purpose, after doing what it could to lose nothing: a signal
   (128 + the signal's number, as a shell reports a process killed by it: 130 for SIGINT, 143 for SIGTERM,
   138 for SIGUSR1) or a loss that is no longer finite (3).

@@ -11,7 +11,7 @@ stopped (``resume.py``). train.py builds it once (``RunGuard.for_run``); the epo
   unreadable images, a signal: after writing the position) or write a recovery checkpoint when one is due;
 - ``end_of_epoch``: the epoch's last batch is done; ``after_checkpoint``: its checkpoint is written.
 
-Every stop is a ``RunStopped`` (or, for a broken dataset, a ``UsageError``) with one line that says what to do.
+Every stop is a ``RunStopped`` (or, for a broken dataset, an ``InputError``) with one line that says what to do.
 """
 import signal
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 from timm import utils
 
 from .divergence import DivergenceLimit
-from .errors import EXIT_NONFINITE, RunStopped, UsageError
+from .errors import EXIT_NONFINITE, InputError, RunStopped
 from .finite import check_state_finite
 from .resume import BatchCursor, EpochStart, PositionWriter, install_cursor, set_rng_state
 from .stopping import Requests, SignalWatch, StopPolicy, Vote
@@ -145,7 +145,7 @@ class RunGuard:
         if requests.nonfinite:
             raise RunStopped(self._nonfinite_message(position, requests.nonfinite - 1), EXIT_NONFINITE)
         if requests.bad_images:
-            raise UsageError(self._bad_images_message(position.epoch, requests.bad_images))
+            raise InputError(self._bad_images_message(position.epoch, requests.bad_images))
         path = ''
         if (save or requests.signal) and self.positions is not None:
             path = self.positions.save(position.epoch, batches_done, position.updates, position.meters.state_dict())

@@ -15,7 +15,7 @@ from timm.models import is_model, split_model_name_tag
 from timm.utils import unwrap_model
 
 from .blocks import drop_path_slots, slot_drop_rate
-from .errors import UsageError, first_line
+from .errors import InputError, first_line
 from .intact import read_checkpoint
 
 _logger = logging.getLogger('train')
@@ -41,17 +41,17 @@ def resolve_model_name(name: str) -> str:
         return SHORT_NAMES[name]
     closest = difflib.get_close_matches(arch, timm.list_models() + list(SHORT_NAMES), n=5, cutoff=0.6)
     hint = f'; closest timm names: {", ".join(closest)}' if closest else '; see timm.list_models()'
-    raise UsageError(f"unknown model '{name}'{hint}")
+    raise InputError(f"unknown model '{name}'{hint}")
 
 
 def load_checkpoint_file(path: str, what: str) -> dict:
     """Load a training checkpoint (weights_only, as timm does) whose checksums match (``subnet.intact``), or stop
     with one line saying what is wrong."""
     if not os.path.isfile(path):
-        raise UsageError(f'{what} {path} does not exist')
+        raise InputError(f'{what} {path} does not exist')
     checkpoint, why = read_checkpoint(path)
     if checkpoint is None:
-        raise UsageError(f'{what} {path} {why}')
+        raise InputError(f'{what} {path} {why}')
     return checkpoint
 
 
@@ -68,7 +68,7 @@ def check_state_dict_fits(model: torch.nn.Module, checkpoint: dict, path: str, w
     """Stop with one line when a checkpoint's weights do not belong to this model (names or shapes)."""
     state_dict = checkpoint_weights(checkpoint, use_ema)
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise UsageError(f'{what} {path} holds no model weights (no state_dict)')
+        raise InputError(f'{what} {path} holds no model weights (no state_dict)')
     expected = {k: v.shape for k, v in model.state_dict().items()}
     found = {k.removeprefix('module.').removeprefix('_orig_mod.'): v.shape for k, v in state_dict.items()}
     missing = sorted(set(expected) - set(found))
@@ -79,18 +79,18 @@ def check_state_dict_fits(model: torch.nn.Module, checkpoint: dict, path: str, w
         detail = (f'{len(missing)} missing, {len(unexpected)} unexpected and {len(wrong)} mis-shaped weights'
                   + (f', e.g. {wrong[0]} {tuple(found[wrong[0]])} vs {tuple(expected[wrong[0]])}' if wrong else
                      f', e.g. {(missing or unexpected)[0]}'))
-        raise UsageError(f'{what} {path} does not fit this model (checkpoint arch: {arch}): {detail}')
+        raise InputError(f'{what} {path} does not fit this model (checkpoint arch: {arch}): {detail}')
 
 
 def load_initial_checkpoint(model: torch.nn.Module, path: str) -> None:
     """``--initial-checkpoint``: weights (EMA ones first, as timm's create_model loads them), checked first."""
     if os.path.splitext(path)[1].lower() in ('.safetensors', '.npz', '.npy'):
         if not os.path.isfile(path):
-            raise UsageError(f'--initial-checkpoint {path} does not exist')
+            raise InputError(f'--initial-checkpoint {path} does not exist')
         try:
             timm.models.load_checkpoint(model, path)
         except (RuntimeError, ValueError, OSError, NotImplementedError) as e:
-            raise UsageError(f'--initial-checkpoint {path} cannot be loaded: {first_line(e)[:160]}') from None
+            raise InputError(f'--initial-checkpoint {path} cannot be loaded: {first_line(e)[:160]}') from None
         return
     checkpoint = load_checkpoint_file(path, '--initial-checkpoint')
     resample_position_embedding(model, checkpoint_weights(checkpoint, use_ema=True))

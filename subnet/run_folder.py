@@ -33,7 +33,7 @@ from timm.models import safe_model_name
 from timm.utils import CheckpointSaver, load_checkpoint_metadata
 
 from . import elastic
-from .errors import EXIT_WRITE_FAILED, UsageError, WriteFailed
+from .errors import EXIT_WRITE_FAILED, InputError, WriteFailed
 from .finite import check_state_finite
 from .intact import CHECKSUM_KEY, checksums
 from .resume import POSITION_KEY
@@ -78,7 +78,7 @@ def describe_run(folder: str) -> str:
 def check_output_dir(folder: str) -> None:
     """Refuse to start a fresh run in a folder that holds a previous run."""
     if holds_run(folder):
-        raise UsageError(
+        raise InputError(
             f'output folder {folder} already holds a run ({describe_run(folder)}; results in summary.csv); '
             f'continue it with --resume auto (with the same --experiment) or choose a new --experiment')
 
@@ -112,7 +112,7 @@ class RunLock:
         holder = self._take(job, same_job_wait)
         if holder is not None:
             os.close(self._fd)
-            raise UsageError(f'output folder {folder} is in use by a running run ({holder}); wait for it to end, '
+            raise InputError(f'output folder {folder} is in use by a running run ({holder}); wait for it to end, '
                              f'stop it, or choose another --experiment')
         _HELD_LOCKS.add(self._fd)
         os.ftruncate(self._fd, 0)

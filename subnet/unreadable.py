@@ -21,7 +21,7 @@ import torch.utils.data
 from PIL import Image
 from timm.data.dataset import ImageDataset
 
-from .errors import UsageError, first_line
+from .errors import InputError, first_line
 
 __all__ = ['ImageFailures', 'ReadableImages', 'NOT_COUNTED', 'readable', 'over_limit', 'drop_not_counted',
            'failures_of']
@@ -115,7 +115,7 @@ class ReadableImages(torch.utils.data.Dataset):
                 self.failures.report(self.dataset.filename((index + attempt) % size, absolute=True), _reason(e),
                                      requested=attempt == 0)
         else:
-            raise UsageError(f'{min(size, MAX_IN_A_ROW)} unreadable images in a row from '
+            raise InputError(f'{min(size, MAX_IN_A_ROW)} unreadable images in a row from '
                              f'{self.dataset.filename(index, absolute=True)}: the dataset looks broken')
         if self.transform is not None:
             image = self.transform(image)

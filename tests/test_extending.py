@@ -18,7 +18,7 @@ import yaml
 
 import train
 from subnet.depth import DepthEngine
-from subnet.errors import UsageError
+from subnet.errors import InputError, UsageError
 from subnet.losses import kl_distill
 from subnet.methods import SubnetTask, method_class, method_names, register_method
 from subnet.sampling import nested_keep, stage_prefix_keep, step_generator
@@ -47,7 +47,7 @@ class ToyTask(SubnetTask):
     def check_args(cls, args):
         super().check_args(args)
         if not 0 <= args.toy_drop <= 1:
-            raise UsageError(f'--toy-drop must be in [0, 1], got {args.toy_drop}')
+            raise InputError(f'--toy-drop must be in [0, 1], got {args.toy_drop}')
 
     @classmethod
     def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):
@@ -137,12 +137,12 @@ def test_the_documented_methods_step_is_its_label_loss_plus_the_mixed_subnet_los
 
 
 def test_unknown_methods_and_modules_are_one_line_errors_never_a_fallback(tmp_path, capsys):
-    with pytest.raises(UsageError, match="unknown method 'gtk' \\(closest: gkt\\)"):
+    with pytest.raises(InputError, match="unknown method 'gtk' \\(closest: gkt\\)"):
         method_class('gtk')
     with pytest.raises(SystemExit):
         parse_train_args(['--method', 'gtk'])
     assert "invalid choice: 'gtk'" in capsys.readouterr().err
-    with pytest.raises(UsageError, match='--extra-methods no_such_module: cannot import it'):
+    with pytest.raises(InputError, match='--extra-methods no_such_module: cannot import it'):
         parse_train_args(['--extra-methods', 'no_such_module'])
     config = tmp_path / 'hparams.yaml'
     config.write_text('method: gtk\n')

@@ -15,7 +15,7 @@ import subnet.methods.stimulative as stimulative
 import train
 from subnet.methods import CosubTask, GroupKnowledgeTask, StimulativeTask
 from subnet.depth import DepthEngine
-from subnet.errors import ModelNotSupported, UsageError
+from subnet.errors import InputError, ModelNotSupported
 from reference_losses import group_knowledge_loss
 from subnet.losses import GroupKnowledge, kl_distill, standardize_logits
 from subnet.sampling import drop_rates
@@ -306,9 +306,9 @@ def test_task_state_carries_the_step_so_a_resume_replays_the_subnets():
     (['--method', 'gkt', '--kd-model-name', 'resnet18'], '--kd-model-name'),
     (['--method', 'st', '--aug-splits', '3', '--jsd-loss'], '--aug-splits'),
 ])
-def test_bad_method_configurations_are_one_line_usage_errors(argv, message):
+def test_bad_method_configurations_are_one_line_input_errors(argv, message):
     args, _ = parse_train_args(argv)
-    with pytest.raises(UsageError, match=message.replace('+', r'\+')):
+    with pytest.raises(InputError, match=message.replace('+', r'\+')):
         train.check_method_args(args)
 
 
@@ -318,7 +318,7 @@ def test_st_refuses_a_min_keep_that_leaves_only_the_full_net_and_names_the_most_
     block_map = DepthEngine(model, input_size=(3, 28, 28)).block_map
     assert block_map.depths == (3, 4, 6, 3)
     StimulativeTask.check_sampling_space(block_map, 3, 'st++')  # layer2 and layer3 can still be shortened
-    with pytest.raises(UsageError) as error:
+    with pytest.raises(InputError) as error:
         StimulativeTask.check_sampling_space(block_map, 6, 'st')
     assert str(error.value) == ('--method st on resnet34 samples only the full net: --st-min-keep 6 keeps every '
                                 'block of its stages (layer1, layer2, layer3, layer4 hold 3, 4, 6, 3 blocks); use '
@@ -333,7 +333,7 @@ def test_a_model_without_skippable_blocks_is_refused_by_every_subnet_method():
 
 
 def test_cosub_on_a_model_built_without_drop_path_is_refused():
-    with pytest.raises(UsageError, match='built without it'):
+    with pytest.raises(InputError, match='built without it'):
         CosubTask.drop_rates_for(DepthEngine(tiny_resnet(), input_size=(3, 28, 28)))
 
 

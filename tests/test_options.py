@@ -209,3 +209,31 @@ def test_every_shipped_recipe_parses_cleanly_and_passes_the_method_checks(recipe
     # accuracy study's recipe, which every arm of the study shares (each adds its own --method)
     assert args.method != 'none' or recipe in ('quickstart.yaml', 'study_fashion_mnist.yaml') \
         or recipe.endswith('_ft224.yaml')
+
+
+# The command-line layer: the only modules under subnet/ that may raise UsageError (see subnet/errors.py).
+OPTION_PARSING = {'timm_options.py', 'subnet_options.py', 'option_ranges.py', 'checks.py'}
+
+
+def _usage_error_uses(path):
+    """Line numbers where a module builds or raises a UsageError (by name or as ``errors.UsageError``)."""
+    import ast
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.Raise, ast.Call)):
+            target = node.exc if isinstance(node, ast.Raise) else node.func
+            if isinstance(target, ast.Call):
+                target = target.func
+            name = getattr(target, 'id', None) or getattr(target, 'attr', None)
+            if name == 'UsageError':
+                lines.append(node.lineno)
+    return lines
+
+
+def test_library_modules_raise_input_error_never_usage_error():
+    package = Path(__file__).parent.parent / 'subnet'
+    checked = [p for p in sorted(package.rglob('*.py')) if p.relative_to(package).as_posix() not in OPTION_PARSING]
+    assert len(checked) > 20 and package / 'data.py' in checked
+    offenders = {p.relative_to(package).as_posix(): lines for p in checked if (lines := _usage_error_uses(p))}
+    assert offenders == {}, f'library modules build UsageError (raise InputError/ValueError instead): {offenders}'
+    assert _usage_error_uses(package / 'checks.py'), 'the check itself must see a raise in the parsing layer'

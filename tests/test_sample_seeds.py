@@ -16,7 +16,7 @@ import torch
 import torch.utils.data
 
 import train
-from subnet.errors import UsageError
+from subnet.errors import InputError
 from subnet.run_folder import RunLock
 from subnet.sample_seeds import KeyedSampler, SampleKey, SeededSamples, key_samples
 from train_helpers import (ROOT, assert_same_weights, make_subset, run_train, signal_at_batch, state_dict_of,
@@ -188,7 +188,7 @@ def test_a_restarted_attempt_of_the_same_torchrun_job_waits_for_the_lock_another
         for key in ('TORCHELASTIC_RUN_ID', 'MASTER_ADDR', 'MASTER_PORT'):
             monkeypatch.setenv(key, _JOB[key])
         monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'job2')
-        with pytest.raises(UsageError, match=r'is in use by a running run \(pid \d+ on .*, torchrun job job1@'):
+        with pytest.raises(InputError, match=r'is in use by a running run \(pid \d+ on .*, torchrun job job1@'):
             RunLock(str(tmp_path))
         monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'job1')
         started = time.monotonic()

@@ -24,7 +24,7 @@ from timm.task import ClassificationTask
 
 from ..batchnorm import frozen_running_stats, recalibrate
 from ..depth import DepthEngine
-from ..errors import UsageError
+from ..errors import InputError
 from ..results import ResultPart
 from ..sampling import step_generator
 from ..step import Step
@@ -39,7 +39,7 @@ class Method:
 
     Class-level (before any model exists): ``options`` (functions that add option groups to train.py's parser;
     a group shared by several methods is added once), ``result_parts`` (what the result's scalars are,
-    ``subnet/results.py``), ``check_args`` (one ``UsageError`` per configuration the method cannot run),
+    ``subnet/results.py``), ``check_args`` (one ``InputError`` per configuration the method cannot run),
     ``model_kwargs`` (extra ``create_model`` kwargs) and ``from_args`` (the task itself).
     """
 
@@ -51,7 +51,7 @@ class Method:
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
-        """Refuse configurations the method cannot run (one UsageError each); may fill method defaults."""
+        """Refuse configurations the method cannot run (one InputError each); may fill method defaults."""
 
     @classmethod
     def model_kwargs(cls, args: argparse.Namespace) -> dict:
@@ -95,11 +95,11 @@ class SubnetTask(Method, ClassificationTask):
     @classmethod
     def check_args(cls, args) -> None:
         if args.kd_model_name is not None:
-            raise UsageError(f'--method {args.method} cannot be combined with --kd-model-name (timm distillation)')
+            raise InputError(f'--method {args.method} cannot be combined with --kd-model-name (timm distillation)')
         if args.naflex_loader:
-            raise UsageError(f'--method {args.method} does not support --naflex-loader (dict inputs)')
+            raise InputError(f'--method {args.method} does not support --naflex-loader (dict inputs)')
         if args.aug_splits or args.jsd_loss or args.split_bn:
-            raise UsageError(f'--method {args.method} does not support --aug-splits/--jsd-loss/--split-bn')
+            raise InputError(f'--method {args.method} does not support --aug-splits/--jsd-loss/--split-bn')
 
     @staticmethod
     def depth_engine(model: nn.Module, input_size, verbose: bool) -> DepthEngine:
@@ -155,9 +155,9 @@ def distillation_options(parser: argparse.ArgumentParser) -> None:
 
 def check_distillation_args(args) -> None:
     if args.subnet_temperature <= 0:
-        raise UsageError(f'--subnet-temperature must be > 0, got {args.subnet_temperature}')
+        raise InputError(f'--subnet-temperature must be > 0, got {args.subnet_temperature}')
     if args.subnet_bn_images < 1:
-        raise UsageError(f'--subnet-bn-images must be >= 1, got {args.subnet_bn_images}')
+        raise InputError(f'--subnet-bn-images must be >= 1, got {args.subnet_bn_images}')
 
 
 class DistillFromFullNet(SubnetTask):

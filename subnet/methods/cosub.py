@@ -19,7 +19,7 @@ import torch
 
 from ..blocks import UNITS
 from ..depth import DepthEngine
-from ..errors import UsageError
+from ..errors import InputError
 from ..losses import CosubLoss
 from ..results import loss_part
 from ..sampling import ROW_SAMPLINGS, draw_keep
@@ -84,18 +84,18 @@ class CosubTask(SubnetTask):
     def check_args(cls, args) -> None:
         super().check_args(args)
         if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
-            raise UsageError('cosub needs dense targets: turn on --mixup and/or --cutmix (as DeiT III does)')
+            raise InputError('cosub needs dense targets: turn on --mixup and/or --cutmix (as DeiT III does)')
         if args.drop_path is not None and args.drop_path <= 0:
-            raise UsageError('cosub needs stochastic depth: set --drop-path > 0 (with 0 both submodels are '
+            raise InputError('cosub needs stochastic depth: set --drop-path > 0 (with 0 both submodels are '
                              'the same network)')
         if not 0 <= args.cosub_label_weight <= 1:
-            raise UsageError(f'--cosub-label-weight must be in [0, 1], got {args.cosub_label_weight}')
+            raise InputError(f'--cosub-label-weight must be in [0, 1], got {args.cosub_label_weight}')
         if args.bce_target_thresh is not None and args.smoothing > 0 and args.bce_target_thresh < args.smoothing:
-            raise UsageError(f'--bce-target-thresh {args.bce_target_thresh} with --smoothing {args.smoothing} '
+            raise InputError(f'--bce-target-thresh {args.bce_target_thresh} with --smoothing {args.smoothing} '
                              f'turns every smoothed target into 1 and erases the labels; use --smoothing 0 '
                              f'(DeiT III) or a higher threshold')
         if args.cosub_impl == 'timm' and (args.cosub_drop_unit != 'branch' or args.cosub_rows == 'fixed'):
-            raise UsageError("--cosub-impl timm is timm's own DropPath: per branch, Bernoulli rows; "
+            raise InputError("--cosub-impl timm is timm's own DropPath: per branch, Bernoulli rows; "
                              '--cosub-drop-unit block and --cosub-rows fixed need --cosub-impl skip or mask')
 
     @staticmethod
@@ -103,7 +103,7 @@ class CosubTask(SubnetTask):
         """Per-block drop-path rates: the model's own, as --drop-path and --drop-schedule built it."""
         rates = depth.model_drop_path_rates()
         if float(rates.max()) <= 0:
-            raise UsageError(f'cosub needs stochastic depth but {depth.name} was built without it: '
+            raise InputError(f'cosub needs stochastic depth but {depth.name} was built without it: '
                              f'set --drop-path > 0')
         return rates
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..depth import DepthEngine
-from ..errors import UsageError
+from ..errors import InputError
 from ..losses import GroupKnowledge, kl_distill
 from ..results import cost_part, loss_part
 from ..sampling import nested_keep
@@ -60,11 +60,11 @@ class GroupKnowledgeTask(DistillFromFullNet):
     def check_args(cls, args) -> None:
         super().check_args(args)
         if args.gkt_groups < 1 or args.gkt_loops < 1:
-            raise UsageError('--gkt-groups and --gkt-loops must be >= 1')
+            raise InputError('--gkt-groups and --gkt-loops must be >= 1')
         if not 0 < args.gkt_drop <= 1:
-            raise UsageError(f'--gkt-drop must be in (0, 1] (0 makes every subnet the full net), got {args.gkt_drop}')
+            raise InputError(f'--gkt-drop must be in (0, 1] (0 makes every subnet the full net), got {args.gkt_drop}')
         if not 0 < args.gkt_ema <= 1:
-            raise UsageError(f'--gkt-ema must be in (0, 1], got {args.gkt_ema}')
+            raise InputError(f'--gkt-ema must be in (0, 1], got {args.gkt_ema}')
 
     @classmethod
     def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):

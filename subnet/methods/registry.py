@@ -4,13 +4,13 @@ A method is a ``TrainingTask`` subclass that also carries its command line (``su
 ``Method``). ``register_method('name', cls)`` (or ``@register_method('name')`` on the class) makes it selectable
 with ``--method name``; the built-in ones register themselves when ``subnet.methods`` is imported, and a method
 in a user's own module registers itself when ``train.py --extra-methods my_module`` imports it. An unknown name is
-a ``UsageError`` naming the closest known ones; nothing falls back to another method.
+an ``InputError`` naming the closest known ones; nothing falls back to another method.
 """
 import difflib
 import importlib
 from typing import Dict, Iterable, Optional, Tuple, Type
 
-from ..errors import UsageError
+from ..errors import InputError
 from ..results import register_parts
 
 __all__ = ['register_method', 'method_class', 'method_names', 'import_extra_methods']
@@ -49,7 +49,7 @@ def method_class(name: str) -> type:
         return _METHODS[name]
     closest = difflib.get_close_matches(name, list(_METHODS), n=3, cutoff=0.5)
     hint = f' (closest: {", ".join(closest)})' if closest else ''
-    raise UsageError(f"unknown method '{name}'{hint}; known methods: {', '.join(_METHODS)}; a method in your own "
+    raise InputError(f"unknown method '{name}'{hint}; known methods: {', '.join(_METHODS)}; a method in your own "
                      f'module is registered with --extra-methods MODULE')
 
 
@@ -59,4 +59,4 @@ def import_extra_methods(modules: Iterable[str]) -> None:
         try:
             importlib.import_module(module)
         except ImportError as e:
-            raise UsageError(f'--extra-methods {module}: cannot import it ({e})') from None
+            raise InputError(f'--extra-methods {module}: cannot import it ({e})') from None

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..blocks import BlockMap
 from ..depth import DepthEngine
-from ..errors import UsageError
+from ..errors import InputError
 from ..losses import direction_kl, kl_distill, standardize_logits
 from ..results import cost_part, loss_part
 from ..sampling import lowest_prefix_depths, stage_prefix_keep
@@ -87,9 +87,9 @@ class StimulativeTask(DistillFromFullNet):
         super().check_args(args)
         cls.fill_defaults(args)
         if args.st_subnets < 1 or args.st_min_keep < 1:
-            raise UsageError('--st-subnets and --st-min-keep must be >= 1')
+            raise InputError('--st-subnets and --st-min-keep must be >= 1')
         if not 0 < args.st_min_size <= 1:
-            raise UsageError(f'--st-min-size must be in (0, 1], got {args.st_min_size}')
+            raise InputError(f'--st-min-size must be in (0, 1], got {args.st_min_size}')
 
     @classmethod
     def model_kwargs(cls, args) -> dict:
@@ -109,7 +109,7 @@ class StimulativeTask(DistillFromFullNet):
         fits = max((len(s.blocks) - 1 for s in block_map.stages if s.min_keep < len(s.blocks)), default=0)
         remedy = (f'use --st-min-keep {fits}, the most that lets a stage be shortened' if fits else
                   "no stage ends in blocks that can be skipped, and ST's subnets drop the last blocks of a stage")
-        raise UsageError(f'--method {method} on {block_map.model_name} samples only the full net: --st-min-keep '
+        raise InputError(f'--method {method} on {block_map.model_name} samples only the full net: --st-min-keep '
                          f'{min_keep} keeps every block of its stages ({names} hold {depths} blocks); {remedy}')
 
     @classmethod
