@@ -3,7 +3,8 @@
 The loop hands every loader batch to ``task.train_step`` with a ``Step`` (``subnet/step.py``: autocast for the
 forward passes, the loss scale, whether the batch ends an update, how passes are back-propagated); when the task
 returns, it applies the update (clipping and the optimizer step, outside autocast) and reads the result: the loss
-and, as scalar tensors, the method's loss parts, averaged over the epoch and reported (log line, ``summary.csv``).
+and, as scalar tensors, the parts the method declares (``Method.result_parts``, ``subnet/results.py``): losses and
+costs averaged over the epoch, counters summed, reported in the log line and ``summary.csv``.
 
 What keeps a long run alive is one ``RunGuard`` (``subnet/guard.py``), called after each step, after each update
 and at the end of the epoch; a resumed epoch starts at the batch its checkpoint recorded, with the meters it had.
@@ -15,7 +16,7 @@ import time
 from collections import OrderedDict
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torchvision.utils
@@ -23,7 +24,7 @@ from timm import utils
 
 from .guard import EpochPosition, RunGuard
 from .progress import EpochProgress, format_duration
-from .results import LOOP_COUNTERS
+from .results import COUNTER, LOOP_COUNTERS, ResultPart
 from .step import Step, Update
 
 _logger = logging.getLogger('train')
@@ -86,17 +87,24 @@ def _scalar_parts(result: dict) -> dict:
             if k not in ('loss', 'loss_value', 'output') and torch.is_tensor(v) and v.ndim == 0}
 
 
+def _undeclared(name: str) -> ValueError:
+    return ValueError(f"the step's result holds a scalar {name!r} that the method does not declare: add it to "
+                      f'Method.result_parts (loss_part, cost_part or counter from subnet/results.py)')
+
+
 class EpochMeters:
-    """The running figures of a training epoch: timm's loss/time/data meters, the method's loss parts, and the
-    counts of what went wrong (steps with a non-finite loss, fp16 overflows the grad scaler skipped, unreadable
-    images replaced). A mid-epoch checkpoint keeps them (``state_dict``), so a resumed epoch reports the same."""
+    """The running figures of a training epoch: timm's loss/time/data meters, the method's declared result parts
+    (``parts``: losses and costs averaged over the samples, counters summed), and the counts of what went wrong
+    (steps with a non-finite loss, fp16 overflows the grad scaler skipped, unreadable images replaced). A mid-epoch
+    checkpoint keeps them (``state_dict``), so a resumed epoch reports the same."""
 
     COUNTERS = tuple(part.name for part in LOOP_COUNTERS)
 
-    def __init__(self, epoch: int, updates_per_epoch: int, primary: bool):
+    def __init__(self, epoch: int, updates_per_epoch: int, primary: bool, parts: Iterable[ResultPart] = ()):
         self.epoch, self.updates_per_epoch = epoch, updates_per_epoch
         self.update_time, self.data_time, self.losses = utils.AverageMeter(), utils.AverageMeter(), \
             utils.AverageMeter()
+        self.parts = {part.name: part for part in parts}
         self.part_sums, self.part_count = {}, 0
         self.counters = dict.fromkeys(self.COUNTERS, 0)
         self.update_samples = 0
@@ -105,19 +113,31 @@ class EpochMeters:
 
     def add_step(self, result: dict, batch_size: int, global_batch_size: int) -> bool:
         """Account for one loader batch; a non-finite loss is left out (and False returned)."""
+        parts = _scalar_parts(result)
+        for name in parts:
+            if name not in self.parts:
+                raise _undeclared(name)
         loss = result.get('loss_value', result['loss']).detach().item()  # the one host sync of a step
         self.update_samples += global_batch_size
         if not math.isfinite(loss):
             return False
         self.losses.update(loss, batch_size)
-        for name, value in _scalar_parts(result).items():
-            self.part_sums[name] = self.part_sums.get(name, 0.) + value.float() * batch_size
+        for name, value in parts.items():
+            if self._counts(name):
+                self.part_sums[name] = self.part_sums.get(name, 0.) + value.double()
+            else:
+                self.part_sums[name] = self.part_sums.get(name, 0.) + value.float() * batch_size
         self.part_count += batch_size
         return True
 
+    def _counts(self, name: str) -> bool:
+        return self.parts[name].kind == COUNTER
+
     def log_line(self, update_idx: int, lr: float, loss_now: float, loss_avg: float) -> str:
-        """timm's ``Train:`` line (parsers rely on its prefix), then our loss parts and the ETA."""
-        parts = ''.join(f'  {k}: {(v / self.part_count).item():#.3g}' for k, v in self.part_sums.items())
+        """timm's ``Train:`` line (parsers rely on its prefix), then the declared parts (counters as integers) and
+        the ETA."""
+        parts = ''.join(f'  {k}: {v:d}' if isinstance(v, int) else f'  {k}: {v:#.3g}'
+                        for k, v in list(self.metrics().items())[1:])
         times, samples = self.update_time, self.update_samples
         return (f'Train: {self.epoch} [{update_idx:>4d}/{self.updates_per_epoch} '
                 f'({100. * (update_idx + 1) / self.updates_per_epoch:>3.0f}%)]  '
@@ -129,20 +149,27 @@ class EpochMeters:
                 f'{parts}  ETA: {format_duration(self.progress.eta(update_idx + 1))}')
 
     def metrics(self) -> OrderedDict:
+        """The loss and the parts so far on this rank: averages, and counters' totals as integers."""
         metrics = OrderedDict(loss=self.losses.avg)
         for name, total in self.part_sums.items():
-            metrics[name] = (total / max(self.part_count, 1)).item()
+            metrics[name] = round(total.item()) if self._counts(name) else (total / max(self.part_count, 1)).item()
         return metrics
 
     def reduced(self, device: torch.device, world_size: int = 1) -> OrderedDict:
-        """The epoch's averages (over ranks) and its non-zero counts (summed over ranks)."""
+        """The epoch's averages (over ranks), the method's counters and the loop's non-zero counts (summed over
+        ranks)."""
         metrics, counters = self.metrics(), self.counters
         if world_size > 1:
-            values = torch.tensor(list(metrics.values()), device=device, dtype=torch.float32)
-            metrics = OrderedDict(zip(metrics.keys(), utils.reduce_tensor(values, world_size).tolist()))
-            totals = torch.tensor(list(counters.values()), device=device, dtype=torch.float64)
+            summed = [k for k in metrics if k in self.parts and self._counts(k)]
+            averaged = [k for k in metrics if k not in summed]
+            values = torch.tensor([metrics[k] for k in averaged], device=device, dtype=torch.float32)
+            metrics.update(zip(averaged, utils.reduce_tensor(values, world_size).tolist()))
+            totals = torch.tensor([metrics[k] for k in summed] + list(counters.values()), device=device,
+                                  dtype=torch.float64)
             torch.distributed.all_reduce(totals)
-            counters = dict(zip(counters.keys(), (int(v) for v in totals.tolist())))
+            totals = [int(v) for v in totals.tolist()]
+            metrics.update(zip(summed, totals[:len(summed)]))
+            counters = dict(zip(counters.keys(), totals[len(summed):]))
         metrics.update((k, v) for k, v in counters.items() if v)
         return metrics
 
@@ -221,7 +248,7 @@ class _Windows:
 
 def train_one_epoch(epoch: int, task, loader, optimizer, options: LoopOptions, setup: StepSetup, lr_scheduler=None,
                     guard: Optional[RunGuard] = None) -> OrderedDict:
-    """Train ``task`` for one epoch; returns timm's ``{'loss': ...}`` plus the method's averaged loss parts and the
+    """Train ``task`` for one epoch; returns timm's ``{'loss': ...}`` plus the method's declared parts and the
     counts of what went wrong (only those that are not zero)."""
     return _TrainingEpoch(epoch, task, loader, optimizer, options, setup, lr_scheduler, guard or RunGuard()).run()
 
@@ -234,7 +261,8 @@ class _TrainingEpoch:
         self.epoch, self.task, self.loader, self.optimizer = epoch, task, loader, optimizer
         self.options, self.setup, self.lr_scheduler, self.guard = options, setup, lr_scheduler, guard
         self.windows = _Windows(len(loader), options.grad_accum_steps)
-        self.meters = EpochMeters(epoch, self.windows.updates, options.primary)
+        parts = getattr(task, 'result_parts', ())  # a timm task that is not a Method returns none
+        self.meters = EpochMeters(epoch, self.windows.updates, options.primary, parts)
         self.position = EpochPosition(epoch, self.windows.num_batches, self.windows.num_batches * options.batch_size,
                                       self.meters)
         self.update = Update(task, optimizer, setup.loss_scaler, options.clip_grad, options.clip_mode,

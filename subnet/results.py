@@ -1,9 +1,10 @@
 """What a training step's result holds besides ``loss`` and ``output``, declared once so every reader knows it.
 
 A method lists its parts in ``Method.result_parts`` (``register_method`` registers them here); the loop declares
-its own counters. The loop averages (or, for counters, sums) them over the epoch, prints them in the ``Train:``
-line and writes them to ``summary.csv`` as ``train_<name>``; ``summary.png`` looks each column up here to know
-what to draw (losses in the loss panel; costs and counters are not losses).
+its own counters and refuses a scalar that the task does not declare. The loop averages (or, for counters, sums)
+them over the epoch, prints them in the ``Train:`` line (losses and costs with three digits, counters as integers)
+and writes them to ``summary.csv`` as ``train_<name>``; ``summary.png`` looks each column up here to know what to
+draw (losses in the loss panel; costs and counters are not losses).
 """
 from __future__ import annotations
 

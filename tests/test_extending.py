@@ -2,6 +2,7 @@
 and the package installed with pip and used from another training loop."""
 import copy
 import csv
+import logging
 import os
 import re
 import shutil
@@ -20,10 +21,13 @@ import train
 from subnet.depth import DepthEngine
 from subnet.errors import InputError, UsageError
 from subnet.losses import kl_distill
+from subnet.loop import LoopOptions, StepSetup, train_one_epoch
 from subnet.methods import SubnetTask, method_class, method_names, register_method
+from subnet.methods.plain import PlainTask
+from subnet.results import counter, loss_part
 from subnet.sampling import nested_keep, stage_prefix_keep, step_generator
 from subnet.timm_options import parse_train_args
-from train_helpers import ROOT, make_subset, run_train, train_argv
+from train_helpers import ROOT, make_subset, method_training, random_batch, run_train, train_argv
 
 
 def toy_options(parser):
@@ -38,6 +42,7 @@ class ToyTask(SubnetTask):
     with probability Q) both learn the labels."""
 
     options = (toy_options,)
+    result_parts = (loss_part('toy_subnet', "the random subnet's label loss"),)
 
     def __init__(self, model, criterion, depth, drop=0.5, **kwargs):
         super().__init__(model, criterion, depth, **kwargs)
@@ -310,3 +315,47 @@ def test_the_documented_panel_is_one_more_picture_in_summary_png(tmp_path, monke
         with Image.open(plots.plot_summary(str(folder))) as image:
             widths[name] = image.width
     assert widths['st'] / widths['plain'] == pytest.approx(4 / 3, rel=0.02)  # losses, top-1, lr (+ the cost)
+
+
+class _PlainWithParts(PlainTask):
+    """timm's classification step, with a constant loss part and a counter of 3 per step in its result; the
+    subclasses below declare them or not."""
+
+    def forward(self, input, target):
+        result = super().forward(input, target)
+        result.update(half_loss=torch.tensor(0.123456), skipped_rows=torch.tensor(3))
+        return result
+
+
+class _Undeclared(_PlainWithParts):
+    result_parts = (loss_part('half_loss'),)  # skipped_rows is not declared
+
+
+class _Declared(_PlainWithParts):
+    result_parts = (loss_part('half_loss'), counter('skipped_rows', 'rows a step left out'))
+
+
+def _epoch(task_class, caplog, batches=2):
+    task, optimizer, args = method_training('none', size=32)
+    task.__class__ = task_class  # the same task, with the parts its subclass returns
+    options = LoopOptions.from_args(args)
+    options.log_interval = 1
+    with caplog.at_level(logging.INFO, logger='train'):
+        return train_one_epoch(0, task, [random_batch('none', 32, seed=s) for s in range(batches)], optimizer,
+                               options, StepSetup(device=torch.device('cpu')))
+
+
+def test_a_result_part_the_method_does_not_declare_is_refused_naming_it(caplog, single_thread):
+    with pytest.raises(ValueError, match="a scalar 'skipped_rows' that the method does not declare: add it to "
+                                         r'Method.result_parts \(loss_part, cost_part or counter'):
+        _epoch(_Undeclared, caplog)
+
+
+def test_the_train_line_prints_counters_as_integers_and_losses_with_three_digits(caplog, single_thread):
+    metrics = _epoch(_Declared, caplog)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Train: 0 [')]
+    assert len(lines) == 2
+    assert '  half_loss: 0.123  skipped_rows: 3  ETA' in lines[0]
+    assert '  half_loss: 0.123  skipped_rows: 6  ETA' in lines[1]  # counters add up over the epoch
+    assert metrics['skipped_rows'] == 6 and isinstance(metrics['skipped_rows'], int)
+    assert metrics['half_loss'] == pytest.approx(0.123456)

@@ -10,25 +10,33 @@ from .base import Method
 
 __all__ = ['PlainTask', 'LogitDistillation', 'FeatureDistillation', 'TokenDistillation']
 
+# what timm's distillation tasks (--kd-model-name) return besides the loss
+TIMM_PARTS = (loss_part('task_loss', 'the label loss'), loss_part('kd_loss', 'the distillation loss'),
+              loss_part('distill_loss', "the distillation token's loss"))
+
 
 class LogitDistillation(Method, LogitDistillationTask):
     """timm's logit distillation from a teacher (``--kd-distill-type logit``)."""
+
+    result_parts = TIMM_PARTS
 
 
 class FeatureDistillation(Method, FeatureDistillationTask):
     """timm's feature distillation from a teacher (``--kd-distill-type feature``)."""
 
+    result_parts = TIMM_PARTS
+
 
 class TokenDistillation(Method, TokenDistillationTask):
     """timm's token distillation from a teacher (``--kd-distill-type token``)."""
+
+    result_parts = TIMM_PARTS
 
 
 class PlainTask(Method, ClassificationTask):
     """timm's classification task: one forward, the label loss, the loop's backward."""
 
-    # what timm's distillation tasks (--kd-model-name) return besides the loss
-    result_parts = (loss_part('task_loss', 'the label loss'), loss_part('kd_loss', 'the distillation loss'),
-                    loss_part('distill_loss', "the distillation token's loss"))
+    result_parts = TIMM_PARTS  # registered under 'none', whose --kd-model-name runs build the tasks above
 
     @classmethod
     def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):
