@@ -40,6 +40,7 @@ from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import trim_summary
 
 from subnet import checks, logs, plots, resume, run_folder
+from subnet.compile import compile_scope, compile_task
 from subnet.criterion import build_criterion
 from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
@@ -289,8 +290,8 @@ def build(args) -> Training:
         if checkpoint_path:
             load_task_ema_checkpoint(task, checkpoint_path)
     if args.torchcompile:
-        _logger.info(f'Compiling task components with backend={args.torchcompile}, mode={args.torchcompile_mode}')
-        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+        compile_task(task, compile_scope(args, method_class(args.method)), backend=args.torchcompile,
+                     mode=args.torchcompile_mode, input_size=data_config['input_size'], verbose=utils.is_primary(args))
         if task.has_ema():
             task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
     if args.distributed:

@@ -33,6 +33,15 @@ def add_model_and_data_options(parser: argparse.ArgumentParser) -> None:
                         "ST++ 400-epoch run uses both)")
 
 
+def add_compile_options(parser: argparse.ArgumentParser) -> None:
+    """What ``--torchcompile`` compiles (subnet/compile.py)."""
+    g = parser.add_argument_group('torch.compile (subnet)')
+    g.add_argument('--compile-scope', default=None, choices=('model', 'blocks'),
+                   help="under --torchcompile: the whole 'model' (timm's), or each residual 'blocks' and the "
+                        'modules around them, so that a new subnet compiles nothing (default: the method\'s: '
+                        'blocks for st, st++ and gkt, whose subnet changes every step; model for none and cosub)')
+
+
 def add_report_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('Reporting (subnet)')
     g.add_argument('--subnet-eval', default=None, type=subnet_spec, metavar='SPEC',
@@ -92,6 +101,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     _method_selection(parser)
     add_method_options(parser)
     add_model_and_data_options(parser)
+    add_compile_options(parser)
     add_report_options(parser)
     add_long_run_options(parser)
 

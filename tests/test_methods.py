@@ -119,7 +119,9 @@ def test_cosub_defaults_are_deits_stochastic_depth_per_branch_constant_rate_bern
     task = cosub_from_args(args)
     # DeiT's models_v2.py: a DropPath on the attention and on the MLP branch of every block (lines 81-82), each a
     # per-row Bernoulli (timm's DropPath), at the same rate in every block (dpr, line 200)
-    assert (task.impl, task.unit, task.rows) == ('skip', 'branch', 'bernoulli')
+    # auto: skip or mask (the same masks, DeiT III's submodels either way), whichever is faster here
+    assert (task.impl, task.unit, task.rows) == ('auto', 'branch', 'bernoulli')
+    assert task.impl_choice.options == ('skip', 'mask')
     slots = [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in task.trainable_module.blocks]
     assert slots == [(pytest.approx(0.1), pytest.approx(0.1))] * 4
     assert task.unit_rates.tolist() == pytest.approx([0.1] * 8)  # one column per branch
@@ -129,10 +131,11 @@ def test_cosub_defaults_are_deits_stochastic_depth_per_branch_constant_rate_bern
 def test_cosub_under_torchcompile_keeps_a_fixed_count_of_rows_unless_told(caplog):
     with caplog.at_level('INFO', logger='train'):
         task = cosub_from_args(tiny_vit_args('--torchcompile'))
-    assert task.rows == 'fixed' and task.impl == 'skip'  # not the mask mode: compute is still saved
+    assert task.rows == 'fixed' and task.impl == 'auto'  # fixed counts for skip, and for mask while it is timed
     assert sum('--cosub-rows fixed' in r.getMessage() for r in caplog.records) == 1
     assert cosub_from_args(tiny_vit_args('--torchcompile', '--cosub-rows', 'bernoulli')).rows == 'bernoulli'
     assert cosub_from_args(tiny_vit_args('--torchcompile', '--cosub-impl', 'mask')).rows == 'bernoulli'
+    assert cosub_from_args(tiny_vit_args('--torchcompile', '--cosub-impl', 'skip')).rows == 'fixed'
 
 
 def test_cosub_rejects_class_index_targets():
@@ -377,8 +380,9 @@ def test_one_epoch_per_method_checkpoints_a_plain_timm_model(method, model, data
 
 
 def test_train_py_compiles_the_cosub_step_once_with_inductor(data, tmp_path, monkeypatch, single_thread):
-    """``train.py --method cosub --torchcompile`` (inductor, C++ on this CPU) on a tiny ViT: the step keeps a fixed
-    count of rows per branch, so its 5 training steps compile once (no evaluation: --val-split '')."""
+    """``train.py --method cosub --torchcompile --cosub-impl skip`` (inductor, C++ on this CPU) on a tiny ViT: the
+    step keeps a fixed count of rows per branch, so its 5 training steps compile once (no evaluation: --val-split
+    ''). (``auto`` compiles the mask step too while it times both.)"""
     import torch._inductor.compile_fx as inductor
     compilations = []
     compile_fx = inductor.compile_fx
@@ -390,7 +394,7 @@ def test_train_py_compiles_the_cosub_step_once_with_inductor(data, tmp_path, mon
     monkeypatch.setattr(inductor, 'compile_fx', counting_compile_fx)
     torch._dynamo.reset()
     run = run_train(train_argv(data, tmp_path, 'compiled', *METHOD_FLAGS['cosub'], '--torchcompile',
-                               '--val-split', '', '-b', '16', model=TINY_VIT))
+                               '--cosub-impl', 'skip', '--val-split', '', '-b', '16', model=TINY_VIT))
     torch._dynamo.reset()
     assert run.task.rows == 'fixed' and run.task.impl == 'skip' and run.task.step == 5
     assert len(compilations) == 1

@@ -45,6 +45,9 @@ class Method:
     drop_schedule: str = 'linear'  # the model's drop-path rates unless --drop-schedule says: timm's ramp
     owns_backward: bool = False  # True: forward back-propagates through the loop's StepBackward itself
     depth: Optional[DepthEngine] = None  # the depth engine of a task that runs subnets
+    # --torchcompile's default --compile-scope (subnet/compile.py): 'model' (timm's), or 'blocks' for a method
+    # whose subnet changes every step, where compiling the whole model would compile every new subnet
+    compile_scope: str = 'model'
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
@@ -76,6 +79,7 @@ class SubnetTask(Method, ClassificationTask):
     """A method that runs subnets: the depth engine, the step counter (checkpointed), the loop's backward."""
 
     owns_backward = True
+    compile_scope = 'blocks'
 
     def __init__(self, model: nn.Module, criterion: nn.Module, depth: DepthEngine, seed: int = 42,
                  device=None, dtype=None, verbose: bool = True):
