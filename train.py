@@ -75,6 +75,8 @@ def preflight(args) -> None:
     if args.aug_splits == 1:
         raise UsageError('--aug-splits 1 makes no sense: use 0 (off) or 2 or more')
     checks.check_distributed_options(args)
+    if args.compile_scope and not args.torchcompile:
+        raise UsageError(f'--compile-scope {args.compile_scope} needs --torchcompile (it says what to compile)')
     check_method_args(args)
     args.model = resolve_model_name(args.model)
     if args.data and not args.data_dir:

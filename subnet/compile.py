@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import types
+import weakref
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -31,6 +32,7 @@ __all__ = ['SCOPES', 'compile_scope', 'compile_regions', 'compile_task', 'compil
 _logger = logging.getLogger('train')
 
 SCOPES = ('model', 'blocks')
+_COMPILED = weakref.WeakSet()  # the compiled class forwards compile_regions made (a deepcopy shares them)
 
 
 def compile_scope(args, method_cls) -> str:
@@ -68,6 +70,7 @@ def compile_regions(model: nn.Module, block_modules: Sequence[nn.Module], *, bac
         cls = type(region)
         if cls not in compiled:
             compiled[cls] = torch.compile(cls.forward, backend=backend, mode=mode, dynamic=dynamic)
+            _COMPILED.add(compiled[cls])
         region.__dict__['forward'] = types.MethodType(compiled[cls], region)
     return regions
 
@@ -75,8 +78,7 @@ def compile_regions(model: nn.Module, block_modules: Sequence[nn.Module], *, bac
 def compiled_regions(model: nn.Module) -> List[nn.Module]:
     """The modules of ``model`` that ``compile_regions`` compiled (their forward is a bound compiled function)."""
     return [m for m in unwrap_model(model).modules()
-            if isinstance(m.__dict__.get('forward'), types.MethodType)
-            and hasattr(m.__dict__['forward'].__func__, '_torchdynamo_orig_callable')]
+            if isinstance(m.__dict__.get('forward'), types.MethodType) and m.__dict__['forward'].__func__ in _COMPILED]
 
 
 def compile_task(task, scope: str, *, backend='inductor', mode: Optional[str] = None,

@@ -158,3 +158,22 @@ def test_train_py_block_scope_logs_once_and_resumes_bit_for_bit(data, tmp_path, 
     torch._dynamo.reset()
     assert resumed.results[0]['epoch'] == 1 and resumed.task.step == straight.task.step == 10
     assert_same_weights(state_dict_of(straight), state_dict_of(resumed))
+
+
+def test_compile_scope_without_torchcompile_is_one_line(tmp_path, capsys):
+    assert train.main(['--data-dir', str(tmp_path), '--method', 'st', '--compile-scope', 'blocks']) == 2
+    assert capsys.readouterr().err == ('train.py: error: --compile-scope blocks needs --torchcompile (it says what to '
+                                       'compile)\n')
+
+
+def test_a_deepcopy_of_a_block_compiled_model_runs_its_own_weights(compiled_blocks):
+    """EMA copies the model: the copy's compiled forwards are bound to the copy."""
+    model = compiled_blocks.model.eval()
+    copied = copy.deepcopy(model)
+    assert len(compiled_regions(copied)) == 11
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        for p in copied.parameters():
+            p.mul_(0.5)
+        assert torch.equal(model(x), before) and not torch.allclose(copied(x), before)
