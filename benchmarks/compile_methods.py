@@ -7,11 +7,11 @@ trained for ``--steps`` steps through the real epoch loop on random batches; the
 Columns: the distinct subnets the depth engine was given; the frames dynamo compiled (``unique_graphs``); the graphs
 the backend was handed (a counting wrapper around it); recompiles, the frames compiled after the first step (a new
 subnet or input size that needed a graph); the graphs compiled in the second half of the steps (0: the count has
-stopped growing); the first step (compilation included), the mean of the later steps, the mean eager step (its
-first step left out too) and their ratio. train.py imports ``timm.optim``, which raises dynamo's recompile limit
+stopped growing); the first step (compilation included), the mean of the later steps and of the last half of the
+steps, the mean eager step (its first step left out too) and the ratios. train.py imports ``timm.optim``, which raises dynamo's recompile limit
 to 1,000,000, and so does this script.
 
-    python benchmarks/compile_methods.py --steps 24 --threads 1                # inductor (gcc), slow on a CPU
+    python benchmarks/compile_methods.py --steps 24 --model-steps 8 --threads 1 --methods st,st++,gkt  # inductor
     python benchmarks/compile_methods.py --steps 24 --backend eager          # dynamo's decisions alone, fast
 """
 import argparse
@@ -63,10 +63,16 @@ def record_subnets(task) -> set:
     return seen
 
 
-def train_steps(method: str, task, optimizer, args, cli, after_step=None) -> list:
-    """Step times of ``cli.steps`` steps on seeded random batches (the same batches for every run)."""
+def steps_for(cli) -> int:
+    """``--steps``, or ``--model-steps`` for the whole-model scope (each new subnet compiles there: slow)."""
+    scope = getattr(cli, 'scope', 'model')
+    return cli.model_steps if scope == 'model' and getattr(cli, 'model_steps', None) else cli.steps
+
+
+def train_steps(method: str, task, optimizer, args, cli, after_step=None, steps=None) -> list:
+    """Step times of ``steps`` (``cli.steps``) steps on seeded random batches (the same batches every run)."""
     setup, times = StepSetup(device=torch.device('cpu')), []
-    for step in range(cli.steps):
+    for step in range(steps or cli.steps):
         batch = random_batch(method, cli.img_size, cli.batch_size, seed=step)
         start = time.perf_counter()
         train_one_epoch(0, task, [batch], optimizer, args, setup)
@@ -87,7 +93,7 @@ def measure(method: str, cli) -> dict:
     compile_task(task, getattr(cli, 'scope', 'model'), backend=backend, verbose=False)
     subnets = record_subnets(task)
     frames, graphs = [], []
-    times = train_steps(method, task, optimizer, args, cli, after_step=lambda: (
+    times = train_steps(method, task, optimizer, args, cli, steps=steps_for(cli), after_step=lambda: (
         frames.append(counters['stats'].get('unique_graphs', 0)), graphs.append(backend.counts.get(method, 0))))
     breaks = sum(counters['graph_break'].values())
     torch._dynamo.reset()  # the next measurement starts from nothing compiled
@@ -106,11 +112,18 @@ def mean_later(times: list) -> float:
     return sum(times[1:]) / max(len(times) - 1, 1)
 
 
+def mean_last_half(times: list) -> float:
+    half = times[len(times) // 2:]
+    return sum(half) / max(len(half), 1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--methods', default=','.join(METHODS))
     parser.add_argument('--scopes', default='model,blocks', help="'model', 'blocks', or both (default: both)")
     parser.add_argument('--steps', type=int, default=24)
+    parser.add_argument('--model-steps', type=int, default=None,
+                        help='steps of the whole-model scope rows (default: --steps)')
     parser.add_argument('--backend', default='inductor')
     parser.add_argument('--img-size', type=int, default=64)
     parser.add_argument('--batch-size', type=int, default=4)
@@ -123,20 +136,21 @@ def main():
           f'{cli.img_size} px, batch {cli.batch_size}, {torch.get_num_threads()} threads; recompile limit '
           f'{torch._dynamo.config.recompile_limit}; * the method\'s default scope')
     print()
-    print('| method | scope | distinct subnets | frames | graphs | recompiles | graphs in steps '
-          f'{cli.steps // 2 + 1}-{cli.steps} | first step | later steps (mean) | eager step (mean) | later / eager |')
-    print('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+    print('| method | scope | steps | distinct subnets | frames | graphs | recompiles | graphs in the last half | '
+          'first step | later steps (mean) | last half (mean) | eager step (mean) | later / eager | '
+          'last half / eager |')
+    print('|---|---|' + '---:|' * 12)
     for method in cli.methods.split(','):
         eager = mean_later(eager_times(method, cli))
         for scope in cli.scopes.split(','):
             cli.scope = scope
             r = measure(method, cli)
-            later = mean_later(r['times'])
+            later, last = mean_later(r['times']), mean_last_half(r['times'])
             label = f'{method} ({r["impl"]}, {r["rows"]} rows)' if r['impl'] else method
             star = '*' if DEFAULT_SCOPES[method] == scope else ''
-            print(f'| {label} | {scope}{star} | {r["subnets"] or "-"} | {r["frames"]} | {r["graphs"]} | '
-                  f'{r["recompiles"]} | {r["late_graphs"]} | {r["times"][0]:.1f} s | {later:.3f} s | '
-                  f'{eager:.3f} s | {later / eager:.2f}x |')
+            print(f'| {label} | {scope}{star} | {len(r["times"])} | {r["subnets"] or "-"} | {r["frames"]} | '
+                  f'{r["graphs"]} | {r["recompiles"]} | {r["late_graphs"]} | {r["times"][0]:.1f} s | '
+                  f'{later:.3f} s | {last:.3f} s | {eager:.3f} s | {later / eager:.2f}x | {last / eager:.2f}x |')
             sys.stdout.flush()
 
 
