@@ -112,3 +112,21 @@ def test_train_py_auto_chooses_in_the_first_epoch_and_a_resumed_run_keeps_it_bit
     assert clock.modes == ['mask'] * 10
     assert any(r.getMessage() == '--cosub-impl auto: mask, as the checkpoint chose' for r in caplog.records)
     assert_same_weights(state_dict_of(straight), state_dict_of(resumed))
+
+
+def _decide_on_rank(rank: int, init_file: str, results: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    choice = fastest.FastestChoice(('skip', 'mask'), warmup=0, trials=1, verbose=False)
+    # rank 0 measured mask faster, rank 1 skip: every rank must run rank 0's choice
+    choice.times = {'skip': [2.0], 'mask': [1.0]} if rank == 0 else {'skip': [1.0], 'mask': [2.0]}
+    decided = choice.decide()
+    with open(f'{results}.{rank}', 'w') as f:
+        f.write(decided)
+    dist.destroy_process_group()
+
+
+def test_rank_zeros_choice_is_broadcast_to_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_decide_on_rank, args=(str(tmp_path / 'init'), str(tmp_path / 'choice')), nprocs=2)
+    assert [(tmp_path / f'choice.{rank}').read_text() for rank in (0, 1)] == ['mask', 'mask']
