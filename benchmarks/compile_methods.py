@@ -27,7 +27,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
 import timm.optim  # noqa: E402,F401  as train.py does: timm.optim.kron raises dynamo's recompile limit to 1,000,000
 from subnet.compile import compile_task  # noqa: E402
-from subnet.loop import StepSetup, train_one_epoch  # noqa: E402
+from subnet.loop import LoopOptions, StepSetup, train_one_epoch  # noqa: E402
 from train_helpers import method_training, random_batch  # noqa: E402  (tasks built as train.py builds them)
 from _common import CompileCounter  # noqa: E402
 
@@ -75,7 +75,7 @@ def train_steps(method: str, task, optimizer, args, cli, after_step=None, steps=
     for step in range(steps or cli.steps):
         batch = random_batch(method, cli.img_size, cli.batch_size, seed=step)
         start = time.perf_counter()
-        train_one_epoch(0, task, [batch], optimizer, args, setup)
+        train_one_epoch(0, task, [batch], optimizer, LoopOptions.from_args(args), setup)
         times.append(time.perf_counter() - start)
         if after_step is not None:
             after_step()

@@ -20,7 +20,7 @@ import train  # noqa: F401  train.py's imports, and so its dynamo settings
 from subnet.batchnorm import frozen_running_stats
 from subnet.compile import compile_regions, compile_scope, compiled_regions
 from subnet.depth import DepthEngine
-from subnet.loop import StepSetup, train_one_epoch
+from subnet.loop import LoopOptions, StepSetup, train_one_epoch
 from subnet.methods import method_class
 from train_helpers import (ROOT, assert_same_weights, make_subset, method_training, random_batch, run_train,
                            state_dict_of, train_argv)
@@ -129,8 +129,8 @@ def test_block_scope_trains_as_eager_within_float_tolerance(method, single_threa
             assert len(regions) == 11
         losses = []
         for step in range(2):
-            metrics = train_one_epoch(0, task, [random_batch(method, 64, 4, seed=step)], optimizer, args,
-                                      StepSetup(device=torch.device('cpu')))
+            metrics = train_one_epoch(0, task, [random_batch(method, 64, 4, seed=step)], optimizer,
+                                      LoopOptions.from_args(args), StepSetup(device=torch.device('cpu')))
             losses.append(metrics['loss'])
         runs.append((losses, copy.deepcopy(task.get_trainable_module().state_dict())))
     torch._dynamo.reset()
