@@ -8,8 +8,8 @@ Columns: the distinct subnets the depth engine was given; the frames dynamo comp
 the backend was handed (a counting wrapper around it); recompiles, the frames compiled after the first step (a new
 subnet or input size that needed a graph); the graphs compiled in the second half of the steps (0: the count has
 stopped growing); the first step (compilation included), the mean of the later steps and of the last half of the
-steps, the mean eager step (its first step left out too) and the ratios. train.py imports ``timm.optim``, which raises dynamo's recompile limit
-to 1,000,000, and so does this script.
+steps, the mean eager step (its first step left out too) and the ratios. train.py imports ``timm.optim``, which
+raises dynamo's recompile limit to 1,000,000, and so does this script.
 
     python benchmarks/compile_methods.py --steps 24 --model-steps 8 --threads 1 --methods st,st++,gkt  # inductor
     python benchmarks/compile_methods.py --steps 24 --backend eager          # dynamo's decisions alone, fast

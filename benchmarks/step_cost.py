@@ -21,6 +21,7 @@ peak should stay near plain training's.
     python benchmarks/step_cost.py --img-size 64 --batch-size 8 --repeats 2 --models resnet50   # quick look
     python benchmarks/step_cost.py --compile --threads 1 --models vit_small_patch16_224 --cosub-drops 0.2
         # inductor: a compiled cosub step (fixed count) against a compiled plain step, compilations over 20 steps
+    python benchmarks/step_cost.py --device cuda --amp-dtype bfloat16     # on a GPU (benchmarks/gpu_check.py)
 """
 import argparse
 import contextlib
@@ -274,8 +275,9 @@ def label(row: str) -> str:
 
 def run_timing(args) -> None:
     print_table_head(args, f'batch {args.batch_size}, {args.img_size} px, {args.repeats} timed steps (+1 warm-up), '
-                     f'{precision(args)}, {device_name(args)}', ('model', 'method', 'step time / none', 'FLOP-ideal', 'time / ideal',
-                                    'peak activations / none', 's/step'))
+                     f'{precision(args)}, {device_name(args)}',
+                     ('model', 'method', 'step time / none', 'FLOP-ideal', 'time / ideal', 'peak activations / none',
+                      's/step'))
     results = []
     for name in args.models.split(','):
         for model, row, ratio, ideal, memory, seconds in bench_model(name, args):
