@@ -8,9 +8,10 @@ puts its own instance-level forward in front of a block it skips or runs on some
 underneath (``InstanceForward.previous``), so which blocks run is plain Python around compiled code and a new
 subnet compiles nothing. Blocks of one class share dynamo's cache entries (the same code, guarded on structure,
 not on identity), so the graphs are bounded by the distinct block types, their variants (full net, inside a
-subnet, training/eval) and the input shapes; sizes that vary from step to step (ST++'s subnet inputs, per-row
-skipping) are made symbolic by dynamo's automatic dynamic shapes after the second size seen, so they add one
-graph per region, not one per size.
+subnet, BatchNorm statistics frozen or not, training or eval) and their widths; sizes that vary from step to step
+(ST++'s subnet inputs, per-row skipping) are made symbolic by dynamo's automatic dynamic shapes after the second
+size seen (dynamic shapes, not a set of sizes: ST++'s sizes stay exactly its uniform draw), so they add a few
+graphs per region (dynamo specializes a size of 1), not one per size.
 
 The compiled forward is a bound method in the module's ``__dict__``: ``deepcopy`` (EMA) binds it to the copy,
 and ``state_dict`` does not see it.
