@@ -63,6 +63,9 @@ def compile_regions(model: nn.Module, block_modules: Sequence[nn.Module], *, bac
     """
     model = unwrap_model(model)
     regions = _regions(model, set(block_modules), [])
+    options = _inductor_options(mode) if backend == 'inductor' else None
+    if options is not None:
+        mode = None  # torch.compile takes a mode or options, not both: the mode's options are in ``options``
     compiled: Dict[type, object] = {}
     for region in regions:
         if 'forward' in region.__dict__:
@@ -70,10 +73,18 @@ def compile_regions(model: nn.Module, block_modules: Sequence[nn.Module], *, bac
                              f'outside any depth context, once')
         cls = type(region)
         if cls not in compiled:
-            compiled[cls] = torch.compile(cls.forward, backend=backend, mode=mode, dynamic=dynamic)
+            compiled[cls] = torch.compile(cls.forward, backend=backend, mode=mode, dynamic=dynamic, options=options)
             _COMPILED.add(compiled[cls])
         region.__dict__['forward'] = types.MethodType(compiled[cls], region)
     return regions
+
+
+def _inductor_options(mode: Optional[str]) -> dict:
+    """Inductor's options for ``mode``, with its layout optimisation off: with dynamic shapes it breaks the backward
+    of a convolution whose input size changed (torch 2.14 on the CPU, a stride assertion; a bare ``nn.Conv2d``
+    shows it); ``--channels-last`` still gives convolution nets their layout."""
+    from torch._inductor import list_mode_options  # the options behind torch.compile's ``mode`` names
+    return dict(list_mode_options(mode or 'default'), layout_optimization=False)
 
 
 def compiled_regions(model: nn.Module) -> List[nn.Module]:

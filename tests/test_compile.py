@@ -177,3 +177,18 @@ def test_a_deepcopy_of_a_block_compiled_model_runs_its_own_weights(compiled_bloc
         for p in copied.parameters():
             p.mul_(0.5)
         assert torch.equal(model(x), before) and not torch.allclose(copied(x), before)
+
+
+def test_inductor_block_scope_backpropagates_a_convolution_through_changing_input_sizes(single_thread):
+    """ST++'s resized inputs reach the stem's convolution: with inductor's layout optimisation (off in the block
+    scope) torch 2.14 fails a stride assertion in its backward at the second size."""
+    import torch.nn.functional as F
+    torch._dynamo.reset()
+    stem = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 7, stride=2, padding=3, bias=False))
+    assert len(compile_regions(stem, [])) == 1
+    images = torch.randn(2, 3, 32, 32)
+    for side in (32, 27, 29):
+        x = F.interpolate(images, size=(side, side), mode='bilinear', align_corners=False) if side != 32 else images
+        stem(x).sum().backward()
+    torch._dynamo.reset()
+    assert stem[0].weight.grad is not None
