@@ -184,11 +184,11 @@ def test_inductor_block_scope_backpropagates_a_convolution_through_changing_inpu
     scope) torch 2.14 fails a stride assertion in its backward at the second size."""
     import torch.nn.functional as F
     torch._dynamo.reset()
-    stem = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 7, stride=2, padding=3, bias=False))
+    stem = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False))  # ResNet's stem
     assert len(compile_regions(stem, [])) == 1
-    images = torch.randn(2, 3, 32, 32)
-    for side in (32, 27, 29):
-        x = F.interpolate(images, size=(side, side), mode='bilinear', align_corners=False) if side != 32 else images
+    images = torch.randn(4, 3, 64, 64)
+    for side in (64, 53, 57):
+        x = F.interpolate(images, size=(side, side), mode='bilinear', align_corners=False) if side != 64 else images
         stem(x).sum().backward()
     torch._dynamo.reset()
     assert stem[0].weight.grad is not None
