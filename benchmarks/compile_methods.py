@@ -100,7 +100,7 @@ def measure(method: str, cli) -> dict:
     return dict(graphs=graphs[-1], frames=frames[-1], recompiles=frames[-1] - frames[0], graphs_per_step=graphs,
                 late_graphs=graphs[-1] - graphs[len(graphs) // 2 - 1] if len(graphs) > 1 else 0,
                 breaks=breaks, subnets=len(subnets), times=times,
-                impl=getattr(task, 'impl', ''), rows=getattr(task, 'rows', ''), limit=backend.hit_limit)
+                impl=getattr(task, 'impl', ''), rows=getattr(task, 'row_sampling', ''), limit=backend.hit_limit)
 
 
 def eager_times(method: str, cli) -> list:
