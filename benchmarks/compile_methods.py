@@ -88,9 +88,11 @@ def measure(method: str, cli) -> dict:
     torch._dynamo.reset()
     counters.clear()
     task, optimizer, args = method_training(method, METHODS[method], cli.img_size)
-    backend = CompileCounter(cli.backend)
+    scope = getattr(cli, 'scope', 'model')
+    # the block scope's inductor options (subnet/compile.py), which torch.compile cannot pass to a backend callable
+    backend = CompileCounter(cli.backend, {'layout_optimization': False} if scope == 'blocks' else None)
     backend.label = method
-    compile_task(task, getattr(cli, 'scope', 'model'), backend=backend, verbose=False)
+    compile_task(task, scope, backend=backend, verbose=False)
     subnets = record_subnets(task)
     frames, graphs = [], []
     times = train_steps(method, task, optimizer, args, cli, steps=steps_for(cli), after_step=lambda: (
