@@ -14,6 +14,8 @@ Subnets (``subnet/evaluation.py``; the SPEC grammar is ``subnet/spec.py``): ``--
 subnet after the full net's (which is the plain validation's row), with its description and cost; ``--bn-recal N``
 re-estimates each subnet's BatchNorm statistics first; ``--plot FILE.png`` draws top-1 against FLOPs, one colour
 per checkpoint (a folder, or a glob pattern such as ``'output/train/*/model_best.pth.tar'`` to compare runs).
+``--export DIR`` writes each subnet as a checkpoint that plain timm loads and times it against the full net
+(``subnet/export.py``, ``subnet/speed.py``).
 """
 import argparse
 import csv
@@ -35,7 +37,8 @@ from timm.models import create_model, is_model, list_models, load_checkpoint
 from timm.task.evaluator import ClassificationEvaluator
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
 
-from subnet import evaluation, logs, plots
+from subnet import evaluation, export, logs, plots, speed
+from subnet.blocks import model_name as architecture
 from subnet.data import FixedSample, check_image_folders, loader_images
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
@@ -263,11 +266,79 @@ def validate(args):
         recal_loader = build_loader(args, data_config, test_time_pool, device, model_dtype, split=args.bn_recal_split,
                                     sample=args.bn_recal)[1]
         recal_batches = partial(loader_images, recal_loader, device, model_dtype, args.channels_last)
+    exporter, plans, written = start_export(args, subnets) if args.export else (None, {}, {})
+
+    def measure_and_export(subnet) -> OrderedDict:
+        row = measure(subnet)
+        if subnet.name in plans:  # inside the subnet's context: the file holds the BN statistics just measured
+            written[subnet.name] = exporter.write(plans[subnet.name], args.export, export_args(args, data_config),
+                                                  dict(checkpoint=args.checkpoint, top1=row['top1'],
+                                                       bn_recal=args.bn_recal if recal_batches else 0))
+        return row
+
     rows = []
-    for subnet, row, recal_images in subnets.run(measure, recal_batches, args.bn_recal):
+    for subnet, row, recal_images in subnets.run(measure_and_export, recal_batches, args.bn_recal):
         row.update(evaluation.subnet_fields(subnet, subnets.block_map, recal_images))
         rows.append(row)
+    if exporter is not None:
+        finish_export(args, exporter, plans, written, rows, data_config, device, model_dtype, amp_autocast)
     return rows
+
+
+def _exported_model_kwargs(args) -> dict:
+    """The create_model keywords build_model used besides the name, for the exported model's load call."""
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    return {'num_classes': args.num_classes, **({'in_chans': in_chans} if in_chans != 3 else {}),
+            **({'global_pool': args.gp} if args.gp else {}), **args.model_kwargs}
+
+
+def export_args(args, data_config) -> dict:
+    """What an exported checkpoint's ``args`` carry besides the model: the input settings this evaluation used,
+    so that ``validate.py --checkpoint EXPORTED`` evaluates it the same way."""
+    return dict(num_classes=args.num_classes, in_chans=_exported_model_kwargs(args).get('in_chans', 3), gp=args.gp,
+                input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],
+                mean=list(data_config['mean']), std=list(data_config['std']),
+                interpolation=data_config['interpolation'])
+
+
+def start_export(args, subnets):
+    """--export: the exporter and the checked plan of every subnet, before anything is evaluated or written."""
+    name = resolve_model_name(args.model)
+    if name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+        name = architecture(subnets.engine.model)  # the registered architecture: no download to rebuild it
+    try:
+        exporter = export.SubnetExporter(subnets.engine, name, _exported_model_kwargs(args))
+        plans = {plan.subnet.name: plan for plan in exporter.plan_all(subnets.subnets, args.export)}
+    except export.ExportError as e:
+        raise UsageError(str(e)) from None
+    return exporter, plans, {}
+
+
+def finish_export(args, exporter, plans, written, rows, data_config, device, model_dtype, amp_autocast) -> None:
+    """Log each exported file's load call, time the exported models against the full net (loaded back with
+    plain timm, as a user would) and add EXPORT_FIELDS and SPEED_FIELDS to the rows."""
+    for row in rows:
+        path = written.get(row['subnet'])
+        row.update(exported=path or '', load_call=plans[row['subnet']].load_call(path) if path else '')
+        if path:
+            _logger.info(f'Exported {row["subnet"]} (top-1 {row["top1"]:.3f}): {row["load_call"]}')
+    if args.speed_batch <= 0:
+        return
+    models = {'full': exporter.model}
+    for subnet_name, path in written.items():
+        loaded = plans[subnet_name].load(path).to(device=device, dtype=model_dtype or torch.float32)
+        models[subnet_name] = loaded.to(memory_format=torch.channels_last) if args.channels_last else loaded
+    batches = sorted({1, args.speed_batch})
+    _logger.info(f'Timing {len(models)} models at batch {" and ".join(map(str, batches))} on {device}, '
+                 f'{torch.get_num_threads()} threads, eval mode, warm-up excluded.')
+    speeds = speed.images_per_second(models, data_config['input_size'], batches, device=device,
+                                     dtype=model_dtype or torch.float32, channels_last=args.channels_last,
+                                     autocast=amp_autocast)
+    for row in rows:
+        row.update(speed.speed_fields(speeds, row['subnet'], 'full', args.speed_batch))
+        _logger.info(f'{row["subnet"]:>14s}: {row["img_per_s"]:9.1f} img/s at batch {args.speed_batch} '
+                     f'({row["speedup"]:.2f}x), {row["img_per_s_batch1"]:8.1f} img/s at batch 1 '
+                     f'({row["speedup_batch1"]:.2f}x)')
 
 
 def try_validate(args, initial_batch_size: int) -> OrderedDict:
@@ -341,6 +412,16 @@ def check_subnet_options(args) -> None:
         raise UsageError('--bn-recal does not support --naflex-loader (NaFlex models have no BatchNorm)')
     if args.plot:
         plots.check_figure_path(args.plot, '--plot')
+    if args.export and not args.subnets:
+        raise UsageError('--export writes the --subnets subnets: add --subnets SPEC (e.g. --subnets prefix:0.5)')
+    for option, given in (('--test-pool', args.test_pool), ('--reparam', args.reparam)):
+        if args.export and given:
+            raise UsageError(f'--export writes the model as timm builds it: drop {option}')
+    if args.speed_batch < 0:
+        raise UsageError(f'--speed-batch must be >= 0 (0: no timing), got {args.speed_batch}')
+    if args.plot_x == 'latency' and not (args.export and args.speed_batch > 0):
+        raise UsageError('--plot-x latency draws the times --export measures: add --export DIR (and --speed-batch '
+                         '> 0)')
 
 
 def _rows(result) -> list:
@@ -363,6 +444,8 @@ def run(argv) -> int:
     configs = model_configs(args)
     use_default_device(args, device_given='device' in given_on_command_line(validate_parser(), argv))
     limit_workers(args)
+    if configs and args.export:
+        raise UsageError('--export works on one checkpoint (its files are named by subnet): give one file')
     if configs:
         _logger.info('Running bulk validation on these models: ' + ', '.join(sorted({m for m, _ in configs})))
         groups = []  # (checkpoint or model, its rows): a model's subnet rows stay together
@@ -394,8 +477,10 @@ def run(argv) -> int:
             else [g for g, _ in groups]
         models = sorted({rows[0]['model'] for _, rows in groups})
         recal = f', BN statistics re-estimated on {args.bn_recal} images' if args.bn_recal else ''
-        title = f'{", ".join(models)}: subnet top-1 against FLOPs{recal}'
-        _logger.info(f'Wrote {plots.plot_subnets(list(zip(labels, (rows for _, rows in groups))), args.plot, title)}')
+        against = 'FLOPs' if args.plot_x == 'flops' else f'measured time per image (batch {args.speed_batch})'
+        title = f'{", ".join(models)}: subnet top-1 against {against}{recal}'
+        curves = list(zip(labels, (rows for _, rows in groups)))
+        _logger.info(f'Wrote {plots.plot_subnets(curves, args.plot, title, x=args.plot_x)}')
     print(f'--result\n{json.dumps(results, indent=4)}')
     return 0
 
