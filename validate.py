@@ -266,22 +266,15 @@ def validate(args):
         recal_loader = build_loader(args, data_config, test_time_pool, device, model_dtype, split=args.bn_recal_split,
                                     sample=args.bn_recal)[1]
         recal_batches = partial(loader_images, recal_loader, device, model_dtype, args.channels_last)
-    exporter, plans, written = start_export(args, subnets) if args.export else (None, {}, {})
-
-    def measure_and_export(subnet) -> OrderedDict:
-        row = measure(subnet)
-        if subnet.name in plans:  # inside the subnet's context: the file holds the BN statistics just measured
-            written[subnet.name] = exporter.write(plans[subnet.name], args.export, export_args(args, data_config),
-                                                  dict(checkpoint=args.checkpoint, top1=row['top1'],
-                                                       bn_recal=args.bn_recal if recal_batches else 0))
-        return row
-
+    exporter, plans = start_export(args, subnets) if args.export else (None, {})
+    if exporter is not None:
+        measure = exporting(measure, exporter, plans, args, data_config, bn_recal=recal_batches is not None)
     rows = []
-    for subnet, row, recal_images in subnets.run(measure_and_export, recal_batches, args.bn_recal):
+    for subnet, row, recal_images in subnets.run(measure, recal_batches, args.bn_recal):
         row.update(evaluation.subnet_fields(subnet, subnets.block_map, recal_images))
         rows.append(row)
     if exporter is not None:
-        finish_export(args, exporter, plans, written, rows, data_config, device, model_dtype, amp_autocast)
+        finish_export(args, exporter, plans, rows, data_config, device, model_dtype, amp_autocast)
     return rows
 
 
@@ -311,21 +304,33 @@ def start_export(args, subnets):
         plans = {plan.subnet.name: plan for plan in exporter.plan_all(subnets.subnets, args.export)}
     except export.ExportError as e:
         raise UsageError(str(e)) from None
-    return exporter, plans, {}
+    return exporter, plans
 
 
-def finish_export(args, exporter, plans, written, rows, data_config, device, model_dtype, amp_autocast) -> None:
+def exporting(measure, exporter, plans, args, data_config, bn_recal: bool):
+    """``measure``, then the subnet's export: still inside the subnet's context, so that the file holds the BN
+    statistics just re-estimated and measured."""
+    def measure_and_export(subnet) -> OrderedDict:
+        row = measure(subnet)
+        if subnet.name in plans:
+            provenance = dict(checkpoint=args.checkpoint, top1=row['top1'], bn_recal=args.bn_recal if bn_recal else 0)
+            exporter.write(plans[subnet.name], args.export, export_args(args, data_config), provenance)
+        return row
+    return measure_and_export
+
+
+def finish_export(args, exporter, plans, rows, data_config, device, model_dtype, amp_autocast) -> None:
     """Log each exported file's load call, time the exported models against the full net (loaded back with
     plain timm, as a user would) and add EXPORT_FIELDS and SPEED_FIELDS to the rows."""
     for row in rows:
-        path = written.get(row['subnet'])
+        path = exporter.written.get(row['subnet'])
         row.update(exported=path or '', load_call=plans[row['subnet']].load_call(path) if path else '')
         if path:
             _logger.info(f'Exported {row["subnet"]} (top-1 {row["top1"]:.3f}): {row["load_call"]}')
     if args.speed_batch <= 0:
         return
     models = {'full': exporter.model}
-    for subnet_name, path in written.items():
+    for subnet_name, path in exporter.written.items():
         loaded = plans[subnet_name].load(path).to(device=device, dtype=model_dtype or torch.float32)
         models[subnet_name] = loaded.to(memory_format=torch.channels_last) if args.channels_last else loaded
     batches = sorted({1, args.speed_batch})

@@ -163,6 +163,7 @@ class SubnetExporter:
         self.family = depth_keyword(self.model)
         self.model_name = model_name
         self.model_kwargs = dict(model_kwargs)
+        self.written: Dict[str, str] = {}  # subnet name -> the file written for it
         pattern = re.compile(self.family.stages)
         self.counted = [s for s in self.block_map.stages if pattern.fullmatch(s.name)]
         if not self.counted or (not self.family.per_stage and len(self.counted) != 1):
@@ -294,4 +295,5 @@ class SubnetExporter:
         finally:
             if os.path.exists(temporary):
                 os.remove(temporary)
+        self.written[plan.subnet.name] = path
         return path

@@ -14,6 +14,7 @@ import validate
 from subnet.depth import DepthEngine
 from subnet.evaluation import Subnet, build_subnets
 from subnet.export import DEPTH_KEYWORDS, ExportError, SubnetExporter
+from subnet.speed import SPEED_FIELDS, images_per_second, speed_fields
 from train_helpers import make_subset, run_train, train_argv
 
 from conftest import TINY_FAMILIES, create_tiny, tiny_input_size
@@ -42,7 +43,8 @@ print('loaded', len(manifest))
 
 
 def _exporter(model, block_map, name):
-    return SubnetExporter(DepthEngine(model, block_map), name, {**TINY_FAMILIES[name], 'num_classes': model.num_classes})
+    kwargs = {**TINY_FAMILIES[name], 'num_classes': model.num_classes}
+    return SubnetExporter(DepthEngine(model, block_map), name, kwargs)
 
 
 def _random_plan(exporter, block_map):
@@ -236,4 +238,36 @@ def test_validate_export_refusals_are_one_line_and_write_nothing(run, capsys, tm
     folder.mkdir()
     (folder / 'prefix0.5.pth.tar').write_bytes(b'mine')
     assert 'prefix0.5.pth.tar exists already' in _error(capsys, [*common, '--subnets', 'first:2;prefix:0.5'])
-    assert sorted(os.listdir(folder)) == ['prefix0.5.pth.tar'] and (folder / 'prefix0.5.pth.tar').read_bytes() == b'mine'
+    assert sorted(os.listdir(folder)) == ['prefix0.5.pth.tar']
+    assert (folder / 'prefix0.5.pth.tar').read_bytes() == b'mine'
+
+
+def test_speed_times_each_model_at_each_batch_size_in_eval_mode_and_relates_it_to_the_full_net(single_thread):
+    torch.manual_seed(0)
+    wide = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 512), torch.nn.Dropout(0.5),
+                               torch.nn.Linear(512, 10))
+    narrow = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10), torch.nn.Dropout(0.5))
+    models = {'full': wide.train(), 'small': narrow.train()}
+    speeds = images_per_second(models, (3, 8, 8), (1, 4), device=torch.device('cpu'), rounds=3, round_seconds=0.01)
+    assert not wide.training and not narrow.training  # dropout off: inference is what is timed
+    assert set(speeds) == {'full', 'small'} and all(set(s) == {1, 4} and min(s.values()) > 0 for s in speeds.values())
+    full, small = speed_fields(speeds, 'full', 'full', 4), speed_fields(speeds, 'small', 'full', 4)
+    assert full['speedup'] == full['speedup_batch1'] == 1.0 and set(full) == set(SPEED_FIELDS)
+    assert small['speedup'] == pytest.approx(speeds['small'][4] / speeds['full'][4], rel=1e-2)
+    assert small['img_per_s_batch1'] == pytest.approx(speeds['small'][1], abs=0.01)
+
+
+def test_plot_x_latency_puts_the_measured_time_per_image_on_the_x_axis(monkeypatch, tmp_path):
+    from subnet import plots
+    drawn = []
+    monkeypatch.setattr(plots, '_save', lambda figure, path: drawn.append(figure) or path)
+    rows = [{'subnet': 'full', 'flop_fraction': 1.0, 'speedup': 1.0, 'top1': 80.0},
+            {'subnet': 'prefix0.5', 'flop_fraction': 0.7, 'speedup': 1.25, 'top1': 78.0},
+            {'subnet': 'prefix0.25', 'flop_fraction': 0.5, 'speedup': 2.0, 'top1': 75.0}]
+    for x, expected in (('flops', [50, 70, 100]), ('latency', [50, 80, 100])):
+        plots.plot_subnets([('st', rows)], str(tmp_path / f'{x}.png'), x=x)
+        axes = drawn[-1].axes[0]
+        assert list(axes.get_lines()[0].get_xdata()) == pytest.approx(expected)
+        assert axes.get_xlabel().startswith('FLOPs' if x == 'flops' else 'measured time per image')
+    with pytest.raises(ValueError, match='x must be one of flops, latency'):
+        plots.plot_subnets([('st', rows)], str(tmp_path / 'bad.png'), x='params')
