@@ -33,8 +33,8 @@ from .blocks import BlockMap, drop_path_slots, model_name as architecture
 from .depth import DepthEngine
 from .evaluation import Subnet
 
-__all__ = ['ExportError', 'DepthKeyword', 'DEPTH_KEYWORDS', 'SUPPORTED', 'ExportPlan', 'SubnetExporter',
-           'EXPORT_FIELDS', 'load_call']
+__all__ = ['ExportError', 'DepthKeyword', 'DEPTH_KEYWORDS', 'SUPPORTED', 'depth_keyword', 'ExportPlan',
+           'SubnetExporter', 'EXPORT_FIELDS', 'load_call']
 
 # what validate.py --export adds to a subnet's result row
 EXPORT_FIELDS = ('exported', 'load_call')

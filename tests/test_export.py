@@ -13,7 +13,7 @@ import torch
 import validate
 from subnet.depth import DepthEngine
 from subnet.evaluation import Subnet, build_subnets
-from subnet.export import DEPTH_KEYWORDS, ExportError, SubnetExporter
+from subnet.export import DEPTH_KEYWORDS, EXPORT_FIELDS, ExportError, SubnetExporter
 from subnet.speed import SPEED_FIELDS, images_per_second, speed_fields
 from train_helpers import make_subset, run_train, train_argv
 
@@ -198,6 +198,7 @@ def test_validate_export_round_trip_gives_the_subnet_rows_top1_with_the_re_estim
                      '--speed-batch', '4', '--plot', str(png), '--plot-x', 'latency')
     assert [row['subnet'] for row in rows] == ['full', 'prefix0.5', 'random0.5_1'] and png.is_file()
     assert rows[0]['exported'] == '' and rows[0]['speedup'] == rows[0]['speedup_batch1'] == 1.0
+    assert all(list(row)[-6:] == list(EXPORT_FIELDS + SPEED_FIELDS) for row in rows)  # after the subnet fields
     original = torch.load(run['checkpoint'], weights_only=False)['state_dict']
     for row in rows[1:]:
         assert row['exported'] == str(folder / f'{row["subnet"]}.pth.tar') and row['bn_recal'] == 32
