@@ -15,7 +15,7 @@ subnet after the full net's (which is the plain validation's row), with its desc
 re-estimates each subnet's BatchNorm statistics first; ``--plot FILE.png`` draws top-1 against FLOPs, one colour
 per checkpoint (a folder, or a glob pattern such as ``'output/train/*/model_best.pth.tar'`` to compare runs).
 ``--export DIR`` writes each subnet as a checkpoint that plain timm loads and times it against the full net
-(``subnet/export.py``, ``subnet/speed.py``).
+(``subnet/export.py``).
 """
 import argparse
 import csv
@@ -37,8 +37,7 @@ from timm.models import create_model, is_model, list_models, load_checkpoint
 from timm.task.evaluator import ClassificationEvaluator
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
 
-from subnet import evaluation, export, logs, plots, speed
-from subnet.blocks import model_name as architecture
+from subnet import evaluation, export, logs, plots
 from subnet.data import FixedSample, check_image_folders, loader_images
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
@@ -266,84 +265,24 @@ def validate(args):
         recal_loader = build_loader(args, data_config, test_time_pool, device, model_dtype, split=args.bn_recal_split,
                                     sample=args.bn_recal)[1]
         recal_batches = partial(loader_images, recal_loader, device, model_dtype, args.channels_last)
-    exporter, plans = start_export(args, subnets) if args.export else (None, {})
-    if exporter is not None:
-        measure = exporting(measure, exporter, plans, args, data_config, bn_recal=recal_batches is not None)
+    exports = start_export(args, subnets, data_config) if args.export else None
+    if exports is not None:
+        measure = exports.measuring(measure, bn_recal=args.bn_recal if recal_batches else 0)
     rows = []
     for subnet, row, recal_images in subnets.run(measure, recal_batches, args.bn_recal):
         row.update(evaluation.subnet_fields(subnet, subnets.block_map, recal_images))
         rows.append(row)
-    if exporter is not None:
-        finish_export(args, exporter, plans, rows, data_config, device, model_dtype, amp_autocast)
+    if exports is not None:
+        exports.finish(rows, device, model_dtype, amp_autocast)
     return rows
 
 
-def _exported_model_kwargs(args) -> dict:
-    """The create_model keywords build_model used besides the name, for the exported model's load call."""
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    return {'num_classes': args.num_classes, **({'in_chans': in_chans} if in_chans != 3 else {}),
-            **({'global_pool': args.gp} if args.gp else {}), **args.model_kwargs}
-
-
-def export_args(args, data_config) -> dict:
-    """What an exported checkpoint's ``args`` carry besides the model: the input settings this evaluation used,
-    so that ``validate.py --checkpoint EXPORTED`` evaluates it the same way."""
-    return dict(num_classes=args.num_classes, in_chans=_exported_model_kwargs(args).get('in_chans', 3), gp=args.gp,
-                input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],
-                mean=list(data_config['mean']), std=list(data_config['std']),
-                interpolation=data_config['interpolation'])
-
-
-def start_export(args, subnets):
-    """--export: the exporter and the checked plan of every subnet, before anything is evaluated or written."""
-    name = resolve_model_name(args.model)
-    if name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
-        name = architecture(subnets.engine.model)  # the registered architecture: no download to rebuild it
+def start_export(args, subnets, data_config) -> export.ExportRun:
+    """--export: every subnet's export planned and checked before anything is evaluated or written."""
     try:
-        exporter = export.SubnetExporter(subnets.engine, name, _exported_model_kwargs(args))
-        plans = {plan.subnet.name: plan for plan in exporter.plan_all(subnets.subnets, args.export)}
+        return export.ExportRun(args, subnets.engine, subnets.subnets, data_config)
     except export.ExportError as e:
         raise UsageError(str(e)) from None
-    return exporter, plans
-
-
-def exporting(measure, exporter, plans, args, data_config, bn_recal: bool):
-    """``measure``, then the subnet's export: still inside the subnet's context, so that the file holds the BN
-    statistics just re-estimated and measured."""
-    def measure_and_export(subnet) -> OrderedDict:
-        row = measure(subnet)
-        if subnet.name in plans:
-            provenance = dict(checkpoint=args.checkpoint, top1=row['top1'], bn_recal=args.bn_recal if bn_recal else 0)
-            exporter.write(plans[subnet.name], args.export, export_args(args, data_config), provenance)
-        return row
-    return measure_and_export
-
-
-def finish_export(args, exporter, plans, rows, data_config, device, model_dtype, amp_autocast) -> None:
-    """Log each exported file's load call, time the exported models against the full net (loaded back with
-    plain timm, as a user would) and add EXPORT_FIELDS and SPEED_FIELDS to the rows."""
-    for row in rows:
-        path = exporter.written.get(row['subnet'])
-        row.update(exported=path or '', load_call=plans[row['subnet']].load_call(path) if path else '')
-        if path:
-            _logger.info(f'Exported {row["subnet"]} (top-1 {row["top1"]:.3f}): {row["load_call"]}')
-    if args.speed_batch <= 0:
-        return
-    models = {'full': exporter.model}
-    for subnet_name, path in exporter.written.items():
-        loaded = plans[subnet_name].load(path).to(device=device, dtype=model_dtype or torch.float32)
-        models[subnet_name] = loaded.to(memory_format=torch.channels_last) if args.channels_last else loaded
-    batches = sorted({1, args.speed_batch})
-    _logger.info(f'Timing {len(models)} models at batch {" and ".join(map(str, batches))} on {device}, '
-                 f'{torch.get_num_threads()} threads, eval mode, warm-up excluded.')
-    speeds = speed.images_per_second(models, data_config['input_size'], batches, device=device,
-                                     dtype=model_dtype or torch.float32, channels_last=args.channels_last,
-                                     autocast=amp_autocast)
-    for row in rows:
-        row.update(speed.speed_fields(speeds, row['subnet'], 'full', args.speed_batch))
-        _logger.info(f'{row["subnet"]:>14s}: {row["img_per_s"]:9.1f} img/s at batch {args.speed_batch} '
-                     f'({row["speedup"]:.2f}x), {row["img_per_s_batch1"]:8.1f} img/s at batch 1 '
-                     f'({row["speedup_batch1"]:.2f}x)')
 
 
 def try_validate(args, initial_batch_size: int) -> OrderedDict:

@@ -17,11 +17,12 @@ its index parity); and the built model's logits equal the depth engine's subnet 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -32,9 +33,13 @@ from torch import nn
 from .blocks import BlockMap, drop_path_slots, model_name as architecture
 from .depth import DepthEngine
 from .evaluation import Subnet
+from .models import resolve_model_name
+from .speed import images_per_second, speed_fields
 
 __all__ = ['ExportError', 'DepthKeyword', 'DEPTH_KEYWORDS', 'SUPPORTED', 'depth_keyword', 'ExportPlan',
-           'SubnetExporter', 'EXPORT_FIELDS', 'load_call']
+           'SubnetExporter', 'ExportRun', 'EXPORT_FIELDS', 'load_call']
+
+_logger = logging.getLogger(__name__)
 
 # what validate.py --export adds to a subnet's result row
 EXPORT_FIELDS = ('exported', 'load_call')
@@ -297,3 +302,68 @@ class SubnetExporter:
                 os.remove(temporary)
         self.written[plan.subnet.name] = path
         return path
+
+
+class ExportRun:
+    """``validate.py --export DIR``: plans every subnet before the evaluation, writes each one while it is installed
+    (with the BN statistics it was measured with), then loads them back with plain timm and times them.
+
+    ``args`` is validate.py's namespace after the model is built (model, model_kwargs, num_classes, in_chans, gp,
+    checkpoint, bn_recal, export, speed_batch, channels_last); ``data_config`` the evaluation's input settings.
+    """
+
+    def __init__(self, args, engine: DepthEngine, subnets: Sequence[Subnet], data_config: dict):
+        self.args, self.folder = args, args.export
+        name = resolve_model_name(args.model)
+        if name.startswith(('hf-hub:', 'hf_hub:', 'local-dir:')):
+            name = architecture(engine.model)  # the registered architecture: rebuilding it needs no download
+        in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+        # the keywords validate.py built the model with, besides its name
+        kwargs = {'num_classes': args.num_classes, **({'in_chans': in_chans} if in_chans != 3 else {}),
+                  **({'global_pool': args.gp} if args.gp else {}), **args.model_kwargs}
+        self.exporter = SubnetExporter(engine, name, kwargs)
+        self.plans = {plan.subnet.name: plan for plan in self.exporter.plan_all(subnets, self.folder)}
+        # what the files' ``args`` carry besides the model: validate.py --checkpoint FILE evaluates them the same way
+        self.stored_args = dict(num_classes=args.num_classes, in_chans=in_chans, gp=args.gp,
+                                input_size=list(data_config['input_size']), crop_pct=data_config['crop_pct'],
+                                mean=list(data_config['mean']), std=list(data_config['std']),
+                                interpolation=data_config['interpolation'])
+
+    def measuring(self, measure: Callable[[Subnet], dict], bn_recal: int) -> Callable[[Subnet], dict]:
+        """``measure``, then the subnet's export, still inside the subnet's context (its BN statistics)."""
+        def measure_and_export(subnet: Subnet) -> dict:
+            row = measure(subnet)
+            if subnet.name in self.plans:
+                provenance = dict(checkpoint=self.args.checkpoint, top1=row['top1'], bn_recal=bn_recal)
+                self.exporter.write(self.plans[subnet.name], self.folder, self.stored_args, provenance)
+            return row
+        return measure_and_export
+
+    def finish(self, rows: Sequence[dict], device: torch.device, dtype: Optional[torch.dtype],
+               autocast: Callable[[], ContextManager]) -> None:
+        """Add EXPORT_FIELDS to the rows (and log the load calls), then time the exported models, loaded back with
+        plain timm as a user would, against the full net and add SPEED_FIELDS (unless --speed-batch is 0)."""
+        written = self.exporter.written
+        for row in rows:
+            path = written.get(row['subnet'])
+            row.update(exported=path or '', load_call=self.plans[row['subnet']].load_call(path) if path else '')
+            if path:
+                _logger.info(f'Exported {row["subnet"]} (top-1 {row["top1"]:.3f}): {row["load_call"]}')
+        batch, channels_last = self.args.speed_batch, self.args.channels_last
+        if batch <= 0:
+            return
+        dtype = dtype or torch.float32
+        models = {'full': self.exporter.model}
+        for name, path in written.items():
+            loaded = self.plans[name].load(path).to(device=device, dtype=dtype)
+            models[name] = loaded.to(memory_format=torch.channels_last) if channels_last else loaded
+        batches = sorted({1, batch})
+        _logger.info(f'Timing {len(models)} models at batch {" and ".join(map(str, batches))} on {device}, '
+                     f'{torch.get_num_threads()} threads, eval mode, warm-up excluded.')
+        speeds = images_per_second(models, self.exporter.block_map.input_size, batches, device=device, dtype=dtype,
+                                   channels_last=channels_last, autocast=autocast)
+        for row in rows:
+            row.update(speed_fields(speeds, row['subnet'], 'full', batch))
+            _logger.info(f'{row["subnet"]:>14s}: {row["img_per_s"]:9.1f} img/s at batch {batch} '
+                         f'({row["speedup"]:.2f}x), {row["img_per_s_batch1"]:8.1f} img/s at batch 1 '
+                         f'({row["speedup_batch1"]:.2f}x)')
