@@ -8,10 +8,10 @@ timm loads). Add ``--method cosub|st|st++|gkt`` for the methods; ``--method none
     torchrun --nproc_per_node 8 train.py --data-dir /imagenet -c hparams/cosub_deit3_vit_base.yaml
 
 The script reads top to bottom: parse → check → build (model, data, task, optimizer, run folder, schedule) →
-loop (train an epoch, evaluate, checkpoint) → report. The epoch loop is ``subnet/loop.py``; the methods are
-``subnet/methods/``, one module each. What keeps a long run alive (signals, mid-epoch resume, unreadable images,
-non-finite losses, one run per folder) is ``subnet/stopping.py``, ``resume.py``, ``unreadable.py``, ``finite.py``
-and ``run_folder.py``.
+loop (train an epoch, evaluate, checkpoint) → report. The epoch loop is ``subnet/loop.py`` and the step protocol
+``subnet/step.py``; the methods are ``subnet/methods/``, one module each. What keeps a long run alive (signals,
+mid-epoch resume, unreadable images, non-finite losses) is one ``RunGuard`` (``subnet/guard.py``); one run per
+folder and atomic checkpoints are ``subnet/run_folder.py``.
 
 Exit status: 0 done (or nothing left to do); 2 bad input, or a dataset with too many unreadable images; 3 a loss
 or weight that is not finite (nothing saved); 128 + N stopped by signal N (SIGINT 130, SIGTERM 143, SIGUSR1 138)
@@ -47,12 +47,11 @@ from subnet.device import (check_precision_args, limit_workers, model_dtype as d
                            training_precision, use_default_device)
 from subnet.errors import EXIT_USAGE, RunStopped, UsageError
 from subnet.evaluation import SubnetMonitor
-from subnet.finite import stop_if_weights_nonfinite
-from subnet.loop import Safeguards, StepSetup, evaluate, train_one_epoch
+from subnet.guard import RunGuard
+from subnet.loop import LoopOptions, StepSetup, evaluate, train_one_epoch
 from subnet.methods import method_class
 from subnet.models import (check_state_dict_fits, constant_drop_path, load_checkpoint_file, load_initial_checkpoint,
                            model_drop_path_rate, naflex_patch_size, resolve_model_name)
-from subnet.stopping import SignalWatch, StopPolicy, Vote
 from subnet.timm_options import parse_train_args, train_options_given
 
 _logger = logging.getLogger('train')
@@ -229,9 +228,10 @@ class Training:
     output_dir: str
     checkpoint_path: str
     start_epoch: int = 0
+    epoch_start: Optional[resume.EpochStart] = None  # where a checkpoint written mid-epoch continues
     lr_scheduler: object = None
     num_epochs: int = 0
-    guards: Safeguards = field(default_factory=Safeguards)
+    guard: RunGuard = field(default_factory=RunGuard)
     lock: Optional[run_folder.RunLock] = None
     saver: Optional[run_folder.AtomicCheckpointSaver] = None
     subnet_monitor: Optional[SubnetMonitor] = None
@@ -300,9 +300,8 @@ def build(args) -> Training:
     setup = StepSetup(device=device, amp_autocast=amp_autocast, loss_scaler=loss_scaler, model_dtype=model_dtype,
                       mixup_fn=loaders.mixup_fn, naflex=loaders.naflex, scheduled_batches=loaders.scheduled_batches,
                       batch_size_reference=loaders.batch_size_reference)
-    training = Training(args, task, optimizer, loaders, setup, output_dir, checkpoint_path, start_epoch)
-    training.guards = Safeguards(cursor=resume.install_cursor(loaders.train), failures=loaders.failures,
-                                 bad_image_limit=args.bad_image_limit, start=epoch_start)
+    training = Training(args, task, optimizer, loaders, setup, output_dir, checkpoint_path, start_epoch,
+                        epoch_start)
     if loaders.eval is not None:
         training.subnet_monitor = SubnetMonitor.from_args(args, task, data_config['input_size'])
     return training
@@ -317,25 +316,24 @@ def lock_experiment(args) -> Optional[run_folder.RunLock]:
 
 def open_run_folder(training: Training, args_text: str) -> None:
     """Rank 0: the locked run folder with args.yaml, log.txt, summary.csv (trimmed on resume) and the checkpoint
-    saver; every rank: what writes mid-epoch checkpoints and decides when to stop."""
+    saver. Then, on every rank, the guard of the run (built here and nowhere else)."""
+    if utils.is_primary(training.args):
+        open_primary_folder(training, args_text)
+    training.guard = RunGuard.for_run(training.args, training.loaders.train, training.loaders.failures,
+                                      training.epoch_start, training.saver)
+
+
+def open_primary_folder(training: Training, args_text: str) -> None:
     args, out = training.args, training.output_dir
-    vote = Vote(args.distributed)
-    training.guards.policy = StopPolicy(SignalWatch(), vote, skip_nonfinite=args.skip_nonfinite,
-                                        recovery_minutes=args.recovery_minutes, primary=utils.is_primary(args))
-    if not utils.is_primary(args):
-        training.guards.positions = resume.PositionWriter(vote, cursor=training.guards.cursor)
-        return
     in_place = resumes_in(args, training.checkpoint_path, out)
     training.lock = run_folder.claim_output_dir(out, resuming_in_place=in_place, lock=training.lock)
     logs.log_to_file(os.path.join(out, 'log.txt'))
     with open(os.path.join(out, 'args.yaml'), 'w') as f:
         f.write(args_text)
-    content = run_folder.CheckpointContent(training.task)
     training.saver = run_folder.AtomicCheckpointSaver(
         model=training.task.get_trainable_module(), optimizer=training.optimizer, args=args,
         amp_scaler=training.setup.loss_scaler, checkpoint_dir=out, recovery_dir=out,
-        decreasing=training.decreasing, max_history=args.checkpoint_hist, task=content)
-    training.guards.positions = resume.PositionWriter(vote, training.saver, content, training.guards.cursor)
+        decreasing=training.decreasing, max_history=args.checkpoint_hist, task=training.task)
     if in_place and training.checkpoint_path:
         training.saver.load_state_dict_from_checkpoint(training.checkpoint_path)
     trim_summary(os.path.join(out, 'summary.csv'), training.start_epoch)
@@ -352,7 +350,7 @@ def build_schedule(training: Training) -> None:
     training.lr_scheduler, training.num_epochs = create_scheduler_v2(
         training.optimizer, **scheduler_kwargs(args, decreasing_metric=training.decreasing),
         updates_per_epoch=updates_per_epoch)
-    done_in_epoch = training.guards.start.updates if training.guards.start is not None else 0
+    done_in_epoch = training.epoch_start.updates if training.epoch_start is not None else 0
     if training.lr_scheduler is not None and (training.start_epoch > 0 or done_in_epoch):
         if args.sched_on_updates:
             training.lr_scheduler.step_update(training.start_epoch * updates_per_epoch + done_in_epoch)
@@ -423,34 +421,25 @@ def skips_eval(training: Training, completed: int) -> bool:
 
 def train_epochs(training: Training) -> None:
     args, task, loaders = training.args, training.task, training.loaders
+    options = LoopOptions.from_args(args, naflex=loaders.naflex, output_dir=training.output_dir)
     for epoch in range(training.start_epoch, training.end_epoch):
         seed_epoch(args.seed, epoch, args.rank)
         set_loader_epoch(loaders.train, epoch)
-        train_metrics = train_one_epoch(epoch, task, loaders.train, training.optimizer, args, training.setup,
-                                        lr_scheduler=training.lr_scheduler, output_dir=training.output_dir,
-                                        guards=training.guards)
+        train_metrics = train_one_epoch(epoch, task, loaders.train, training.optimizer, options, training.setup,
+                                        lr_scheduler=training.lr_scheduler, guard=training.guard)
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             _logger.info('Distributing BatchNorm running means and vars')
             utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
-        stop_if_weights_nonfinite(task.get_trainable_module(), f'at the end of epoch {epoch}')
         if skips_eval(training, epoch + 1):
             _logger.info('Skipping eval and checkpointing ')
             if training.lr_scheduler is not None:
                 training.lr_scheduler.step(epoch + 1, metric=None)
         else:
             end_of_epoch(training, epoch, train_metrics)
-        stop_after_epoch(training, epoch)
-
-
-def stop_after_epoch(training: Training, epoch: int) -> None:
-    """A signal that came during the epoch's evaluation or checkpoint stops the run now that last.pth.tar holds the
-    epoch (an epoch that wrote no checkpoint, under --val-interval, stops after the next update instead)."""
-    signum = training.guards.policy.agree_now().signal
-    if not signum or epoch + 1 >= training.end_epoch or skips_eval(training, epoch + 1):
-        return
-    raise RunStopped(f'stopped by {signal.Signals(signum).name} after epoch {epoch}: '
-                     f'{os.path.join(training.output_dir, "last.pth.tar")} holds it; the same command with '
-                     f'--resume auto continues from there', 128 + signum)
+        # a signal during the evaluation or checkpoint stops the run now that last.pth.tar holds the epoch (an
+        # epoch that wrote no checkpoint, under --val-interval, stops after the next update instead)
+        training.guard.after_checkpoint(epoch, os.path.join(training.output_dir, 'last.pth.tar'),
+                                        going_on=epoch + 1 < training.end_epoch and not skips_eval(training, epoch + 1))
 
 
 def say_finished(training: Training) -> None:
@@ -521,7 +510,7 @@ def _train(argv) -> TrainRun:
         build_schedule(training)
         if training.checkpoint_path and training.start_epoch >= training.end_epoch:
             say_finished(training)
-        with training.guards.policy.signals:
+        with training.guard:
             train_epochs(training)
     except RunStopped:
         if args.distributed:  # every rank stopped at the same update

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
 import timm.optim  # noqa: E402,F401  as train.py does: timm.optim.kron raises dynamo's recompile limit to 1,000,000
-from subnet.loop import StepSetup, train_one_epoch  # noqa: E402
+from subnet.loop import LoopOptions, StepSetup, train_one_epoch  # noqa: E402
 from train_helpers import method_training, random_batch  # noqa: E402  (tasks built as train.py builds them)
 from _common import CompileCounter  # noqa: E402
 
@@ -71,7 +71,7 @@ def measure(method: str, cli) -> dict:
     for step in range(cli.steps):
         batch = random_batch(method, cli.img_size, cli.batch_size, seed=step)
         start = time.perf_counter()
-        train_one_epoch(0, task, [batch], optimizer, args, setup)
+        train_one_epoch(0, task, [batch], optimizer, LoopOptions.from_args(args), setup)
         times.append(time.perf_counter() - start)
     return dict(graphs=backend.counts.get(method, 0), frames=counters['stats'].get('unique_graphs', 0),
                 breaks=sum(counters['graph_break'].values()), subnets=len(subnets), times=times,

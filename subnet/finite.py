@@ -1,4 +1,5 @@
-"""Non-finite numbers: gradients checked before an optimizer step (``--skip-nonfinite``), weights before a save.
+"""Non-finite numbers: gradients checked before an optimizer step (``--skip-nonfinite``), weights before a save
+(``check_state_finite``, on the state a checkpoint is about to write).
 
 The loss itself is checked by the loop on the value it already reads for its meters (``.item()``), so the default
 policy (stop at the first non-finite loss) adds nothing to a step. Skipping a step instead must decide before the
@@ -9,11 +10,10 @@ import math
 from typing import Iterable, Optional, Tuple
 
 import torch
-from timm.utils import unwrap_model
 
 from .errors import EXIT_NONFINITE, RunStopped
 
-__all__ = ['grads_finite', 'first_nonfinite', 'stop_if_weights_nonfinite']
+__all__ = ['grads_finite', 'first_nonfinite', 'check_state_finite']
 
 
 def grads_finite(optimizer: torch.optim.Optimizer) -> bool:
@@ -32,10 +32,11 @@ def first_nonfinite(named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> Option
     return None
 
 
-def stop_if_weights_nonfinite(module: torch.nn.Module, where: str) -> None:
-    """Stop the run (exit 3) before anything is saved if a weight or buffer of ``module`` is not finite. Every DDP
-    rank holds the same weights, so every rank stops here together."""
-    bad = first_nonfinite(unwrap_model(module).state_dict().items())
-    if bad is not None:
-        raise RunStopped(f'error: weight {bad} is not finite {where}: nothing saved, the run folder keeps its last '
-                         f'good checkpoint', EXIT_NONFINITE)
+def check_state_finite(state: dict) -> None:
+    """Stop the run (exit 3) before a checkpoint is written if a weight or buffer in its state (``state_dict``, and
+    ``state_dict_ema`` when there is one) is not finite: no checkpoint ever holds one."""
+    for key, what in (('state_dict', 'weight'), ('state_dict_ema', 'the EMA weight')):
+        bad = first_nonfinite((state.get(key) or {}).items())
+        if bad is not None:
+            raise RunStopped(f'error: {what} {bad} is not finite: no checkpoint written, the run folder keeps its '
+                             f'last good one', EXIT_NONFINITE)

@@ -1,20 +1,16 @@
 """One training epoch and one evaluation pass, run the way timm's train.py runs them, around any task.
 
-The loop knows a task through ``task(input, target) -> {'loss', 'output', <parts>}`` and the hooks every task
-has (``subnet/methods/base.py``): it hands the task its ``StepBackward`` (``bind_backward``) and back-propagates
-the returned loss itself unless the task ``owns_backward`` (methods that run several passes per step). Scalar
-tensors in the result other than ``loss``/``output`` are averaged over the epoch and reported (log line,
-``summary.csv``).
+The loop hands every loader batch to ``task.train_step`` with a ``Step`` (``subnet/step.py``: autocast for the
+forward passes, the loss scale, whether the batch ends an update, how passes are back-propagated); when the task
+returns, it applies the update (clipping and the optimizer step, outside autocast) and reads the result: the loss
+and, as scalar tensors, the method's loss parts, averaged over the epoch and reported (log line, ``summary.csv``).
 
-After every optimizer update the loop asks its ``Safeguards`` what the ranks agreed on (``subnet/stopping.py``):
-stop on a non-finite loss (nothing saved), on too many unreadable images, or on a signal (after writing a
-mid-epoch checkpoint, ``subnet/resume.py``), or write a recovery checkpoint. A resumed epoch starts at the batch
-its checkpoint recorded, with the meters and RNG states it had.
+What keeps a long run alive is one ``RunGuard`` (``subnet/guard.py``), called after each step, after each update
+and at the end of the epoch; a resumed epoch starts at the batch its checkpoint recorded, with the meters it had.
 """
 import logging
 import math
 import os
-import signal
 import time
 from collections import OrderedDict
 from contextlib import nullcontext, suppress
@@ -26,13 +22,10 @@ import torchvision.utils
 from timm import utils
 from timm.task.evaluator import ClassificationEvaluator, evaluation_sample_limit
 
-from .backward import StepBackward
-from .errors import EXIT_NONFINITE, RunStopped, UsageError
-from .finite import stop_if_weights_nonfinite
+from .guard import EpochPosition, RunGuard
 from .progress import EpochProgress, format_duration
-from .resume import BatchCursor, EpochStart, PositionWriter, set_rng_state
-from .stopping import Requests, SignalWatch, StopPolicy, Vote
-from .unreadable import ImageFailures, drop_not_counted, failures_of, over_limit
+from .step import Step, Update
+from .unreadable import drop_not_counted, failures_of
 
 _logger = logging.getLogger('train')
 
@@ -51,14 +44,34 @@ class StepSetup:
 
 
 @dataclass
-class Safeguards:
-    """What keeps a long run alive, as the loop sees it (train.py builds it; a bare one only checks losses)."""
-    policy: Optional[StopPolicy] = None  # signals, limits and the recovery clock, agreed across ranks
-    positions: Optional[PositionWriter] = None  # writes mid-epoch checkpoints
-    cursor: Optional[BatchCursor] = None  # the training loader's sampler cursor (skips done batches on resume)
-    failures: Optional[ImageFailures] = None  # the training set's unreadable images
-    bad_image_limit: float = 0.01  # --bad-image-limit
-    start: Optional[EpochStart] = None  # where a resumed epoch continues
+class LoopOptions:
+    """The command-line options the training epoch follows (timm's names; ``from_args`` reads them)."""
+    batch_size: int = 1  # --batch-size: per process (the base of --bad-image-limit)
+    grad_accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    clip_mode: str = 'norm'
+    skip_nonfinite: int = 0  # --skip-nonfinite: steps with non-finite gradients dropped before a stop
+    batch_loss_scale: str = ''  # --naflex-loss-scale / --variable-batch-loss-scale: the loaders' mode
+    prefetcher: bool = False  # timm's prefetcher already put the batch on the device (and mixed it)
+    channels_last: bool = False
+    mixup_off_epoch: int = 0
+    distributed: bool = False
+    world_size: int = 1
+    primary: bool = True  # rank 0: logs and progress
+    log_interval: int = 50
+    synchronize_step: bool = False
+    save_images: bool = False
+    output_dir: Optional[str] = None  # where --save-images writes
+
+    @classmethod
+    def from_args(cls, args, naflex: bool = False, output_dir: Optional[str] = None) -> 'LoopOptions':
+        return cls(batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
+                   clip_mode=args.clip_mode, skip_nonfinite=args.skip_nonfinite,
+                   batch_loss_scale=args.naflex_loss_scale if naflex else args.variable_batch_loss_scale,
+                   prefetcher=args.prefetcher, channels_last=args.channels_last, mixup_off_epoch=args.mixup_off_epoch,
+                   distributed=args.distributed, world_size=args.world_size, primary=utils.is_primary(args),
+                   log_interval=args.log_interval, synchronize_step=args.synchronize_step,
+                   save_images=args.save_images, output_dir=output_dir)
 
 
 def _loss_scale(mode: str, batch_size: int, reference: float) -> float:
@@ -88,6 +101,7 @@ class EpochMeters:
         self.part_sums, self.part_count = {}, 0
         self.counters = dict.fromkeys(self.COUNTERS, 0)
         self.update_samples = 0
+        self.last_scale = None  # the fp16 grad scaler's scale after the last update
         self.progress = EpochProgress(f'Train {epoch}', updates_per_epoch, enabled=primary)
 
     def add_step(self, result: dict, batch_size: int, global_batch_size: int) -> bool:
@@ -121,6 +135,26 @@ class EpochMeters:
             metrics[name] = (total / max(self.part_count, 1)).item()
         return metrics
 
+    def reduced(self, device: torch.device, world_size: int = 1) -> OrderedDict:
+        """The epoch's averages (over ranks) and its non-zero counts (summed over ranks)."""
+        metrics, counters = self.metrics(), self.counters
+        if world_size > 1:
+            values = torch.tensor(list(metrics.values()), device=device, dtype=torch.float32)
+            metrics = OrderedDict(zip(metrics.keys(), utils.reduce_tensor(values, world_size).tolist()))
+            totals = torch.tensor(list(counters.values()), device=device, dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            counters = dict(zip(counters.keys(), (int(v) for v in totals.tolist())))
+        metrics.update((k, v) for k, v in counters.items() if v)
+        return metrics
+
+    def count_overflow(self, loss_scaler) -> None:
+        """The fp16 grad scaler skips a step whose gradients overflowed, and lowers its scale: count those (the
+        first call, at the epoch's start, reads the scale it starts from)."""
+        scale = loss_scaler.state_dict().get('scale') if loss_scaler is not None else None
+        if scale is not None and self.last_scale is not None and scale < self.last_scale:
+            self.counters['overflow_steps'] += 1
+        self.last_scale = scale
+
     def state_dict(self) -> dict:
         return {'loss': {k: getattr(self.losses, k) for k in ('val', 'avg', 'sum', 'count')},
                 'parts': {k: v.cpu() for k, v in self.part_sums.items()}, 'part_count': self.part_count,
@@ -139,29 +173,28 @@ def _mean_lr(optimizer) -> float:
     return sum(lrs) / len(lrs)
 
 
-def _to_device(input, target, args, setup: StepSetup):
+def _to_device(input, target, options: LoopOptions, setup: StepSetup):
     """What timm's prefetcher does when it is off: device, dtype, mixup; then the memory format."""
-    if not args.prefetcher:
+    if not options.prefetcher:
         input, target = input.to(device=setup.device, dtype=setup.model_dtype), target.to(setup.device)
         if setup.mixup_fn is not None:
             input, target = setup.mixup_fn(input, target)
-    if args.channels_last:
+    if options.channels_last:
         input = input.contiguous(memory_format=torch.channels_last)
     return input, target
 
 
-def _batch_scale(batch_size: int, args, setup: StepSetup):
+def _batch_scale(batch_size: int, options: LoopOptions, setup: StepSetup):
     """(loss scale, global batch size): timm's variable-batch scaling for NaFlex / scheduled-size loaders."""
-    global_batch_size = batch_size * (args.world_size if args.distributed else 1)
+    global_batch_size = batch_size * (options.world_size if options.distributed else 1)
     if not (setup.naflex or setup.scheduled_batches):
         return 1.0, global_batch_size
-    mode = args.naflex_loss_scale if setup.naflex else args.variable_batch_loss_scale
-    scale = _loss_scale(mode, batch_size, setup.batch_size_reference)
-    if setup.naflex and args.distributed:
+    scale = _loss_scale(options.batch_loss_scale, batch_size, setup.batch_size_reference)
+    if setup.naflex and options.distributed:
         # ranks see different batch sizes: weight each rank's gradient by its share of the global batch
         global_batch_size = utils.reduce_tensor(
             torch.tensor(batch_size, device=setup.device, dtype=torch.float32), 1).item()
-        scale *= args.world_size * batch_size / global_batch_size
+        scale *= options.world_size * batch_size / global_batch_size
     return scale, global_batch_size
 
 
@@ -187,198 +220,106 @@ class _Windows:
         return self.num_batches % self.accum_steps if batch_idx >= self.last_window_start else self.accum_steps
 
 
-def train_one_epoch(epoch: int, task, loader, optimizer, args, setup: StepSetup, lr_scheduler=None,
-                    output_dir: Optional[str] = None, guards: Optional[Safeguards] = None) -> OrderedDict:
+def train_one_epoch(epoch: int, task, loader, optimizer, options: LoopOptions, setup: StepSetup, lr_scheduler=None,
+                    guard: Optional[RunGuard] = None) -> OrderedDict:
     """Train ``task`` for one epoch; returns timm's ``{'loss': ...}`` plus the method's averaged loss parts and the
     counts of what went wrong (only those that are not zero)."""
-    return _TrainingEpoch(epoch, task, loader, optimizer, args, setup, lr_scheduler, output_dir,
-                          guards or Safeguards()).run()
+    return _TrainingEpoch(epoch, task, loader, optimizer, options, setup, lr_scheduler, guard or RunGuard()).run()
 
 
 class _TrainingEpoch:
-    """The state of one training epoch; ``run`` is the loop."""
+    """One training epoch: timm's loop (``run``, ``_step``, ``_after_update``) and the guard's moments."""
 
-    def __init__(self, epoch, task, loader, optimizer, args, setup: StepSetup, lr_scheduler, output_dir,
-                 guards: Safeguards):
-        self.epoch, self.task, self.loader, self.optimizer, self.args = epoch, task, loader, optimizer, args
-        self.setup, self.lr_scheduler, self.output_dir, self.guards = setup, lr_scheduler, output_dir, guards
-        self.policy = guards.policy or StopPolicy(SignalWatch(), Vote(distributed=False))
-        self.start = guards.start if guards.start is not None and guards.start.epoch == epoch else None
-        self.windows = _Windows(len(loader), args.grad_accum_steps)
-        self.meters = EpochMeters(epoch, self.windows.updates, utils.is_primary(args))
-        self.num_updates = epoch * self.windows.updates
-        self.step_backward = StepBackward(task, optimizer, args, setup.loss_scaler,
-                                          getattr(optimizer, 'is_second_order', False))
-        self.last_scale = self.data_start = self.update_start = None
+    def __init__(self, epoch, task, loader, optimizer, options: LoopOptions, setup: StepSetup, lr_scheduler,
+                 guard: RunGuard):
+        self.epoch, self.task, self.loader, self.optimizer = epoch, task, loader, optimizer
+        self.options, self.setup, self.lr_scheduler, self.guard = options, setup, lr_scheduler, guard
+        self.windows = _Windows(len(loader), options.grad_accum_steps)
+        self.meters = EpochMeters(epoch, self.windows.updates, options.primary)
+        self.position = EpochPosition(epoch, self.windows.num_batches, self.windows.num_batches * options.batch_size,
+                                      self.meters)
+        self.update = Update(task, optimizer, setup.loss_scaler, options.clip_grad, options.clip_mode,
+                             options.skip_nonfinite)
+        self.data_start = self.update_start = None
+
+    @property
+    def num_updates(self) -> int:
+        return self.epoch * self.windows.updates + self.position.updates
 
     def run(self) -> OrderedDict:
-        args, task = self.args, self.task
-        if args.mixup_off_epoch and self.epoch >= args.mixup_off_epoch:
-            _turn_mixup_off(self.loader, self.setup)
-        task.get_trainable_module().train()
-        task.bind_backward(self.step_backward)
-        if self.start is not None:
-            self.meters.load_state_dict(self.start.meters, self.setup.device)
-            self.meters.progress.done_before = self.start.updates
-            self.num_updates += self.start.updates
-        if self.setup.loss_scaler is not None:
-            self.last_scale = self.setup.loss_scaler.state_dict().get('scale')
-        self.data_start = self.update_start = time.time()
-        self.optimizer.zero_grad()
-        for batch_idx, (input, target) in self._batches():
-            if self._step(batch_idx, input, target):
+        self._begin()
+        for batch_idx, (input, target) in self.guard.batches(self.loader, self.epoch):
+            need_update = self.windows.ends_update(batch_idx)
+            good = self._step(batch_idx, input, target, need_update)
+            self.guard.after_step(self.position, batch_idx, good)
+            if need_update:
                 self._after_update(batch_idx, input)
+                self.guard.after_update(self.position, batch_idx + 1)
+            self.data_start = time.time()
         self.meters.progress.close()
         if hasattr(self.optimizer, 'sync_lookahead'):
             self.optimizer.sync_lookahead()
-        self._count_unreadable()
-        self._act(self.policy.agree_now(), self.windows.num_batches, save=False)
-        return self._metrics()
+        self.guard.end_of_epoch(self.position)
+        return self.meters.reduced(self.setup.device, self.options.world_size if self.options.distributed else 1)
 
-    def _batches(self):
-        """(batch index, batch) from the first batch, or from where a resumed epoch stopped."""
-        start, cursor = self.start, self.guards.cursor
-        if start is None:
-            yield from enumerate(self.loader)
-        elif start.batches >= self.windows.num_batches:  # stopped after its last step: no batch left
-            set_rng_state(start.rng)
-        elif cursor is not None:
-            cursor.resume_at(start.batches, start.restores())
-            yield from enumerate(self.loader, start=start.batches)
-        else:  # a loader without torch's plain batch sampler: read the done batches again, and drop them
-            for batch_idx, batch in enumerate(self.loader):
-                if batch_idx == start.batches:
-                    set_rng_state(start.rng)
-                if batch_idx >= start.batches:
-                    yield batch_idx, batch
+    def _begin(self) -> None:
+        if self.options.mixup_off_epoch and self.epoch >= self.options.mixup_off_epoch:
+            _turn_mixup_off(self.loader, self.setup)
+        self.task.get_trainable_module().train()
+        start = self.guard.resume_point(self.epoch)
+        if start is not None:
+            self.meters.load_state_dict(start.meters, self.setup.device)
+            self.meters.progress.done_before = self.position.updates = start.updates
+        self.meters.count_overflow(self.setup.loss_scaler)
+        self.data_start = self.update_start = time.time()
+        self.optimizer.zero_grad()
 
-    def _step(self, batch_idx: int, input, target) -> bool:
-        """Forward and backward of one loader batch (and the optimizer step when its window ends)."""
-        args, setup, task, meters, backward = self.args, self.setup, self.task, self.meters, self.step_backward
-        need_update = self.windows.ends_update(batch_idx)
-        accum_steps = self.windows.size(batch_idx)
-        input, target = _to_device(input, target, args, setup)
-        meters.data_time.update(accum_steps * (time.time() - self.data_start))
+    def _step(self, batch_idx: int, input, target, need_update: bool) -> bool:
+        """One loader batch through the task, and the update when its window ends; False when its loss was not
+        finite or its update was not applied."""
+        options, setup, task, meters = self.options, self.setup, self.task, self.meters
+        input, target = _to_device(input, target, options, setup)
+        meters.data_time.update(self.windows.size(batch_idx) * (time.time() - self.data_start))
         batch_size = input['patches'].shape[0] if setup.naflex else input.shape[0]
-        loss_scale, global_batch_size = _batch_scale(batch_size, args, setup)
-        backward.scale, backward.need_update, backward.skipped = loss_scale / accum_steps, need_update, False
-        no_sync = args.distributed and hasattr(task.get_trainable_module(), 'no_sync') and not need_update
+        loss_scale, global_batch_size = _batch_scale(batch_size, options, setup)
+        step = Step(setup.amp_autocast, loss_scale / self.windows.size(batch_idx), need_update, self.update)
+        no_sync = options.distributed and hasattr(task.get_trainable_module(), 'no_sync') and not need_update
         with task.no_sync() if no_sync else nullcontext():
-            with setup.amp_autocast():
-                result = task(input, target)
-            if not task.owns_backward:
-                backward.final(result['loss'])
-        if not meters.add_step(result, batch_size, global_batch_size) or backward.skipped:
-            meters.counters['nonfinite_steps'] += 1
-            self.policy.nonfinite_step(batch_idx, meters.counters['nonfinite_steps'])
-        if not need_update:
-            self.data_start = time.time()
-        return need_update
+            result = task.train_step(input, target, step)
+        applied = self.update.apply() if need_update else True
+        return meters.add_step(result, batch_size, global_batch_size) and applied
 
     def _after_update(self, batch_idx: int, input) -> None:
-        args, meters = self.args, self.meters
-        update_idx = batch_idx // args.grad_accum_steps
-        self.num_updates += 1
+        meters = self.meters
+        update_idx = batch_idx // self.options.grad_accum_steps
+        self.position.updates += 1
         self.optimizer.zero_grad()
         self.task.update_ema(step=self.num_updates)
-        if args.synchronize_step and self.setup.device.type == 'cuda':
+        if self.options.synchronize_step and self.setup.device.type == 'cuda':
             torch.cuda.synchronize()
         now = time.time()
         meters.update_time.update(now - self.update_start)
         self.update_start = now
         meters.progress.show(update_idx + 1, f'loss {meters.losses.avg:#.3g}')
-        self._count_overflow()
-        self._count_unreadable()
-        if update_idx % args.log_interval == 0 or batch_idx == self.windows.num_batches - 1:
+        meters.count_overflow(self.setup.loss_scaler)
+        if update_idx % self.options.log_interval == 0 or batch_idx == self.windows.num_batches - 1:
             self._log(update_idx, batch_idx, input)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step_update(num_updates=self.num_updates, metric=meters.losses.avg)
         meters.update_samples = 0
-        due = bool(args.recovery_interval) and (update_idx + 1) % args.recovery_interval == 0
-        requests = self.policy.after_update()
-        self._act(requests, batch_idx + 1, save=bool(requests.save) or due)
-        self.data_start = time.time()
 
     def _log(self, update_idx: int, batch_idx: int, input) -> None:
-        args, meters = self.args, self.meters
+        options, meters = self.options, self.meters
         loss_now, loss_avg = meters.losses.val, meters.losses.avg
-        if args.distributed:
+        if options.distributed:
             loss_now, loss_avg = utils.reduce_tensor(
-                torch.tensor([loss_now, loss_avg], device=self.setup.device), args.world_size).tolist()
-        if utils.is_primary(args):
+                torch.tensor([loss_now, loss_avg], device=self.setup.device), options.world_size).tolist()
+        if options.primary:
             _logger.info(meters.log_line(update_idx, _mean_lr(self.optimizer), loss_now, loss_avg))
-            if args.save_images and self.output_dir and not self.setup.naflex:
+            if options.save_images and options.output_dir and not self.setup.naflex:
                 torchvision.utils.save_image(
-                    input, os.path.join(self.output_dir, f'train-batch-{batch_idx}.jpg'), padding=0, normalize=True)
+                    input, os.path.join(options.output_dir, f'train-batch-{batch_idx}.jpg'), padding=0, normalize=True)
 
-    def _count_overflow(self) -> None:
-        """The fp16 grad scaler skips a step whose gradients overflowed, and lowers its scale: count those."""
-        if self.setup.loss_scaler is None:
-            return
-        scale = self.setup.loss_scaler.state_dict().get('scale')  # read after the step's sync: no extra wait
-        if scale is not None and self.last_scale is not None and scale < self.last_scale:
-            self.meters.counters['overflow_steps'] += 1
-        self.last_scale = scale
-
-    def _count_unreadable(self) -> None:
-        failures = self.guards.failures
-        if failures is None:
-            return
-        self.meters.counters['unreadable_images'] += failures.drain()
-        count = self.meters.counters['unreadable_images']
-        if over_limit(count, self.guards.bad_image_limit, self.windows.num_batches * self.args.batch_size):
-            self.policy.too_many_bad_images(count)
-
-    def _act(self, requests: Requests, batches_done: int, save: bool) -> None:
-        """Do what the ranks agreed on after ``batches_done`` batches: stop, save a position, or go on."""
-        if requests.nonfinite:
-            raise RunStopped(self._nonfinite_message(requests.nonfinite - 1), EXIT_NONFINITE)
-        if requests.bad_images:
-            raise UsageError(self._bad_images_message(requests.bad_images))
-        path = self._save_position(batches_done) if save or requests.signal else ''
-        if requests.signal:
-            raise RunStopped(self._signal_message(requests.signal, batches_done, path), 128 + requests.signal)
-
-    def _save_position(self, batches_done: int) -> str:
-        if self.guards.positions is None:
-            return ''
-        stop_if_weights_nonfinite(self.task.get_trainable_module(),
-                                  f'in epoch {self.epoch} after {batches_done} batches')
-        return self.guards.positions.save(self.epoch, batches_done, self.num_updates - self.epoch
-                                          * self.windows.updates, self.meters.state_dict())
-
-    def _nonfinite_message(self, batch_idx: int) -> str:
-        where = f'epoch {self.epoch}, batch {batch_idx} of {self.windows.num_batches}'
-        skip = self.policy.skip_nonfinite
-        what = (f'more than --skip-nonfinite {skip} steps had a non-finite loss or gradients (the last at {where})'
-                if skip else f'the loss is not finite at {where}')
-        return (f'error: {what}: stopped without saving, the run folder keeps its last good checkpoint; lower --lr, '
-                f'add --clip-grad{"" if skip else ", or skip such steps with --skip-nonfinite N"}')
-
-    def _bad_images_message(self, count: int) -> str:
-        failures, limit = self.guards.failures, self.guards.bad_image_limit
-        last = f'unreadable image file {failures.last}: ' if failures is not None and failures.last else ''
-        return (f'{last}{count} unreadable images in epoch {self.epoch}, more than --bad-image-limit {limit:g} '
-                f'allows: the dataset, not a file, looks broken (each is named in the log)')
-
-    def _signal_message(self, signum: int, batches_done: int, path: str) -> str:
-        saved = (f'saved {path}' if path else 'rank 0 saved its position' if self.guards.positions is not None
-                 else 'nothing saved')
-        return (f'stopped by {signal.Signals(signum).name} in epoch {self.epoch} after {batches_done} of its '
-                f'{self.windows.num_batches} batches: {saved}; the same command with --resume auto continues from '
-                f'there')
-
-    def _metrics(self) -> OrderedDict:
-        """The epoch's averages (over ranks) and its non-zero counts (summed over ranks)."""
-        metrics, counters = self.meters.metrics(), self.meters.counters
-        if self.args.distributed:
-            values = torch.tensor(list(metrics.values()), device=self.setup.device, dtype=torch.float32)
-            metrics = OrderedDict(zip(metrics.keys(), utils.reduce_tensor(values, self.args.world_size).tolist()))
-            totals = torch.tensor(list(counters.values()), device=self.setup.device, dtype=torch.float64)
-            torch.distributed.all_reduce(totals)
-            counters = dict(zip(counters.keys(), (int(v) for v in totals.tolist())))
-        metrics.update((k, v) for k, v in counters.items() if v)
-        return metrics
 
 
 @torch.inference_mode()

@@ -29,6 +29,8 @@ import torch
 import torch.utils.data
 from timm.utils import load_checkpoint_metadata
 
+from .errors import RunStopped
+
 __all__ = ['rng_state', 'set_rng_state', 'BatchCursor', 'install_cursor', 'EpochStart', 'POSITION_KEY',
            'epoch_start_from', 'resume_order', 'newest_checkpoint', 'PositionWriter']
 
@@ -183,32 +185,35 @@ def newest_checkpoint(folder: str) -> str:
 
 
 class PositionWriter:
-    """Mid-epoch checkpoints: every rank's position gathered, rank 0 writes them into a timm recovery file.
+    """Mid-epoch checkpoints: every rank's position gathered, rank 0's saver (``run_folder.AtomicCheckpointSaver``)
+    writes them into a timm recovery file. Called on every rank at the same update (a collective)."""
 
-    Called on every rank at the same update (a collective); ``saver``/``content`` are rank 0's
-    (``run_folder.AtomicCheckpointSaver`` and the ``run_folder.CheckpointContent`` it saves through).
-    """
-
-    def __init__(self, vote, saver=None, content=None, cursor: Optional[BatchCursor] = None):
-        self.vote, self.saver, self.content, self.cursor = vote, saver, content, cursor
+    def __init__(self, vote, saver=None, cursor: Optional[BatchCursor] = None):
+        self.vote, self.saver, self.cursor = vote, saver, cursor
 
     def save(self, epoch: int, batches: int, updates: int, meters: dict) -> str:
-        """Write the position after ``batches`` batches (``updates`` updates) of ``epoch``; rank 0 returns the file."""
+        """Write the position after ``batches`` batches (``updates`` updates) of ``epoch``; rank 0 returns the file.
+        A save rank 0 refuses (``RunStopped``: its checks before a save failed) stops every rank."""
         mine = {'rng': rng_state(), 'meters': meters}
         if self.cursor is not None and self.cursor.in_process and self.cursor.started > batches:
             mine['rng_next_batch'] = self.cursor.state_at_start(batches)
         ranks = self.vote.gather(mine)
-        path = ''
+        path, refused = '', None
         if self.saver is not None:
             started = time.perf_counter()
-            self.content.position = {'epoch': epoch, 'batches': batches, 'updates': updates,
-                                     'world_size': len(ranks), 'ranks': ranks}
+            position = {'epoch': epoch, 'batches': batches, 'updates': updates, 'world_size': len(ranks),
+                        'ranks': ranks}
             try:
-                self.saver.save_recovery(epoch, batch_idx=updates - 1)
-            finally:
-                self.content.position = None
-            path = self.saver.curr_recovery_file
-            _logger.info(f'Saved {path} (epoch {epoch} after {batches} batches) in '
-                         f'{time.perf_counter() - started:.2f} s.')
-        self.vote.barrier()  # no rank exits (and makes torchrun stop the others) before the file is written
+                path = self.saver.save_position(epoch, updates, position)
+                _logger.info(f'Saved {path} (epoch {epoch} after {batches} batches) in '
+                             f'{time.perf_counter() - started:.2f} s.')
+            except RunStopped as e:
+                refused = e
+        # no rank goes on (or exits, making torchrun stop the others) before the file is written or refused
+        exit_code = self.vote.max_now(refused.exit_code if refused is not None else 0)
+        if refused is not None:
+            raise refused
+        if exit_code:
+            raise RunStopped(f'error: rank 0 refused to write the checkpoint of epoch {epoch} after {batches} '
+                             f'batches (its log says why): stopped', exit_code)
         return path

@@ -8,7 +8,7 @@
   process dies, even by ``kill -9``; the next run then removes the temporary files the dead one left.
 - Checkpoints go through timm's ``CheckpointSaver`` with every file written under a temporary name and
   renamed into place, so a process killed at any moment leaves no truncated file under a final name; a
-  checkpoint with a non-finite weight is never written (``CheckpointContent``).
+  checkpoint with a non-finite weight is never written (``AtomicCheckpointSaver.before_save``).
 - ``summary.csv`` keeps timm's columns first; method and subnet columns are appended after ``lr``.
 """
 import csv
@@ -21,13 +21,14 @@ import socket
 import time
 from collections import OrderedDict
 from datetime import datetime
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from timm.models import safe_model_name
-from timm.utils import CheckpointSaver, load_checkpoint_metadata, unwrap_model
+from timm.utils import CheckpointSaver, load_checkpoint_metadata
 
-from .errors import EXIT_NONFINITE, RunStopped, UsageError
-from .finite import first_nonfinite
+from .errors import UsageError
+from .finite import check_state_finite
 from .resume import POSITION_KEY
 
 _logger = logging.getLogger('train')
@@ -127,38 +128,62 @@ def claim_output_dir(folder: str, resuming_in_place: bool, lock: Optional[RunLoc
     return lock
 
 
-class CheckpointContent:
-    """What the saver writes as the task's part of a checkpoint (it calls ``get_checkpoint_state``, as on a task):
-    the task's state, plus the epoch position of a mid-epoch checkpoint (``position``, set while one is saved).
-
-    A weight that is not finite stops the run before anything is written: no ``last``/``best``/recovery file ever
-    holds one, and the previous checkpoints stay as they were.
-    """
-
-    def __init__(self, task):
-        self.task = task
-        self.position: Optional[dict] = None
-
-    def get_checkpoint_state(self, ema: bool = False, unwrap_fn=unwrap_model) -> dict:
-        state = self.task.get_checkpoint_state(ema=ema, unwrap_fn=unwrap_fn)
-        bad = first_nonfinite(state.get('state_dict_ema' if ema else 'state_dict', {}).items())
-        if bad is not None:
-            raise RunStopped(f'error: {"the EMA weight" if ema else "weight"} {bad} is not finite: no checkpoint '
-                             f'written, the run folder keeps its last good one', EXIT_NONFINITE)
-        if self.position is not None and not ema:
-            state[POSITION_KEY] = self.position
-        return state
-
-
 class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver, with copies and replacements that are atomic on POSIX file systems.
+    """timm's CheckpointSaver, with copies and replacements that are atomic on POSIX file systems, every file written
+    by one function (``write``) after the checks of ``before_save``, and mid-epoch position checkpoints.
 
     timm unlinks the destination before renaming onto it, and falls back to a plain copy when hard links
     are not available: a kill in between leaves no ``last``/``model_best`` file, or a truncated one.
-    timm has no public hook for this, so we override its two private file operations, ``_replace`` and
-    ``_duplicate`` (and read its ``can_hardlink`` flag), here and nowhere else;
+    timm has no public hook for this, so we override its three private file operations, ``_replace``,
+    ``_duplicate`` and ``_save`` (and read its ``can_hardlink`` flag), here and nowhere else;
     ``tests/test_timm_private.py`` fails if timm renames them or stops routing its saves through them.
+    ``before_save(state)`` raises to refuse a checkpoint (train.py's is ``RunGuard.before_save``; the default
+    refuses a non-finite weight).
     """
+
+    def __init__(self, *args, before_save: Callable[[dict], None] = check_state_finite, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.before_save = before_save
+
+    def checkpoint_state(self, epoch: int, metric: Optional[float] = None) -> dict:
+        """What timm's saver writes: epoch, arch, args, optimizer, AMP scaler, the task's state (weights, EMA,
+        task_state), metric, and the saver's own history (``state_dict``)."""
+        arch = self.args.model if self.args is not None else type(self.model).__name__.lower()
+        state = {'epoch': epoch, 'arch': arch, 'optimizer': self.optimizer.state_dict(), 'version': 2}
+        if self.args is not None:
+            state['args'] = self.args
+        if self.amp_scaler is not None:
+            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+        state.update(self.task.get_checkpoint_state(unwrap_fn=self.unwrap_fn))
+        state.update(self.task.get_checkpoint_state(ema=True, unwrap_fn=self.unwrap_fn))
+        if metric is not None:
+            state['metric'] = metric
+        state['saver'] = self.state_dict(epoch, metric)
+        return state
+
+    def write(self, path: str, epoch: int, metric: Optional[float] = None, position: Optional[dict] = None) -> None:
+        """Write one checkpoint file (every save goes through here): its state, with ``position`` for a checkpoint
+        written mid-epoch (``resume.POSITION_KEY``), once ``before_save`` accepts it."""
+        state = self.checkpoint_state(epoch, metric)
+        if position is not None:
+            state[POSITION_KEY] = position
+        self.before_save(state)
+        torch.save(state, path)
+
+    def _save(self, save_path, epoch, metric=None):
+        self.write(save_path, epoch, metric)
+
+    def save_position(self, epoch: int, updates: int, position: dict) -> str:
+        """A recovery file under timm's name (``recovery-<epoch>-<update index>.pth.tar``) holding ``position``;
+        as timm's ``save_recovery``, the file before the previous one is removed. Returns its path."""
+        tmp = os.path.join(self.recovery_dir, f'{self.recovery_prefix}_tmp{self.extension}')
+        path = os.path.join(self.recovery_dir, f'{self.recovery_prefix}-{epoch}-{updates - 1}{self.extension}')
+        self.write(tmp, epoch, position=position)
+        os.replace(tmp, path)
+        if self.prev_recovery_file != path and os.path.exists(self.prev_recovery_file):
+            os.remove(self.prev_recovery_file)
+        self.prev_recovery_file, self.curr_recovery_file = self.curr_recovery_file, path
+        return path
 
     def _replace(self, src, dst):
         os.replace(src, dst)

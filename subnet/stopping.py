@@ -102,9 +102,14 @@ class Vote:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def barrier(self) -> None:
-        if self.group is not None:
-            dist.barrier(group=self.group)
+    def max_now(self, value: int) -> int:
+        """A blocking max of one value over the ranks (it also waits for every rank), leaving a pending exchange as
+        it is."""
+        if self.group is None:
+            return value
+        sent = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=self.group)
+        return int(sent.item())
 
     def _collect(self) -> Optional[List[int]]:
         if self._work is None:

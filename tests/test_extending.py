@@ -54,16 +54,18 @@ class ToyTask(SubnetTask):
         return cls(model, criterion, cls.depth_engine(model, input_size, verbose), args.toy_drop, seed=args.seed,
                    device=device, dtype=dtype, verbose=verbose)
 
-    def forward(self, input, target):
+    def train_step(self, input, target, step):
         keep = nested_keep(torch.ones(self.depth.num_blocks, dtype=torch.bool), self.drop, self.next_generator(),
                            droppable=self.depth.block_map.skippable)
         with self.no_sync():
-            logits = self.forward_pass(input)
-            label_loss = self.criterion(logits, target)
-            self.backward.early(label_loss)
+            with step.autocast():
+                logits = self.forward_pass(input)
+                label_loss = self.criterion(logits, target)
+            step.backward(label_loss)
         with self.depth.subnet(keep):
-            subnet_loss = self.criterion(self.forward_pass(input), target)
-            self.backward.final(subnet_loss)
+            with step.autocast():
+                subnet_loss = self.criterion(self.forward_pass(input), target)
+            step.backward(subnet_loss)
         return {'loss': label_loss.detach() + subnet_loss.detach(), 'output': logits.detach(),
                 'toy_subnet': subnet_loss.detach()}
 

@@ -3,6 +3,7 @@ mid-epoch and resumed ends bitwise equal to the uninterrupted one (plain, every 
 kill -9 from a timed recovery file); unreadable images are replaced, named and counted, and a limit stops the run;
 a non-finite loss stops without touching the last good checkpoint; one run per folder; failed starts and finished
 runs say what they are."""
+import argparse
 import csv
 import os
 import re
@@ -18,8 +19,9 @@ from timm.data import create_dataset
 import train
 import validate
 from subnet.errors import RunStopped
+from subnet.guard import RunGuard
 from subnet.methods import PlainTask, register_method
-from subnet.run_folder import AtomicCheckpointSaver, CheckpointContent
+from subnet.run_folder import AtomicCheckpointSaver
 from subnet.unreadable import NOT_COUNTED, ImageFailures, ReadableImages
 from train_helpers import (ROOT, assert_same_weights, make_subset, run_train, signal_at_batch, state_dict_of,
                            torchrun, train_argv)
@@ -331,7 +333,7 @@ def test_no_checkpoint_is_ever_written_with_a_non_finite_weight(tmp_path):
     model = torch.nn.Linear(2, 2)
     saver = AtomicCheckpointSaver(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                   checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path),
-                                  task=CheckpointContent(PlainTask(model=model, criterion=torch.nn.CrossEntropyLoss())))
+                                  task=PlainTask(model=model, criterion=torch.nn.CrossEntropyLoss()))
     saver.save_checkpoint(0, metric=1.0)
     good = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
     with torch.no_grad():
@@ -341,6 +343,31 @@ def test_no_checkpoint_is_ever_written_with_a_non_finite_weight(tmp_path):
             save()
         assert stopped.value.exit_code == 3
         assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == good
+
+
+def test_a_position_checkpoint_gets_its_position_as_an_argument_and_passes_the_guards_checks(tmp_path):
+    """The guard's position writer hands the position to the saver's one write function; the guard's checks
+    before a save refuse a non-finite weight there too, and the files written before stay as they were."""
+    model = torch.nn.Linear(2, 2)
+    saver = AtomicCheckpointSaver(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                  checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path),
+                                  task=PlainTask(model=model, criterion=torch.nn.CrossEntropyLoss()))
+    args = argparse.Namespace(distributed=False, rank=0, skip_nonfinite=0, recovery_minutes=0., bad_image_limit=0.01,
+                              recovery_interval=0)
+    guard = RunGuard.for_run(args, train_loader=[], failures=None, start=None, saver=saver)
+    assert saver.before_save == guard.before_save
+    path = guard.positions.save(epoch=2, batches=10, updates=5, meters={'loss': 1.5})
+    assert Path(path).name == 'recovery-2-4.pth.tar'
+    position = torch.load(path, map_location='cpu', weights_only=False)['epoch_position']
+    assert (position['epoch'], position['batches'], position['updates'], position['world_size']) == (2, 10, 5, 1)
+    assert position['ranks'][0]['meters'] == {'loss': 1.5}
+    good = sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir())
+    with torch.no_grad():
+        model.weight[0, 0] = float('nan')
+    with pytest.raises(RunStopped, match='weight weight is not finite: no checkpoint written') as stopped:
+        guard.positions.save(epoch=2, batches=12, updates=6, meters={'loss': 1.5})
+    assert stopped.value.exit_code == 3
+    assert sorted((p.name, p.read_bytes()) for p in tmp_path.iterdir()) == good
 
 
 def test_skip_nonfinite_skips_up_to_its_limit_and_counts(data, tmp_path, capsys):

@@ -7,7 +7,7 @@
     gkt    group_knowledge.GroupKnowledgeTask   group knowledge training (AAAI 2024, a reconstruction)
 
 A method of your own: subclass ``SubnetTask`` (or ``DistillFromFullNet``), give it ``options``, ``check_args``,
-``from_args`` and ``forward``, and register it (``docs/extending.md`` walks through an example).
+``from_args`` and ``train_step``, and register it (``docs/extending.md`` walks through an example).
 """
 from .base import DistillFromFullNet, Method, SubnetTask, check_distillation_args, distillation_options
 from .cosub import CosubTask

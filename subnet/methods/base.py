@@ -1,13 +1,14 @@
 """What every method is, and what the methods that sample subnets share.
 
 ``Method`` is the project's side of a training task: its command line (an option group, configuration checks,
-the ``create_model`` kwargs it needs, how it is built from parsed arguments) and the hooks the epoch loop calls
-(``bind_backward``, ``before_eval``, ``owns_backward``, the ``depth`` engine it owns). Every task train.py
-builds is a ``Method``; the defaults are plain timm training's, so a method overrides only what it changes.
+the ``create_model`` kwargs it needs, how it is built from parsed arguments) and what the epoch loop calls
+(``train_step``, the step protocol of ``subnet/step.py``; ``before_eval``; the ``depth`` engine it owns). Every
+task train.py builds is a ``Method``; the defaults are plain timm training's, so a method overrides only what it
+changes.
 
-``SubnetTask`` is the base of the methods that run subnets: the depth engine, a step counter that seeds each
-step's masks (the same on every DDP rank; checkpointed as ``task_state``, so a resumed run replays them) and the
-loop's ``StepBackward``. ``DistillFromFullNet`` adds what ST and GKT share: the full net's label pass, subnet
+``SubnetTask`` is the base of the methods that run subnets: the depth engine and a step counter that seeds each
+step's masks (the same on every DDP rank; checkpointed as ``task_state``, so a resumed run replays them).
+``DistillFromFullNet`` adds what ST and GKT share: the full net's label pass, subnet
 passes that distil from teachers, and the BatchNorm handling they need.
 """
 from __future__ import annotations
@@ -21,11 +22,11 @@ import torch
 import torch.nn as nn
 from timm.task import ClassificationTask
 
-from ..backward import StepBackward
 from ..batchnorm import frozen_running_stats, recalibrate
 from ..depth import DepthEngine
 from ..errors import UsageError
 from ..sampling import step_generator
+from ..step import Step
 
 __all__ = ['Method', 'SubnetTask', 'DistillFromFullNet', 'distillation_options', 'check_distillation_args']
 
@@ -43,7 +44,6 @@ class Method:
     method: str = ''  # the --method name, set by register_method
     options: Tuple[Callable[[argparse.ArgumentParser], None], ...] = ()
     drop_schedule: str = 'linear'  # the model's drop-path rates unless --drop-schedule says: timm's ramp
-    owns_backward: bool = False  # True: forward back-propagates through the loop's StepBackward itself
     depth: Optional[DepthEngine] = None  # the depth engine of a task that runs subnets
 
     @classmethod
@@ -64,18 +64,23 @@ class Method:
         """
         raise NotImplementedError(f'{cls.__qualname__} does not say how it is built from arguments')
 
-    # ---- hooks the loop calls
-    def bind_backward(self, step_backward: StepBackward) -> None:
-        """The loop's backward for this epoch (AMP scaling, accumulation, clipping, optimizer step)."""
+    # ---- what the loop calls
+    def train_step(self, input, target, step: Step) -> dict:
+        """One training step's passes (``subnet/step.py``): timm's task forward under ``step.autocast()``, its loss
+        back-propagated through ``step.backward`` outside it. Returns ``{'loss', 'output', <parts>}``."""
+        with step.autocast():
+            result = self(input, target)
+        step.backward(result['loss'])
+        return result
 
     def before_eval(self, batches: Iterable[torch.Tensor]) -> None:
         """Called before every evaluation with (lazily loaded) training image batches."""
 
 
 class SubnetTask(Method, ClassificationTask):
-    """A method that runs subnets: the depth engine, the step counter (checkpointed), the loop's backward."""
-
-    owns_backward = True
+    """A method that runs subnets: the depth engine and the step counter (checkpointed). Its ``train_step`` runs
+    and back-propagates its passes; calling the task, ``task(input, target)``, runs that step with a bare ``Step``
+    (every pass just back-propagated, no autocast), for use outside train.py's loop."""
 
     def __init__(self, model: nn.Module, criterion: nn.Module, depth: DepthEngine, seed: int = 42,
                  device=None, dtype=None, verbose: bool = True):
@@ -83,7 +88,6 @@ class SubnetTask(Method, ClassificationTask):
         self.depth = depth
         self.seed = seed
         self.step = 0
-        self.backward = StepBackward()  # the loop binds its own; this one just back-propagates (tests)
 
     @classmethod
     def check_args(cls, args) -> None:
@@ -102,8 +106,11 @@ class SubnetTask(Method, ClassificationTask):
             _logger.info(depth.block_map.describe())
         return depth
 
-    def bind_backward(self, step_backward: StepBackward) -> None:
-        self.backward = step_backward
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict:
+        return self.train_step(input, target, Step())
+
+    def train_step(self, input: torch.Tensor, target: torch.Tensor, step: Step) -> dict:
+        raise NotImplementedError(f'{type(self).__qualname__} does not define its training step')
 
     def next_generator(self, rank: int = 0) -> torch.Generator:
         """A generator for this step's masks: rank 0's seed on every rank unless a method asks per rank."""
@@ -176,12 +183,13 @@ class DistillFromFullNet(SubnetTask):
         """Constructor arguments from the shared distillation options."""
         return dict(bn_mode=args.subnet_bn, recal_images=args.subnet_bn_images)
 
-    def label_pass(self, input: torch.Tensor, target: torch.Tensor, normalize=None):
+    def label_pass(self, input: torch.Tensor, target: torch.Tensor, step: Step, normalize=None):
         """Full net on the batch: label loss back-propagated at once (its graph freed), logits returned."""
         with self.no_sync():
-            logits = self.forward_pass(input)
-            label_loss = self.criterion(logits if normalize is None else normalize(logits), target)
-            self.backward.early(label_loss)
+            with step.autocast():
+                logits = self.forward_pass(input)
+                label_loss = self.criterion(logits if normalize is None else normalize(logits), target)
+            step.backward(label_loss)
         return logits.detach(), label_loss.detach()
 
     @contextlib.contextmanager
@@ -191,12 +199,6 @@ class DistillFromFullNet(SubnetTask):
         bn = frozen_running_stats(self.depth.model) if self.bn_mode == 'freeze' else contextlib.nullcontext()
         with sync, bn, self.depth.subnet(keep):
             yield
-
-    def distill_backward(self, loss: torch.Tensor, last: bool) -> None:
-        if last:
-            self.backward.final(loss)
-        else:
-            self.backward.early(loss)
 
     def before_eval(self, batches) -> None:
         """``--subnet-bn recal``: the official ST code re-estimates BN statistics with the full net first."""

@@ -23,6 +23,7 @@ from ..depth import DepthEngine
 from ..errors import UsageError
 from ..losses import cosub_loss
 from ..sampling import ROWS, draw_keep
+from ..step import Step
 from .base import SubnetTask
 
 __all__ = ['CosubTask', 'cosub_options']
@@ -137,13 +138,14 @@ class CosubTask(SubnetTask):
         keep_mask, keep_prob = draw_keep(rows, self.unit_rates, self.rows, self.next_generator(self.rank))
         return self.depth.per_sample(keep_mask, keep_prob, mode=self.impl, unit=self.unit)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict:
+    def train_step(self, input: torch.Tensor, target: torch.Tensor, step: Step) -> dict:
         if target.ndim != 2:
             raise UsageError('cosub needs dense (mixup/cutmix) targets, got class indices')
         batch = input.shape[0]
         with self.submodels(2 * batch):
-            logits = self.forward_pass(torch.cat([input, input]))
-            terms = cosub_loss(logits[:batch], logits[batch:], target, self.label_weight, self.target_threshold)
-            self.backward.final(terms.total)
+            with step.autocast():
+                logits = self.forward_pass(torch.cat([input, input]))
+                terms = cosub_loss(logits[:batch], logits[batch:], target, self.label_weight, self.target_threshold)
+            step.backward(terms.total)
         return {'loss': terms.total.detach(), 'output': logits[:batch].detach(),
                 'cosub_label': terms.label.detach(), 'cosub_peer': terms.peer.detach()}

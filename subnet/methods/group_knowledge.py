@@ -15,6 +15,7 @@ from ..depth import DepthEngine
 from ..errors import UsageError
 from ..losses import GroupKnowledge, kl_distill
 from ..sampling import nested_keep
+from ..step import Step
 from .base import DistillFromFullNet, distillation_options
 
 __all__ = ['GroupKnowledgeTask', 'group_knowledge_options']
@@ -70,9 +71,9 @@ class GroupKnowledgeTask(DistillFromFullNet):
     def nested_child(self, parent: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return nested_keep(parent, self.drop, generator, droppable=self.depth.block_map.skippable)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict:
+    def train_step(self, input: torch.Tensor, target: torch.Tensor, step: Step) -> dict:
         generator = self.next_generator()
-        main_logits, label_loss = self.label_pass(input, target)
+        main_logits, label_loss = self.label_pass(input, target, step)
         self.knowledge.reset()
         self.knowledge.update(0, main_logits)
         full = torch.ones(len(self.depth.block_map.blocks), dtype=torch.bool)
@@ -83,9 +84,10 @@ class GroupKnowledgeTask(DistillFromFullNet):
                 keep = self.sample_child(parent, generator)
                 last = loop == self.loops - 1 and group == self.groups
                 with self.subnet_pass(keep, last):
-                    logits = self.forward_pass(input)
-                    kd = self.weight * kl_distill(logits, self.knowledge.teacher(group - 1), self.temperature)
-                    self.distill_backward(kd, last)
+                    with step.autocast():
+                        logits = self.forward_pass(input)
+                        kd = self.weight * kl_distill(logits, self.knowledge.teacher(group - 1), self.temperature)
+                    step.backward(kd)
                 self.knowledge.update(group, logits)
                 kd_sum += kd.detach()
                 flops += self.depth.block_map.flop_fraction(keep) / passes

@@ -19,6 +19,7 @@ from ..depth import DepthEngine
 from ..errors import UsageError
 from ..losses import direction_kl, kl_distill, standardize_logits
 from ..sampling import lowest_prefix_depths, stage_prefix_keep
+from ..step import Step
 from .base import DistillFromFullNet, distillation_options
 
 __all__ = ['StimulativeTask', 'StimulativePlusPlusTask', 'stimulative_options']
@@ -136,16 +137,17 @@ class StimulativeTask(DistillFromFullNet):
             return input
         return F.interpolate(input, size=(side, side), mode='bilinear', align_corners=False)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict:
+    def train_step(self, input: torch.Tensor, target: torch.Tensor, step: Step) -> dict:
         generator = self.next_generator()
-        teacher, label_loss = self.label_pass(input, target, self.standardized if self.norm_ce else None)
+        teacher, label_loss = self.label_pass(input, target, step, self.standardized if self.norm_ce else None)
         kl_sum, flops = torch.zeros((), device=teacher.device), 0.0
         for k in range(self.subnets):
             keep = stage_prefix_keep(self.depth.block_map, self.min_keep, generator)
-            last = k == self.subnets - 1
-            with self.subnet_pass(keep, last):
-                kl = self.kl_weight * self.distill(self.forward_pass(self.subnet_input(input, generator)), teacher)
-                self.distill_backward(kl, last)
+            with self.subnet_pass(keep, last=k == self.subnets - 1):
+                with step.autocast():
+                    kl = self.kl_weight * self.distill(self.forward_pass(self.subnet_input(input, generator)),
+                                                       teacher)
+                step.backward(kl)
             kl_sum += kl.detach()
             flops += self.depth.block_map.flop_fraction(keep) / self.subnets
         return {'loss': label_loss + kl_sum, 'output': teacher, 'st_label': label_loss, 'st_kl': kl_sum,
