@@ -32,6 +32,7 @@ from torch import nn
 
 from .blocks import BlockMap, drop_path_slots, model_name as architecture
 from .depth import DepthEngine
+from .errors import InputError
 from .evaluation import Subnet
 from .models import resolve_model_name
 from .speed import images_per_second, speed_fields
@@ -45,7 +46,7 @@ _logger = logging.getLogger(__name__)
 EXPORT_FIELDS = ('exported', 'load_call')
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A model or subnet that timm cannot build from ``create_model`` keywords (one line, says what is supported)."""
 
 

@@ -14,6 +14,7 @@ import torch
 from ..depth import DepthEngine
 from ..errors import UsageError
 from ..losses import GroupKnowledge, kl_distill
+from ..results import cost_part, loss_part
 from ..sampling import nested_keep
 from ..step import Step
 from .base import DistillFromFullNet, distillation_options
@@ -40,6 +41,10 @@ class GroupKnowledgeTask(DistillFromFullNet):
     by the knowledge of group g − 1 with T²·KL and then folded into group g's knowledge, an EMA (β) of that group's
     detached logits within the step. With G = 1 every subnet is taught by the full net: ST with R subnets.
     """
+
+    result_parts = (loss_part('gkt_label', "the full net's label loss"),
+                    loss_part('gkt_kd', "the subnets' distillation loss, summed"),
+                    cost_part('gkt_subnet_flops', "the subnets' mean FLOPs, a fraction of the full net's"))
 
     options = (distillation_options, group_knowledge_options)
 
