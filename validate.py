@@ -35,7 +35,7 @@ from timm.layers import apply_test_time_pool, set_fast_norm
 from timm.models import create_model, is_model, list_models, load_checkpoint
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
 
-from subnet import evaluation, export, logs, plots
+from subnet import checks, evaluation, export, logs, option_ranges, plots
 from subnet.data import FixedSample, check_image_folders, loader_images
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
@@ -112,7 +112,7 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
     split = split or args.split
     if not args.dataset:
         check_image_folders(root, {'evaluation' if split == args.split else 'BN recalibration': split},
-                            args.class_map)
+                            args.class_map, root_may_be_split=True)
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     dataset = create_dataset(
         root=root, name=args.dataset, split=split, download=args.dataset_download,
@@ -197,6 +197,8 @@ def validate(args):
     patch_size = naflex_patch_size(model) if args.naflex_loader else None
     dataset, loader, crop_pct = build_loader(args, data_config, test_time_pool, device, model_dtype,
                                              patch_size=patch_size)
+    checks.check_model_covers_classes(args.num_classes, dataset,
+                                      f'the {args.split} split of {args.data or args.data_dir}')
     try:
         subnets = evaluation.SubnetEvaluation(model, args.subnets, seed=args.seed,
                                               input_size=data_config['input_size']) if args.subnets else None
@@ -315,8 +317,6 @@ def check_subnet_options(args) -> None:
     for option, given in (('--test-pool', args.test_pool), ('--reparam', args.reparam)):
         if args.export and given:
             raise UsageError(f'--export writes the model as timm builds it: drop {option}')
-    if args.speed_batch < 0:
-        raise UsageError(f'--speed-batch must be >= 0 (0: no timing), got {args.speed_batch}')
     if args.plot_x == 'latency' and not (args.export and args.speed_batch > 0):
         raise UsageError('--plot-x latency draws the times --export measures: add --export DIR (and --speed-batch '
                          '> 0)')
@@ -338,6 +338,8 @@ def run(argv) -> int:
     args = validate_parser().parse_args(argv)
     if args.results_format not in ('csv', 'json'):
         raise UsageError(f"--results-format must be 'csv' or 'json', got {args.results_format!r}")
+    option_ranges.check_ranges(args)
+    option_ranges.check_together(args)
     check_subnet_options(args)
     configs = model_configs(args)
     use_default_device(args, device_given='device' in given_on_command_line(validate_parser(), argv))

@@ -1,13 +1,15 @@
 """The options subnet adds to timm's scripts: method selection, each method's group, reporting, subnet evaluation.
 
 They live in new namespaces (``--method*``, ``--cosub-*``, ``--st-*``, ``--gkt-*``, ``--subnet-*``,
-``--plot-summary``, ``--log-tensorboard``, ``--bad-image-limit``, ``--skip-nonfinite``, ``--recovery-minutes``), so
+``--plot-summary``, ``--log-tensorboard``, ``--bad-image-limit``, ``--skip-nonfinite``, ``--recovery-minutes``,
+``--divergence-limit``), so
 none of them makes an abbreviation of a timm option ambiguous (``--recovery`` stays timm's ``--recovery-interval``,
 see ``OneLineParser``). As with every option, the YAML key is the underscore name (``method: cosub``); an option's other spellings are YAML
 keys too (``dr`` for timm's ``--decay-rate``). The methods' own groups come from the method registry.
 """
 import argparse
 
+from .divergence import DEFAULT_LIMIT
 from .methods import add_method_options, method_names
 from .spec import spec_help, subnet_spec
 
@@ -85,6 +87,11 @@ def add_long_run_options(parser: argparse.ArgumentParser) -> None:
                    help='also write a recovery checkpoint every M minutes of training (rank 0\'s clock), which '
                         '--resume auto continues from mid-epoch; like --recovery-interval (in updates), it is '
                         'removed once the epoch\'s checkpoint is written (default: 0, off)')
+    g.add_argument('--divergence-limit', type=float, default=DEFAULT_LIMIT, metavar='F',
+                   help='stop (exit 3, nothing saved) when a weight grows beyond F x the largest starting weight '
+                        'magnitude (at least 1), or an epoch\'s training or evaluation loss beyond F x ln(classes), '
+                        'the loss of a uniform guess: a diverged run that stays finite; inf turns the bounds off '
+                        '(default: 1000)')
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:

@@ -75,7 +75,7 @@ def _dataset_options(parser: argparse.ArgumentParser) -> None:
                    help='dataset type + name ("<type>/<name>", e.g. torch/cifar10, hfds/...); empty: image folder')
     g.add_argument('--train-split', metavar='NAME', default='train', help='training split (default: train)')
     g.add_argument('--val-split', metavar='NAME', default='validation',
-                   help="validation split (default: validation); '' turns validation off")
+                   help="validation split (default: validation); '' or none: train without evaluation")
     g.add_argument('--train-num-samples', default=None, type=int, metavar='N',
                    help='samples in the train split, for iterable datasets')
     g.add_argument('--val-num-samples', default=None, type=int, metavar='N',

@@ -286,10 +286,10 @@ def test_unreadable_image_is_named(data, tmp_path, capsys):
 
 def test_train_and_val_in_the_same_folder_warns(tmp_path, caplog):
     from subnet.data import check_image_folders
-    folder = tmp_path / 'flat' / 'class_a'
+    folder = tmp_path / 'flat' / 'train' / 'class_a'
     folder.mkdir(parents=True)
     Image.new('L', (8, 8)).save(folder / 'a.png')
-    check_image_folders(str(tmp_path / 'flat'), {'train': 'train', 'validation': 'validation'})
+    check_image_folders(str(tmp_path / 'flat'), {'train': 'train', 'validation': 'training'})
     assert 'both resolve to' in caplog.text
 
 
