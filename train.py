@@ -40,7 +40,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import trim_summary, unwrap_model
 
-from subnet import checks, intact, logs, option_ranges, plots, resume, run_folder
+from subnet import checks, downloads, global_batch, intact, logs, option_ranges, plots, resume, run_folder
 from subnet.criterion import build_criterion
 from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
@@ -55,7 +55,7 @@ from subnet.methods import method_class
 from subnet.models import (accepted_kwargs, check_state_dict_fits, constant_drop_path, load_checkpoint_file,
                            load_initial_checkpoint, model_drop_path_rate, naflex_patch_size, resolve_model_name)
 from subnet.spec import SubnetSpecError
-from subnet.timm_options import parse_train_args, train_options_given
+from subnet.timm_options import parse_train_args, train_option_sources
 
 _logger = logging.getLogger('train')
 
@@ -130,7 +130,8 @@ def build_model(args) -> nn.Module:
                      if k not in args.model_kwargs}
     # a model without the option (e.g. dynamic_img_size on a CNN) does not need it
     method_kwargs = accepted_kwargs(args.model, method_kwargs, in_chans=in_chans, **args.model_kwargs)
-    model = create(**method_kwargs, **args.model_kwargs)
+    model_kwargs = dict(method_kwargs, **args.model_kwargs)
+    model = create(**model_kwargs)
     schedule = args.drop_schedule or method_class(args.method).drop_schedule
     if schedule == 'constant':
         constant_drop_path(model, args.drop_path if args.drop_path is not None else model_drop_path_rate(model))
@@ -148,6 +149,8 @@ def build_model(args) -> nn.Module:
         model.set_grad_checkpointing(enable=True)
     if utils.is_primary(args):
         _logger.info(f'Model {args.model} created, param count:{sum(p.numel() for p in model.parameters())}')
+        _logger.info(f'Model kwargs: {model_kwargs} (the config file\'s model_kwargs, --model-kwargs winning per '
+                     f'key, and the method\'s)')
     return model
 
 
@@ -217,6 +220,23 @@ def build_optimizer(args, task) -> torch.optim.Optimizer:
         _logger.info(f'Created {type(optimizer).__name__} ({args.opt}) optimizer: '
                      + ', '.join(f'{k}: {v}' for k, v in defaults.items()))
     return optimizer
+
+
+def log_global_batch(args, batch_size_reference: float, on_command_line: set, in_config: set) -> None:
+    """The global batch and the learning rate in use, and a warning when the config file's absolute lr was
+    declared (``recipe_global_batch``) for another global batch."""
+    if 'lr' in on_command_line:
+        origin = 'from --lr'
+    elif 'lr' in in_config:
+        origin = 'absolute, from the config file'
+    else:
+        origin = f'--lr-base {args.lr_base:g} per {args.lr_base_size} images, {args.lr_base_scale} scaling'
+    warning = global_batch.mismatch_warning(args, batch_size_reference,
+                                            lr_from_config='lr' in in_config and 'lr' not in on_command_line)
+    if utils.is_primary(args):
+        _logger.info(global_batch.describe(args, batch_size_reference, origin))
+        if warning:
+            _logger.warning(warning)
 
 
 def resume_path(args, output_dir: str) -> str:
@@ -304,13 +324,15 @@ def build(args) -> Training:
     device = training_device(args)
     model_dtype = dtype_of(args)
     utils.random_seed(args.seed, args.rank)
-    model = build_model_explained(args)
+    with downloads.model_download(args.model, args.pretrained, '--pretrained-path FILE'):
+        model = build_model_explained(args)
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
     patch_size = naflex_patch_size(model) if args.naflex_loader else None
     model = place_model(args, model, device, model_dtype, num_aug_splits)
     amp_autocast, loss_scaler = training_precision(args, device)
-    loaders = build_loaders(args, data_config, device, model_dtype, num_aug_splits, patch_size)
+    with downloads.dataset_download(args.dataset, args.data_dir, args.dataset_download):
+        loaders = build_loaders(args, data_config, device, model_dtype, num_aug_splits, patch_size)
     checks.check_dataset_classes(args, loaders.train)
     checks.check_eval_classes(args, loaders.train, loaders.eval)
     derive_lr(args, loaders.batch_size_reference)
@@ -562,12 +584,14 @@ def _train(argv) -> TrainRun:
         return TrainRun(args, None, os.path.dirname(png), [])
     args.rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
     preflight(args)
-    use_default_device(args, device_given='device' in train_options_given(argv))
+    on_command_line, in_config = train_option_sources(argv)
+    use_default_device(args, device_given='device' in (on_command_line | in_config))
     limit_workers(args)
     args.prefetcher = not args.no_prefetcher
     locks = [lock_experiment(args)]
     try:
         training = build(args)
+        log_global_batch(args, training.loaders.batch_size_reference, on_command_line, in_config)
         training.lock = locks[0]
         open_run_folder(training, args_text)
         locks.append(training.lock)
