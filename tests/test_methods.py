@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import subnet.methods.stimulative as stimulative
 import train
-from subnet.methods import CosubTask, GroupKnowledgeTask, StimulativeTask
+from subnet.methods import CosubTask, GroupKnowledgeTask, StimulativeTask, method_class
 from subnet.depth import DepthEngine
 from subnet.errors import UsageError
 from subnet.losses import GroupKnowledge, group_knowledge_loss, kl_distill, standardize_logits
@@ -201,6 +201,41 @@ def test_st_subnets_leave_batchnorm_running_statistics_alone_when_frozen():
     polluted = st_task(tiny_resnet(), subnets=3, min_keep=1, bn_mode='recal')
     polluted(images, labels)
     assert not torch.equal(polluted.trainable_module.bn1.running_mean, label_only.bn1.running_mean)
+
+
+def _drawn_sides(task, crop, draws=2000):
+    """The sides of the subnet inputs ``task`` draws for a batch of ``crop`` px (sizes only: a 1-channel image)."""
+    generator, image = torch.Generator().manual_seed(0), torch.zeros(1, 1, crop, crop)
+    return {task.subnet_input(image, generator).shape[-1] for _ in range(draws)}
+
+
+def test_st_plus_plus_recipe_draws_the_official_sizes_on_imagenet_crops():
+    """The shipped ResNet-50 recipe's subnets see exactly the official Dtrans7 sides: randint(int(0.43 crop), crop),
+    {86..200} at its 200-px crops and {96..224} at 224; the pixel floor (64 px for stride 32) changes nothing."""
+    args, _ = parse_train_args(['-c', str(ROOT / 'hparams' / 'stpp_resnet50_200ep.yaml')])
+    model = timm.create_model(args.model, num_classes=10, **args.model_kwargs)
+    task = method_class(args.method).from_args(args, model, nn.CrossEntropyLoss(), input_size=(3, 64, 64),
+                                               verbose=False)
+    assert task.min_side == 64 and task.min_size == 0.43
+    assert _drawn_sides(task, 200) == set(range(86, 201))
+    assert _drawn_sides(task, 224) == set(range(96, 225))
+
+
+def test_st_plus_plus_floor_keeps_small_crops_from_collapsing_to_one_by_one_maps():
+    """At 32 px the official ratio alone feeds 13-px inputs (a stride-32 ResNet's last stage: 1x1); the default floor
+    (twice the output stride, capped at the crop) keeps a ResNet's subnets at the crop and a patch-4 ViT's at
+    8 px or more; an explicit floor applies as given."""
+    ratio_only = st_task(tiny_resnet(), subnets=6, min_keep=1, loss='kl-', norm_ce=True, min_size=0.43, min_side=0)
+    assert min(_drawn_sides(ratio_only, 32)) == 13
+    resnet = st_task(tiny_resnet(), subnets=6, min_keep=1, loss='kl-', norm_ce=True, min_size=0.43)
+    assert resnet.min_side == 64 and _drawn_sides(resnet, 32) == {32}
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2,
+                            num_classes=10, dynamic_img_size=True)
+    vit_task = StimulativeTask(vit, nn.CrossEntropyLoss(), DepthEngine(vit, input_size=(3, 32, 32)), subnets=6,
+                               min_keep=1, loss='kl-', min_size=0.43)
+    assert vit_task.min_side == 8 and _drawn_sides(vit_task, 32) == {12, 16, 20, 24, 28, 32}
+    floored = st_task(tiny_resnet(), subnets=6, min_keep=1, loss='kl-', min_size=0.43, min_side=20)
+    assert _drawn_sides(floored, 32) == set(range(20, 33))
 
 
 def test_st_plus_plus_resizes_the_original_batch_to_patch_multiples_and_standardizes_the_ce():
@@ -422,9 +457,9 @@ def test_each_method_composes_with_timms_training_options(method, data, tmp_path
         flags += ['--mixup', '0.2']
     if method == 'st++':
         # oneDNN's bf16 convolution backward (PyTorch 2.14 CPU) returns NaN weight gradients at random for a 1x1
-        # input with stride 2 (README, known problems); ST++'s smallest inputs (12 px) bring this tiny ResNet
-        # there, so its subnets here stay at 17 px or more (layer4 then sees 2x2)
-        flags += ['--st-min-size', '0.61']
+        # input with stride 2 (README, known problems); a floor of 17 px keeps this tiny ResNet's layer4 at 2x2
+        # while its subnets still see smaller inputs than the 28-px crop
+        flags += ['--st-min-side', '17']
     run = run_train(train_argv(data, tmp_path, 'all', *flags, '-b', '8'))
     with open(Path(run.output_dir) / 'summary.csv') as f:
         row = next(iter(__import__('csv').DictReader(f)))
