@@ -17,6 +17,7 @@ from subnet.methods import CosubTask, GroupKnowledgeTask, StimulativeTask, metho
 from subnet.depth import DepthEngine
 from subnet.errors import UsageError
 from subnet.losses import GroupKnowledge, group_knowledge_loss, kl_distill, standardize_logits
+from subnet.sample_memory import SampleIndexTap
 from subnet.sampling import drop_rates
 from subnet.timm_options import parse_train_args
 from train_helpers import ROOT, TINY_RESNET, TINY_VIT, make_subset, run_train, state_dict_of, torchrun, train_argv
@@ -268,6 +269,39 @@ def test_gkt_with_one_group_is_st_with_r_subnets(monkeypatch):
     st_grads = grads(st.trainable_module)
     for name, grad in grads(gkt.trainable_module).items():
         assert torch.allclose(grad, st_grads[name], atol=1e-6), name
+
+
+def _gkt_on_samples(knowledge, steps, masks):
+    """A GKT task (2 groups, 1 loop, fixed nested subnets) run on (batch, sample indices) pairs; no optimizer, so
+    every step sees the same weights. Returns the task and each step's distillation loss."""
+    model = tiny_resnet()
+    task = GroupKnowledgeTask(model, nn.CrossEntropyLoss(), DepthEngine(model, input_size=(3, 28, 28)), groups=2,
+                              loops=1, knowledge=knowledge,
+                              sampler=lambda parent, g: parent & (masks[0] if parent.all() else masks[1])).train()
+    tap = SampleIndexTap([i for _, ids in steps for i in ids], num_samples=10)
+    for _ in tap:  # the loader draws every batch's indices
+        pass
+    task.sample_indices = tap
+    task.attach_memory(10)
+    kd = [task(images, labels)['gkt_kd'] for (images, labels), _ in steps]
+    return task, kd
+
+
+def test_gkt_knowledge_across_steps_folds_in_what_earlier_steps_stored_for_the_same_samples():
+    """Step 2 shows samples 0 and 1 again (another augmentation) with two new ones: their knowledge is the EMA of
+    what step 1 stored and this step's logits; the new samples' is this step's alone, as on a first sight."""
+    masks = _resnet_masks(tiny_resnet())
+    first, second = batch(seed=1), batch(seed=2)
+    seen_twice, twice_kd = _gkt_on_samples('sample', [(first, [0, 1, 2, 3]), (second, [0, 1, 8, 9])], masks)
+    once, once_kd = _gkt_on_samples('sample', [(first, [0, 1, 2, 3])], masks)
+    fresh, fresh_kd = _gkt_on_samples('sample', [(second, [0, 1, 8, 9])], masks)
+    _, step_kd = _gkt_on_samples('step', [(second, [0, 1, 8, 9])], masks)
+    before, now, memory = once.memory.values, fresh.memory.values, seen_twice.memory.values
+    torch.testing.assert_close(memory[[0, 1]], 0.5 * before[[0, 1]] + 0.5 * now[[0, 1]], rtol=0, atol=1e-6)
+    assert torch.equal(memory[[8, 9]], now[[8, 9]]) and torch.equal(memory[[2, 3]], before[[2, 3]])
+    assert seen_twice.memory.seen.tolist() == [True] * 4 + [False] * 4 + [True] * 2
+    assert torch.equal(fresh_kd[0], step_kd[0])  # first sight: the per-step reading
+    assert not torch.allclose(twice_kd[1], fresh_kd[0])  # group 2 was taught by the remembered knowledge
 
 
 def test_gkt_step_matches_the_group_knowledge_reference_and_nests_its_subnets():

@@ -21,6 +21,7 @@ import validate
 from subnet.errors import RunStopped
 from subnet.guard import RunGuard
 from subnet.methods import PlainTask, register_method
+from subnet.models import load_checkpoint_file
 from subnet.run_folder import AtomicCheckpointSaver
 from subnet.unreadable import NOT_COUNTED, ImageFailures, ReadableImages
 from train_helpers import (ROOT, assert_same_weights, make_subset, run_train, signal_at_batch, state_dict_of,
@@ -119,6 +120,23 @@ def test_every_method_resumes_mid_epoch_bit_for_bit(method, data, tmp_path, caps
     assert resumed.task.step == uninterrupted.task.step == 5  # the subnet sampler's step counter came back
     assert_same_weights(state_dict_of(uninterrupted), state_dict_of(resumed))
     assert _summary(tmp_path / 'split') == _summary(tmp_path / 'straight')
+
+
+def test_gkt_knowledge_across_steps_resumes_mid_epoch_bit_for_bit(data, tmp_path, capsys):
+    """Stopped in epoch 1 (every sample's knowledge already stored in epoch 0), resumed: the memory came back with
+    the checkpoint and the run ends bitwise the uninterrupted one."""
+    extra = ('--epochs', '2', '-b', '8', '--method', 'gkt', '--gkt-knowledge', 'sample')
+    uninterrupted = run_train(train_argv(data, tmp_path, 'straight', *extra))
+    argv = train_argv(data, tmp_path, 'split', *extra, '--resume', 'auto')
+    with signal_at_batch(7):
+        assert train.main(argv) == 143
+    assert 'saved' in _last_line(capsys)
+    saved = load_checkpoint_file(str(tmp_path / 'split' / 'recovery-1-1.pth.tar'), 'test')['task_state']
+    assert bool(saved['sample_knowledge']['seen'].all())  # 40 images, all seen in epoch 0
+    resumed = run_train(argv)
+    assert_same_weights(state_dict_of(uninterrupted), state_dict_of(resumed))
+    assert _summary(tmp_path / 'split') == _summary(tmp_path / 'straight')
+    assert torch.equal(resumed.task.memory.values, uninterrupted.task.memory.values)
 
 
 def test_ctrl_c_exits_130_names_the_checkpoint_it_wrote_and_resume_path_continues_from_it(data, tmp_path, straight,
