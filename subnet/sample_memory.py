@@ -78,10 +78,13 @@ class LogitMemory:
         return self.values[indices].to(device), self.seen[indices].to(device)
 
     def store(self, indices: torch.Tensor, values: torch.Tensor) -> None:
-        """Write (B, slots, classes) values for these samples (every rank's batch, under DDP)."""
+        """Write (B, slots, classes) values for these samples (every rank's batch, under DDP); rows that are not
+        finite are left out."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             indices, values = _gathered(indices.to(values.device)), _gathered(values.contiguous())
         values, indices = values.detach().float().cpu(), indices.cpu()
+        finite = values.flatten(1).isfinite().all(dim=1)  # a step that went non-finite leaves its samples as they were
+        values, indices = values[finite], indices[finite]
         if self.values is None:
             self.values = torch.zeros(self.num_samples, self.slots, values.shape[-1])
         self.values[indices] = values

@@ -181,11 +181,13 @@ def test_kill_9_then_resume_from_a_timed_recovery_file_is_the_uninterrupted_run(
            'tmp.pth.tar' in (folder / 'log.txt').read_text()
 
 
-def test_two_process_gloo_run_stopped_on_one_rank_resumes_bit_for_bit(data, tmp_path):
+@pytest.mark.parametrize('method', [(), ('--method', 'gkt', '--gkt-knowledge', 'sample')], ids=['plain', 'gkt-sample'])
+def test_two_process_gloo_run_stopped_on_one_rank_resumes_bit_for_bit(method, data, tmp_path):
+    """Also GKT's knowledge across steps: each rank's memory holds what both ranks stored (rank 0 saves it)."""
     def torchrun_train(name: str, result: Path, **env) -> subprocess.CompletedProcess:
         result.mkdir()
         argv = train_argv(data, tmp_path, name, '--epochs', '2', '-b', '4', '--reprob', '0.25', '--drop-path', '0.1',
-                          '--resume', 'auto')
+                          '--resume', 'auto', *method)
         return subprocess.run(torchrun(str(ROOT / 'tests' / 'ddp_harness.py'), str(result), '--', *argv),
                               env=dict(ENV, **env), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert torchrun_train('straight', tmp_path / 'a').returncode == 0

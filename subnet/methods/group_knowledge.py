@@ -89,8 +89,8 @@ class GroupKnowledgeTask(DistillFromFullNet):
     def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):
         return cls(model, criterion, cls.depth_engine(model, input_size, verbose), groups=args.gkt_groups,
                    loops=args.gkt_loops, drop=args.gkt_drop, ema=args.gkt_ema, temperature=args.subnet_temperature,
-                   weight=args.subnet_kd_weight, knowledge=args.gkt_knowledge, seed=args.seed, device=device, dtype=dtype, verbose=verbose,
-                   **cls.distillation_kwargs(args))
+                   weight=args.subnet_kd_weight, knowledge=args.gkt_knowledge, seed=args.seed, device=device,
+                   dtype=dtype, verbose=verbose, **cls.distillation_kwargs(args))
 
     def nested_child(self, parent: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return nested_keep(parent, self.drop, generator, droppable=self.depth.block_map.skippable)
