@@ -9,9 +9,9 @@ timm loads). Add ``--method cosub|st|st++|gkt`` for the methods; ``--method none
 
 The script reads top to bottom: parse → check → build (model, data, task, optimizer, run folder, schedule) →
 loop (train an epoch, evaluate, checkpoint) → report. The epoch loop is ``subnet/loop.py`` and the step protocol
-``subnet/step.py``; the methods are ``subnet/methods/``, one module each. What keeps a long run alive (signals,
-mid-epoch resume, unreadable images, non-finite losses) is one ``RunGuard`` (``subnet/guard.py``); one run per
-folder and atomic checkpoints are ``subnet/run_folder.py``.
+``subnet/step.py``, evaluation ``subnet/evaluation.py``; the methods are ``subnet/methods/``, one module each. What
+keeps a long run alive (signals, mid-epoch resume, unreadable images, non-finite losses) is one ``RunGuard``
+(``subnet/guard.py``); one run per folder and atomic checkpoints are ``subnet/run_folder.py``.
 
 Exit status: 0 done (or nothing left to do); 2 bad input, or a dataset with too many unreadable images; 3 a loss
 or weight that is not finite (nothing saved); 128 + N stopped by signal N (SIGINT 130, SIGTERM 143, SIGUSR1 138)
@@ -45,13 +45,14 @@ from subnet.data import (Loaders, build_loaders, check_image_folders, loader_ima
                          set_loader_epoch)
 from subnet.device import (check_precision_args, limit_workers, model_dtype as dtype_of, training_device,
                            training_precision, use_default_device)
-from subnet.errors import EXIT_USAGE, RunStopped, UsageError
-from subnet.evaluation import SubnetMonitor
+from subnet.errors import EXIT_USAGE, InputError, RunStopped, UsageError
+from subnet.evaluation import SubnetMonitor, evaluate
 from subnet.guard import RunGuard
-from subnet.loop import LoopOptions, StepSetup, evaluate, train_one_epoch
+from subnet.loop import LoopOptions, StepSetup, train_one_epoch
 from subnet.methods import method_class
-from subnet.models import (check_state_dict_fits, constant_drop_path, load_checkpoint_file, load_initial_checkpoint,
-                           model_drop_path_rate, naflex_patch_size, resolve_model_name)
+from subnet.models import (accepted_kwargs, check_state_dict_fits, constant_drop_path, load_checkpoint_file,
+                           load_initial_checkpoint, model_drop_path_rate, naflex_patch_size, resolve_model_name)
+from subnet.spec import SubnetSpecError
 from subnet.timm_options import parse_train_args, train_options_given
 
 _logger = logging.getLogger('train')
@@ -72,6 +73,8 @@ def preflight(args) -> None:
     check_precision_args(args, amp_needs_fp32_model=True)
     if args.aug_splits == 1:
         raise UsageError('--aug-splits 1 makes no sense: use 0 (off) or 2 or more')
+    if args.jsd_loss and args.aug_splits < 2:
+        raise UsageError('--jsd-loss needs --aug-splits 2 or more')
     checks.check_distributed_options(args)
     check_method_args(args)
     args.model = resolve_model_name(args.model)
@@ -122,10 +125,9 @@ def build_model(args) -> nn.Module:
                      **factory_kwargs)
     method_kwargs = {k: v for k, v in method_class(args.method).model_kwargs(args).items()
                      if k not in args.model_kwargs}
-    try:
-        model = create(**method_kwargs, **args.model_kwargs)
-    except TypeError:  # a model without the option (e.g. dynamic_img_size on a CNN) does not need it
-        model = create(**args.model_kwargs)
+    # a model without the option (e.g. dynamic_img_size on a CNN) does not need it
+    method_kwargs = accepted_kwargs(args.model, method_kwargs, in_chans=in_chans, **args.model_kwargs)
+    model = create(**method_kwargs, **args.model_kwargs)
     schedule = args.drop_schedule or method_class(args.method).drop_schedule
     if schedule == 'constant':
         constant_drop_path(model, args.drop_path if args.drop_path is not None else model_drop_path_rate(model))
@@ -303,7 +305,10 @@ def build(args) -> Training:
     training = Training(args, task, optimizer, loaders, setup, output_dir, checkpoint_path, start_epoch,
                         epoch_start)
     if loaders.eval is not None:
-        training.subnet_monitor = SubnetMonitor.from_args(args, task, data_config['input_size'])
+        try:
+            training.subnet_monitor = SubnetMonitor.from_args(args, task, data_config['input_size'])
+        except SubnetSpecError as e:  # a term this model cannot have (first:K past its last block)
+            raise UsageError(str(e)) from None
     return training
 
 
@@ -485,7 +490,7 @@ class TrainRun:
 
 
 def run(argv=None) -> TrainRun:
-    """Train as the command line says; raises UsageError on bad input."""
+    """Train as the command line says; raises UsageError (or the library's InputError) on bad input."""
     rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
     logs.setup_logging(primary=rank == 0, to_file_later=True)
     try:
@@ -553,7 +558,7 @@ def main(argv=None) -> int:
     try:
         run(argv)
         return 0
-    except UsageError as e:
+    except (UsageError, InputError) as e:
         message = str(e)
         if 'Original Traceback' in message:  # raised in a DataLoader worker: keep the original line
             message = message.strip().splitlines()[-1].split('UsageError: ', 1)[-1]

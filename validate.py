@@ -22,26 +22,24 @@ import json
 import logging
 import os
 import sys
-import time
 from collections import OrderedDict
 from functools import partial
 
 import torch
 import torch.nn as nn
 from timm import utils
-from timm.data import RealLabelsImagenet, create_dataset, create_loader, resolve_data_config
+from timm.data import RealLabelsImagenet, create_dataset, resolve_data_config
 from timm.layers import apply_test_time_pool, set_fast_norm
 from timm.models import create_model, is_model, list_models, load_checkpoint
-from timm.task.evaluator import ClassificationEvaluator
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
 
 from subnet import evaluation, logs, plots
 from subnet.data import FixedSample, check_image_folders, loader_images
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
-from subnet.errors import UsageError
-from subnet.loop import predict_batches, update_evaluator
-from subnet.unreadable import NOT_COUNTED, failures_of, readable
+from subnet.errors import InputError, UsageError
+from subnet.spec import SubnetSpecError
+from subnet.unreadable import readable
 from subnet.models import check_state_dict_fits, load_checkpoint_file, naflex_patch_size, resolve_model_name
 from subnet.timm_options import given_on_command_line, validate_parser
 
@@ -49,28 +47,22 @@ _logger = logging.getLogger('validate')
 
 _NON_IN1K_FILTERS = ['*_in21k', '*_in22k', '*in12k', '*_dino', '*fcmae', '*seer']
 
-# validate.py options filled from a checkpoint's training args when not given on the command line
-_FROM_TRAINING = {'model': ('--model', '-m'), 'model_kwargs': ('--model-kwargs',), 'num_classes': ('--num-classes',),
-                  'in_chans': ('--in-chans',), 'gp': ('--gp',), 'img_size': ('--img-size',),
-                  'input_size': ('--input-size',), 'crop_pct': ('--crop-pct',), 'mean': ('--mean',),
-                  'std': ('--std',), 'interpolation': ('--interpolation',)}
-
-
-def _given(argv, flags) -> bool:
-    return any(a == f or a.startswith(f + '=') or (f.startswith('--') and len(a) > 3 and f.startswith(a))
-               for a in argv for f in flags)
+# validate.py options (dests) filled from a checkpoint's training args when not given on the command line
+_FROM_TRAINING = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'gp', 'img_size', 'input_size', 'crop_pct',
+                  'mean', 'std', 'interpolation')
 
 
 def adopt_training_args(args, argv) -> None:
     """Fill model options from the checkpoint's training ``args`` where the command line left them."""
-    if not args.checkpoint or not os.path.isfile(args.checkpoint) or _given(argv, ('--model', '-m')):
+    given = given_on_command_line(validate_parser(), argv)
+    if not args.checkpoint or not os.path.isfile(args.checkpoint) or 'model' in given:
         return
     checkpoint = load_checkpoint_file(args.checkpoint, '--checkpoint')
     trained = checkpoint.get('args')
     if trained is None or not getattr(trained, 'model', None):
         return
-    for key, flags in _FROM_TRAINING.items():
-        if not _given(argv, flags) and getattr(trained, key, None) not in (None, '', {}):
+    for key in _FROM_TRAINING:
+        if key not in given and getattr(trained, key, None) not in (None, '', {}):
             setattr(args, key, getattr(trained, key))
     # evaluate as the training run did (its data config is the model's train-size one)
     args.use_train_size = True
@@ -129,74 +121,28 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
     if sample and not isinstance(dataset, torch.utils.data.IterableDataset):
         dataset = FixedSample(dataset, sample, args.seed)
     crop_pct = 1.0 if test_time_pool else data_config['crop_pct']
-    common = dict(batch_size=args.batch_size, use_prefetcher=args.prefetcher,
-                  interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-                  num_workers=args.workers, crop_pct=crop_pct, crop_mode=data_config['crop_mode'],
-                  crop_border_pixels=args.crop_border_pixels, pin_memory=args.pin_mem, device=device,
-                  img_dtype=model_dtype or torch.float32)
-    if args.naflex_loader:
-        from timm.data import create_naflex_loader
-        loader = create_naflex_loader(dataset, patch_size=patch_size or (16, 16), max_seq_len=args.naflex_max_seq_len,
-                                      **common)
-    else:
-        loader = create_loader(dataset, input_size=data_config['input_size'], tf_preprocessing=args.tf_preprocessing,
-                               **common)
+    naflex = evaluation.NaFlexEval(patch_size, args.naflex_max_seq_len) if args.naflex_loader else None
+    loader = evaluation.eval_loader(
+        dataset, data_config, batch_size=args.batch_size, device=device, model_dtype=model_dtype,
+        num_workers=args.workers, use_prefetcher=args.prefetcher, pin_memory=args.pin_mem, crop_pct=crop_pct,
+        naflex=naflex, tf_preprocessing=args.tf_preprocessing, crop_mode=data_config['crop_mode'],
+        crop_border_pixels=args.crop_border_pixels)
     return dataset, loader, crop_pct
 
 
-def run_validation(args, model, loader, device, amp_autocast, model_dtype, valid_labels=None,
-                   real_labels=None) -> tuple:
-    """Top-1/top-5 (percent) and the predictions needed for --metrics-avg, logging timm's validate lines; images
-    that could not be read are left out, and counted in ``unreadable_images``."""
-    evaluator = ClassificationEvaluator(device)
-    batch_time = utils.AverageMeter()
-    predictions, targets = [], []
-    failures, unreadable = failures_of(loader), 0
-    end = time.time()
-    for batch_idx, (output, target) in enumerate(predict_batches(model, loader, args, device, amp_autocast,
-                                                                 model_dtype)):
-        if valid_labels is not None:
-            output = output[:, valid_labels]
-        if real_labels is not None:
-            real_labels.add_result(output)
-        loss, top1, top5, batch_size, dropped = update_evaluator(evaluator, output, target)
-        unreadable += dropped
-        if failures is not None:
-            failures.drain()
-        if args.metrics_avg:
-            counted = target != NOT_COUNTED
-            predictions.append(output[counted].argmax(dim=1).cpu())
-            targets.append(target[counted].cpu())
-        batch_time.update(time.time() - end)
-        end = time.time()
-        if batch_idx % args.log_freq == 0:
-            running = evaluator.summary()
-            _logger.info(
-                f'Test: [{batch_idx:>4d}/{len(loader)}]  '
-                f'Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, {batch_size / batch_time.avg:>7.2f}/s)  '
-                f'Loss: {loss:>7.4f} ({running["loss"]:>6.4f})  '
-                f'Acc@1: {top1:>7.3f} ({running["top1"]:>7.3f})  '
-                f'Acc@5: {top5:>7.3f} ({running["top5"]:>7.3f})')
-    metrics = evaluator.compute()
-    metrics['unreadable_images'] = unreadable
-    if real_labels is not None:
-        metrics['top1'], metrics['top5'] = real_labels.get_accuracy(k=1), real_labels.get_accuracy(k=5)
-    return metrics, predictions, targets
-
-
-def classification_scores(args, predictions, targets) -> dict:
+def classification_scores(args, labels: evaluation.Labels) -> dict:
     """timm's --metrics-avg precision/recall/F1 (scikit-learn)."""
     from sklearn.metrics import f1_score, precision_score, recall_score
-    y_pred, y_true = torch.cat(predictions).numpy(), torch.cat(targets).numpy()
+    y_pred, y_true = torch.cat(labels.predicted).numpy(), torch.cat(labels.true).numpy()
     avg = args.metrics_avg
     return {f'{avg}_precision': round(100 * precision_score(y_true, y_pred, average=avg, zero_division=0), 4),
             f'{avg}_recall': round(100 * recall_score(y_true, y_pred, average=avg, zero_division=0), 4),
             f'{avg}_f1_score': round(100 * f1_score(y_true, y_pred, average=avg, zero_division=0), 4)}
 
 
-def validate(args):
-    """Validate one model (and checkpoint); returns timm's result row, or with --subnets a list of rows (the
-    full net's first, then one per subnet with the SUBNET_FIELDS appended)."""
+def prepare(args) -> tuple:
+    """timm's validate.py set-up before the model: device, precision, seed, fuser; returns (device, model dtype,
+    autocast)."""
     args.pretrained = args.pretrained or not args.checkpoint
     args.prefetcher = not args.no_prefetcher
     device = validation_device(args)
@@ -218,13 +164,42 @@ def validate(args):
         utils.set_jit_fuser(args.fuser)
     if args.fast_norm:
         set_fast_norm()
+    return device, model_dtype, amp_autocast
 
+
+def result_row(args, metrics: dict, scores: dict, param_count: int, data_config: dict, crop_pct) -> OrderedDict:
+    """timm's result row of one evaluation, logged as timm's `` * Acc@1`` line."""
+    top1, top5 = metrics['top1'], metrics['top5']
+    result = OrderedDict(model=args.model, top1=round(top1, 4), top1_err=round(100 - top1, 4),
+                         top5=round(top5, 4), top5_err=round(100 - top5, 4), **scores,
+                         param_count=round(param_count / 1e6, 2), img_size=data_config['input_size'][-1],
+                         crop_pct=crop_pct, interpolation=data_config['interpolation'])
+    line = (f' * Acc@1 {result["top1"]:.3f} ({result["top1_err"]:.3f}) '
+            f'Acc@5 {result["top5"]:.3f} ({result["top5_err"]:.3f})')
+    if metrics.get('unreadable_images'):  # a column only then: timm's result fields otherwise
+        result['unreadable_images'] = metrics['unreadable_images']
+        line += f' | {metrics["unreadable_images"]} unreadable images left out'
+    if scores:
+        avg = args.metrics_avg
+        line += (f' | Precision({avg}) {scores[f"{avg}_precision"]:.3f} | Recall({avg}) '
+                 f'{scores[f"{avg}_recall"]:.3f} | F1-score({avg}) {scores[f"{avg}_f1_score"]:.3f}')
+    _logger.info(line)
+    return result
+
+
+def validate(args):
+    """Validate one model (and checkpoint); returns timm's result row, or with --subnets a list of rows (the
+    full net's first, then one per subnet with the SUBNET_FIELDS appended)."""
+    device, model_dtype, amp_autocast = prepare(args)
     model, data_config, test_time_pool, param_count = build_model(args, device, model_dtype)
     patch_size = naflex_patch_size(model) if args.naflex_loader else None
     dataset, loader, crop_pct = build_loader(args, data_config, test_time_pool, device, model_dtype,
                                              patch_size=patch_size)
-    subnets = evaluation.SubnetEvaluation(model, args.subnets, seed=args.seed,
-                                          input_size=data_config['input_size']) if args.subnets else None
+    try:
+        subnets = evaluation.SubnetEvaluation(model, args.subnets, seed=args.seed,
+                                              input_size=data_config['input_size']) if args.subnets else None
+    except SubnetSpecError as e:  # a term this model cannot have (first:K past its last block)
+        raise UsageError(str(e)) from None
     valid_labels = None
     if args.valid_labels:
         with open(args.valid_labels) as f:
@@ -236,25 +211,11 @@ def validate(args):
         real_labels = None
         if args.real_labels:
             real_labels = RealLabelsImagenet(dataset.filenames(basename=True), real_json=args.real_labels)
-        metrics, predictions, targets = run_validation(args, model, loader, device, amp_autocast, model_dtype,
-                                                       valid_labels, real_labels)
-        scores = classification_scores(args, predictions, targets) if args.metrics_avg else {}
-        top1, top5 = metrics['top1'], metrics['top5']
-        result = OrderedDict(model=args.model, top1=round(top1, 4), top1_err=round(100 - top1, 4),
-                             top5=round(top5, 4), top5_err=round(100 - top5, 4), **scores,
-                             param_count=round(param_count / 1e6, 2), img_size=data_config['input_size'][-1],
-                             crop_pct=crop_pct, interpolation=data_config['interpolation'])
-        line = (f' * Acc@1 {result["top1"]:.3f} ({result["top1_err"]:.3f}) '
-                f'Acc@5 {result["top5"]:.3f} ({result["top5_err"]:.3f})')
-        if metrics['unreadable_images']:  # a column only then: timm's result fields otherwise
-            result['unreadable_images'] = metrics['unreadable_images']
-            line += f' | {metrics["unreadable_images"]} unreadable images left out'
-        if scores:
-            avg = args.metrics_avg
-            line += (f' | Precision({avg}) {scores[f"{avg}_precision"]:.3f} | Recall({avg}) '
-                     f'{scores[f"{avg}_recall"]:.3f} | F1-score({avg}) {scores[f"{avg}_f1_score"]:.3f}')
-        _logger.info(line)
-        return result
+        labels = evaluation.Labels(valid_labels, real_labels, keep_predictions=bool(args.metrics_avg))
+        metrics = evaluation.evaluate(model, loader, args, device, amp_autocast, model_dtype,
+                                      report=evaluation.ValidateReport(args.log_freq, _logger), labels=labels)
+        scores = classification_scores(args, labels) if args.metrics_avg else {}
+        return result_row(args, metrics, scores, param_count, data_config, crop_pct)
 
     if subnets is None:
         return measure()
@@ -405,7 +366,7 @@ def main(argv=None) -> int:
     logs.setup_logging(primary=True)
     try:
         return run(argv)
-    except UsageError as e:
+    except (UsageError, InputError) as e:
         print(f'validate.py: error: {e}', file=sys.stderr)
         return 2
     finally:

@@ -75,7 +75,7 @@ def measure(method: str, cli) -> dict:
         times.append(time.perf_counter() - start)
     return dict(graphs=backend.counts.get(method, 0), frames=counters['stats'].get('unique_graphs', 0),
                 breaks=sum(counters['graph_break'].values()), subnets=len(subnets), times=times,
-                impl=getattr(task, 'impl', ''), rows=getattr(task, 'rows', ''), limit=any('recompile limit' in k for k in counters['unimplemented']))
+                impl=getattr(task, 'impl', ''), rows=getattr(task, 'row_sampling', ''), limit=any('recompile limit' in k for k in counters['unimplemented']))
 
 
 def main():

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import (  # noqa: E402
     CompileCounter, add_common_args, clock, parse_and_setup, print_table_head)
 from subnet.depth import DepthEngine  # noqa: E402
-from subnet.sampling import ROWS, draw_keep, stage_prefix_keep, unit_drop_rates  # noqa: E402
+from subnet.sampling import ROW_SAMPLINGS, draw_keep, stage_prefix_keep, unit_drop_rates  # noqa: E402
 
 PER_BATCH_KEEP = (1.0, 0.75, 0.5)
 PER_SAMPLE_DROP = (0.05, 0.2, 0.45)
@@ -111,7 +111,7 @@ class Bench:
         for rate in PER_SAMPLE_DROP:
             rows.append((f'per-sample skip, drop {rate:.2f}', lambda rate=rate: self.per_sample(rate)))
         if self.has_branches:
-            for sampling in ROWS:
+            for sampling in ROW_SAMPLINGS:
                 for rate in PER_SAMPLE_DROP:
                     rows.append((f'per-branch skip ({sampling}), drop {rate:.2f}',
                                  lambda rate=rate, sampling=sampling: self.per_sample(rate, 'branch', sampling)))
@@ -155,7 +155,7 @@ def run_timing(args):
         median = {label: statistics.median(values) for label, values in times.items()}
         print(f'| {name} | skip vs mask speed-up at drop 0.20 | | '
               f'{median["per-sample mask, drop 0.20"] / median["per-sample skip, drop 0.20"]:.3f}x | | | | |')
-        for sampling in ROWS if bench.has_branches else ():
+        for sampling in ROW_SAMPLINGS if bench.has_branches else ():
             print(f'| {name} | per-branch skip ({sampling}) vs timm DropPath speed-up at drop 0.20 | | '
                   f'{median["timm DropPath, drop 0.20"] / median[f"per-branch skip ({sampling}), drop 0.20"]:.3f}x '
                   f'| | | | |')
@@ -181,7 +181,7 @@ def run_compile_check(args):
         }
         if bench.has_branches:
             modes.update({f'per-branch skip, {sampling} rows (0.2)': lambda sampling=sampling: _skip(
-                bench, unit='branch', rows=sampling) for sampling in ROWS})
+                bench, unit='branch', rows=sampling) for sampling in ROW_SAMPLINGS})
         for label, make in modes.items():
             torch._dynamo.reset()
             counter.label, counter.hit_limit = label, False

@@ -106,7 +106,7 @@ def build(row: str, model: nn.Module, depth: DepthEngine):
         impl, unit, rows, _ = COSUB[method]
         # DeiT III's constant rate, on the blocks the engine can skip (the rows stay comparable across impls)
         rates = drop_rates(depth.num_blocks, float(drop), 'constant') * depth.block_map.skippable
-        return CosubTask(model, drop_rate=rates, impl=impl, unit=unit, rows=rows, **common)
+        return CosubTask(model, drop_rate=rates, impl=impl, unit=unit, row_sampling=rows, **common)
     if method == 'st':
         return StimulativeTask(model, nn.CrossEntropyLoss(), **common)
     if method == 'st++':

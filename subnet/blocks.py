@@ -18,13 +18,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from timm.utils import unwrap_model
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .branches import Branch, check_branches, record_branches, restore_slots, swap_slots, unbatched_args
-from .errors import UsageError
+from .errors import ModelNotSupported, first_line
 
-__all__ = ['Block', 'Stage', 'DropUnit', 'BlockMap', 'UNITS', 'find_blocks', 'drop_path_slots',
-           'register_drop_path_slots', 'swap_slots', 'restore_slots', 'unwrap_model', 'model_name']
+__all__ = ['Block', 'Stage', 'DropUnit', 'BlockMap', 'UNITS', 'find_blocks', 'drop_path_slots', 'slot_drop_rate',
+           'register_drop_path_slots', 'swap_slots', 'restore_slots', 'model_name']
 
 _logger = logging.getLogger(__name__)
 
@@ -47,17 +48,6 @@ if hasattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu'):
     _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP / DataParallel / torch.compile wrappers."""
-    while True:
-        if hasattr(model, '_orig_mod'):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
-
-
 def model_name(model: nn.Module) -> str:
     """The timm architecture name, for one-line error messages."""
     model = unwrap_model(model)
@@ -77,9 +67,9 @@ def register_drop_path_slots(*names: str, block: Optional[type] = None) -> None:
     ``nn.Identity``) or ``None``. Registering the same names again is harmless.
     """
     if not names or not all(isinstance(n, str) and n.isidentifier() for n in names):
-        raise UsageError(f'register_drop_path_slots: slot names must be attribute names, got {names!r}')
+        raise ValueError(f'register_drop_path_slots: slot names must be attribute names, got {names!r}')
     if block is not None and not (isinstance(block, type) and issubclass(block, nn.Module)):
-        raise UsageError(f'register_drop_path_slots: block must be an nn.Module subclass, got {block!r}')
+        raise TypeError(f'register_drop_path_slots: block must be an nn.Module subclass, got {block!r}')
     _REGISTERED_SLOTS[block] = tuple(dict.fromkeys(_REGISTERED_SLOTS.get(block, ()) + names))
 
 
@@ -90,6 +80,11 @@ def drop_path_slots(module: nn.Module) -> Tuple[str, ...]:
                   if cls is None or isinstance(module, cls) for n in slots}
     return tuple(sorted({n for n in names if (n.startswith('drop_path') and not n.endswith('_rate'))
                          or n in registered}))
+
+
+def slot_drop_rate(slot: Optional[nn.Module]) -> float:
+    """The drop-path rate a slot holds as the model was built (0 for Identity / None)."""
+    return float(getattr(slot, 'drop_prob', 0.0) or 0.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,7 +148,7 @@ class BlockMap:
         """The columns of a keep mask at this granularity: one per block ('block'), or one per residual branch
         of the blocks whose branches run apart and one per other block ('branch')."""
         if unit not in UNITS:
-            raise UsageError(f"{self.model_name}: drop unit must be one of {', '.join(UNITS)}, not {unit!r}")
+            raise ValueError(f"{self.model_name}: drop unit must be one of {', '.join(UNITS)}, not {unit!r}")
         units = []
         for b in self.blocks:
             if unit == 'branch' and b.separable:
@@ -167,7 +162,7 @@ class BlockMap:
         block share its value, as timm gives both slots of a block the same drop-path rate."""
         values = torch.as_tensor(values)
         if values.shape != (len(self.blocks),):
-            raise UsageError(f'{self.model_name}: expected one value per block ({len(self.blocks)}), got shape '
+            raise ValueError(f'{self.model_name}: expected one value per block ({len(self.blocks)}), got shape '
                              f'{tuple(values.shape)}')
         return values[[u.block for u in self.units(unit)]]
 
@@ -182,7 +177,7 @@ class BlockMap:
         if keep.ndim == 2:
             keep = keep.mean(0)
         if keep.shape != (len(units),):
-            raise UsageError(f'{self.model_name}: keep has shape {tuple(keep.shape)}, expected ({len(units)},)')
+            raise ValueError(f'{self.model_name}: keep has shape {tuple(keep.shape)}, expected ({len(units)},)')
         flops = torch.tensor([u.flops for u in units], dtype=torch.float64)
         return float((self.total_flops - (flops * (1 - keep)).sum()) / self.total_flops)
 
@@ -259,9 +254,8 @@ def _probe(model: nn.Module, modules: Sequence[nn.Module], x: torch.Tensor, name
         with counter:
             model(x)
     except Exception as err:  # a wrong input size is the usual cause
-        first_line = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UsageError(f'{name}: dry forward at input size {tuple(x.shape[1:])} failed ({first_line}); '
-                         f'pass the input size the model expects') from err
+        raise ModelNotSupported(f'{name}: dry forward at input size {tuple(x.shape[1:])} failed '
+                                f'({first_line(err)}); pass the input size the model expects') from err
     finally:
         for h in handles:
             h.remove()
@@ -346,7 +340,7 @@ def find_blocks(model: nn.Module, input_size: Optional[Sequence[int]] = None) ->
     input_size = tuple(int(s) for s in input_size)
     candidates = [(n, m) for n, m in model.named_modules() if drop_path_slots(m)]
     if not candidates:
-        raise UsageError(f'{name}: no skippable residual block (no module has a drop_path slot)')
+        raise ModelNotSupported(f'{name}: no skippable residual block (no module has a drop_path slot)')
 
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device('cpu')
@@ -369,7 +363,7 @@ def find_blocks(model: nn.Module, input_size: Optional[Sequence[int]] = None) ->
     stages = _stages(blocks)
     block_objs = tuple(Block(**b) for b in blocks)
     if not any(b.skippable for b in block_objs):
-        raise UsageError(f'{name}: no skippable residual block ({len(block_objs)} drop_path blocks, none with an '
-                         f'identity shortcut)')
+        raise ModelNotSupported(f'{name}: no skippable residual block ({len(block_objs)} drop_path blocks, none '
+                                f'with an identity shortcut)')
     _log_unseparated(name, block_objs)
     return BlockMap(name, input_size, block_objs, tuple(stages), total_flops // PROBE_BATCH)

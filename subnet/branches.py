@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import UsageError
+from .errors import first_line
 
 __all__ = ['Branch', 'BranchRows', 'SlotModule', 'InstanceForward', 'swap_slots', 'restore_slots',
            'record_branches', 'check_branches', 'install_branch_rows', 'unbatched_args']
@@ -202,7 +202,7 @@ class BranchRows:
         """The branch of this call (and the arguments it shares), checking that the block keeps its probe order."""
         expected = self.calls[self.position][0] if self.position < len(self.calls) else 'nothing more'
         if name != expected:
-            raise UsageError(f'{self.model_name}: block {self.block_name} called {name} where the discovery probe '
+            raise ValueError(f'{self.model_name}: block {self.block_name} called {name} where the discovery probe '
                              f'saw {expected}, so its branches cannot run on their own rows (use unit="block")')
         _, branch, shared = self.calls[self.position]
         self.position += 1
@@ -259,13 +259,13 @@ class ScatterRows(SlotModule):
         rows, factor = state.rows[branch], state.factor[branch]
         if torch.is_tensor(factor):
             if x.shape[0] != factor.shape[0]:
-                raise UsageError(f'{state.model_name}: keep mask has {factor.shape[0]} rows but the batch has '
+                raise ValueError(f'{state.model_name}: keep mask has {factor.shape[0]} rows but the batch has '
                                  f'{x.shape[0]}')
             return x * factor.view((-1,) + (1,) * (x.ndim - 1)).to(x.dtype)
         if rows is None:
             return x if factor == 1.0 else x * factor
         if x.shape[0] != rows.shape[0]:
-            raise UsageError(f'{state.model_name}: keep mask has {state.batch} rows but block {state.block_name} '
+            raise ValueError(f'{state.model_name}: keep mask has {state.batch} rows but block {state.block_name} '
                              f'got a batch of {x.shape[0]}')
         if factor != 1.0:
             x = x * factor
@@ -314,10 +314,6 @@ class _MaskByCall(nn.Module):
 CHECK_ROWS = 5  # rows of the separability check: each branch keeps a different 3 of them (never 1: no broadcasting)
 
 
-def _first_line(err: Exception) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0]
-
-
 def _check_inputs(args: tuple, kwargs: dict, batch: int, generator: torch.Generator) -> Tuple[list, dict]:
     """The probe call's arguments in float64 on the CPU, per-row ones widened to ``CHECK_ROWS`` rows (the first
     argument perturbed so that repeated rows differ)."""
@@ -360,7 +356,7 @@ def check_branches(module: nn.Module, slots: Sequence[str], branches: Sequence[B
             finally:
                 restore_slots(block, saved)
         except Exception as err:  # the check itself cannot run: do not split what we cannot check
-            return f'cannot be checked on a float64 CPU copy ({_first_line(err)})'
+            return f'cannot be checked on a float64 CPU copy ({first_line(err)})'
         state = BranchRows(type(module).__name__, 'branch check', branches)
         state.set(CHECK_ROWS, [k.nonzero().flatten() for k in keeps], [1.0] * len(branches))
         undo = []
@@ -368,7 +364,7 @@ def check_branches(module: nn.Module, slots: Sequence[str], branches: Sequence[B
             install_branch_rows(block, state, branches, undo, {})
             separate = block(*call_args, **call_kwargs)
         except Exception as err:  # any failure on a subset of rows means the branches do not run apart
-            return f'fails on a subset of rows ({_first_line(err)})'
+            return f'fails on a subset of rows ({first_line(err)})'
         finally:
             for restore in reversed(undo):
                 restore()

@@ -19,6 +19,7 @@ from timm.data.scheduled_sampler import ScheduledTransformDataset
 from torchvision import transforms
 
 from .errors import UsageError
+from .evaluation import NaFlexEval, eval_loader
 from .unreadable import ImageFailures, readable
 
 _logger = logging.getLogger('train')
@@ -255,18 +256,15 @@ def _train_loader(args, dataset, data_config: dict, num_aug_splits: int, common:
     return loader, mixup_fn
 
 
-def _eval_loader(args, dataset, data_config: dict, patch_size, common: dict):
+def _eval_loader(args, dataset, data_config: dict, patch_size, device: torch.device, model_dtype):
     workers = args.workers
     if args.distributed and ('tfds' in args.dataset or 'wds' in args.dataset):
         workers = min(2, args.workers)  # timm: limits padding issues of iterable datasets
-    kwargs = dict(batch_size=args.validation_batch_size or args.batch_size, is_training=False,
-                  interpolation=data_config['interpolation'], num_workers=workers, crop_pct=data_config['crop_pct'])
-    if args.naflex_loader:
-        from timm.data import create_naflex_loader
-        return create_naflex_loader(
-            dataset=dataset, patch_size=patch_size or (16, 16), max_seq_len=args.naflex_max_seq_len,
-            patchify_channels_last=not args.naflex_patchify_channels_first, **common, **kwargs)
-    return create_loader(dataset, input_size=data_config['input_size'], **common, **kwargs)
+    naflex = NaFlexEval(patch_size, args.naflex_max_seq_len, not args.naflex_patchify_channels_first) \
+        if args.naflex_loader else None
+    return eval_loader(dataset, data_config, batch_size=args.validation_batch_size or args.batch_size, device=device,
+                       model_dtype=model_dtype, num_workers=workers, use_prefetcher=args.prefetcher,
+                       pin_memory=args.pin_mem, distributed=args.distributed, naflex=naflex)
 
 
 def build_loaders(args, data_config: dict, device: torch.device, model_dtype, num_aug_splits: int,
@@ -294,7 +292,7 @@ def build_loaders(args, data_config: dict, device: torch.device, model_dtype, nu
         raise UsageError(f'the training split has fewer images than one batch (--batch-size {args.batch_size})')
     if args.val_split:
         dataset_eval = build_dataset(args, args.val_split, False, input_img_mode, args.val_num_samples)
-        loaders.eval = _eval_loader(args, dataset_eval, data_config, patch_size, common)
+        loaders.eval = _eval_loader(args, dataset_eval, data_config, patch_size, device, model_dtype)
     return loaders
 
 

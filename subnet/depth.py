@@ -15,7 +15,8 @@ on an exception), so outside a context the model is the plain timm model: module
   branch, or whose branches cannot run apart, keep one column.
 * ``per_sample(..., mode='mask')``: every block runs on every row and its branches are multiplied by the per-row
   mask / keep_prob; same result, full cost, but a graph whose structure does not depend on the mask.
-* ``timm_drop_path(rates)``: the model's own per-branch ``DropPath`` with the given per-block rates (DeiT / cosub).
+* ``timm_drop_path(rates)``: timm's per-branch stochastic depth (``timm.layers.drop_path``) at the given per-block
+  rates, in place of the model's slots (DeiT / ``--cosub-impl timm``).
 
 With grad checkpointing the blocks run again during backward, so call ``backward()`` inside the context.
 """
@@ -28,11 +29,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from timm.layers import drop_path
+from timm.utils import unwrap_model
 
-from .blocks import Block, BlockMap, DropUnit, find_blocks, unwrap_model
+from .blocks import Block, BlockMap, DropUnit, find_blocks, slot_drop_rate
 from .branches import (
     BranchRows, InstanceForward, SlotModule, install_branch_rows, restore_slots, same_format, swap_slots)
-from .errors import UsageError
 
 __all__ = ['DepthEngine']
 
@@ -62,7 +63,7 @@ class _RowMask(SlotModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != self.factor.shape[0]:
-            raise UsageError(f'{self.model_name}: keep mask has {self.factor.shape[0]} rows but the batch has '
+            raise ValueError(f'{self.model_name}: keep mask has {self.factor.shape[0]} rows but the batch has '
                              f'{x.shape[0]}')
         if self.inner is not None:
             x = self.inner(x)
@@ -81,7 +82,7 @@ class _BlockForward(InstanceForward):
 
     def check_batch(self, x: torch.Tensor) -> None:
         if self.batch is not None and x.shape[0] != self.batch:
-            raise UsageError(f'{self.model_name}: keep mask has {self.batch} rows but block {self.block.name} '
+            raise ValueError(f'{self.model_name}: keep mask has {self.batch} rows but block {self.block.name} '
                              f'got a batch of {x.shape[0]}')
 
     def passthrough(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,14 +166,14 @@ class DepthEngine:
         keep = keep.detach().cpu() if torch.is_tensor(keep) else torch.as_tensor(list(keep))
         if keep.dtype == torch.bool:
             if keep.shape != (n,):
-                raise UsageError(f'{self.name}: keep has shape {tuple(keep.shape)}, expected ({n},) (one per block)')
+                raise ValueError(f'{self.name}: keep has shape {tuple(keep.shape)}, expected ({n},) (one per block)')
             return keep
         if keep.numel() and (keep.ndim != 1 or keep.is_floating_point()):
-            raise UsageError(f'{self.name}: keep must be one bool per block or a list of block indices')
+            raise ValueError(f'{self.name}: keep must be one bool per block or a list of block indices')
         mask = torch.zeros(n, dtype=torch.bool)
         for index in keep.long().tolist():
             if not 0 <= index < n:
-                raise UsageError(f'{self.name}: block index {index} out of range ({n} blocks)')
+                raise ValueError(f'{self.name}: block index {index} out of range ({n} blocks)')
             mask[index] = True
         return mask
 
@@ -180,7 +181,7 @@ class DepthEngine:
         for index in dropped.nonzero().flatten().tolist():
             block = self.block_map.blocks[index]
             if not block.skippable:
-                raise UsageError(f'{self.name}: block {index} ({block.name}) cannot be skipped: {block.reason}')
+                raise ValueError(f'{self.name}: block {index} ({block.name}) cannot be skipped: {block.reason}')
 
     def _rates(self, rates, what: str, columns: Optional[int] = None) -> torch.Tensor:
         columns = self.num_blocks if columns is None else columns
@@ -188,9 +189,9 @@ class DepthEngine:
         if rates.ndim == 0:
             rates = rates.expand(columns)
         if rates.shape != (columns,):
-            raise UsageError(f'{self.name}: {what} has shape {tuple(rates.shape)}, expected ({columns},)')
+            raise ValueError(f'{self.name}: {what} has shape {tuple(rates.shape)}, expected ({columns},)')
         if bool(((rates < 0) | (rates > 1)).any()):
-            raise UsageError(f'{self.name}: {what} must lie in [0, 1]')
+            raise ValueError(f'{self.name}: {what} must lie in [0, 1]')
         return rates
 
     def _touch(self) -> bool:
@@ -287,7 +288,7 @@ class DepthEngine:
         ``mode='mask'`` multiplies every branch by its per-row factor (static graph, full cost).
         """
         if mode not in ('skip', 'mask'):
-            raise UsageError(f"{self.name}: per-sample mode must be 'skip' or 'mask', not {mode!r}")
+            raise ValueError(f"{self.name}: per-sample mode must be 'skip' or 'mask', not {mode!r}")
         units = self.block_map.units(unit)
         keep_mask = self._keep_mask(keep_mask, len(units), unit)
         factors = torch.ones(len(units), dtype=torch.float64)
@@ -313,12 +314,12 @@ class DepthEngine:
         keep_mask = torch.as_tensor(keep_mask)
         if keep_mask.ndim != 2 or keep_mask.shape[1] != columns:
             per = 'block' if unit == 'block' else "drop unit of block_map.units('branch')"
-            raise UsageError(f'{self.name}: keep mask has shape {tuple(keep_mask.shape)}, expected '
+            raise ValueError(f'{self.name}: keep mask has shape {tuple(keep_mask.shape)}, expected '
                              f'(batch, {columns}) (one column per {per})')
         keep_mask = keep_mask.detach().cpu()
         if keep_mask.dtype != torch.bool:
             if bool(((keep_mask != 0) & (keep_mask != 1)).any()):
-                raise UsageError(f'{self.name}: keep mask must hold only 0/1 or booleans')
+                raise ValueError(f'{self.name}: keep mask must hold only 0/1 or booleans')
             keep_mask = keep_mask != 0
         return keep_mask
 
@@ -380,11 +381,8 @@ class DepthEngine:
 
     def model_drop_path_rates(self) -> torch.Tensor:
         """The drop-path rate of each block as the model was built (0 for Identity / None slots)."""
-        rates = []
-        for block in self.block_map.blocks:
-            slots = [getattr(block.module, s) for s in block.slots]
-            rates.append(max([float(getattr(s, 'drop_prob', 0.0)) for s in slots if s is not None], default=0.0))
-        return torch.tensor(rates, dtype=torch.float64)
+        return torch.tensor([max((slot_drop_rate(getattr(block.module, s)) for s in block.slots), default=0.0)
+                             for block in self.block_map.blocks], dtype=torch.float64)
 
 
 class _DropPathSlot(SlotModule):

@@ -2,6 +2,8 @@
 
 - ``UsageError``: a problem with the user's input (bad flag, bad model, bad file, a dataset with too many unreadable
   images). ``train.py`` and ``validate.py`` print it as a single ``error: ...`` line on stderr, exit status 2.
+- ``InputError`` (a ValueError; ``ModelNotSupported`` is one): the library's error for what the user gave that it
+  cannot use; the scripts report it as they report a UsageError.
 - ``RunStopped``: the run ended early on purpose, after doing what it could to lose nothing: a signal
   (128 + the signal's number, as a shell reports a process killed by it: 130 for SIGINT, 143 for SIGTERM,
   138 for SIGUSR1) or a loss that is no longer finite (3).
@@ -13,8 +15,24 @@ EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class UsageError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
+
+
+class InputError(ValueError):
+    """The library's error for what the user gave that it cannot use (a model, a file, a missing package);
+    train.py and validate.py report it as one line, like a UsageError."""
+
+
+class ModelNotSupported(InputError):
+    """The library cannot run this model as asked (no skippable residual block, a dry forward that fails at the
+    given input size)."""
 
 
 class RunStopped(Exception):

@@ -1,27 +1,45 @@
-"""Evaluate a model's subnets: a SPEC (``subnet/spec.py``) names fixed keep masks, each measured with the depth engine.
+"""Evaluation, for train.py and validate.py alike: the loader, the pass, its metrics, and a model's subnets.
 
-The papers' claim is about subnets (plain training leaves them weak, ST / GKT / cosub make them strong), so
-``validate.py --subnets SPEC`` and ``train.py --subnet-eval SPEC`` measure them. Masks are per batch: a subnet is
-one fixed block subset, installed with ``DepthEngine.subnet`` while it is measured.
+Entry points:
+
+- ``eval_loader``: timm's evaluation loader (standard or NaFlex) for a dataset;
+- ``evaluate``: one pass of a model over a loader; loss, top-1, top-5 (timm's evaluator: exact counts, padding
+  trimmed) and ``unreadable_images``. ``TrainReport`` / ``ValidateReport`` say how the pass reports itself (timm's
+  train.py and validate.py log lines); ``Labels`` holds validate.py's label options;
+- ``build_subnets`` / ``SubnetEvaluation``: the fixed subnets a SPEC (``subnet/spec.py``) names, each measured with
+  its blocks installed by the depth engine (``validate.py --subnets``); ``SubnetMonitor`` does the same at every
+  evaluation of a training run (``train.py --subnet-eval``).
+
+The papers' claim is about subnets (plain training leaves them weak, ST / GKT / cosub make them strong), so both
+scripts can measure them. Masks are per batch: a subnet is one fixed block subset, installed with
+``DepthEngine.subnet`` while it is measured.
 """
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, TypeVar
+import time
+from collections import OrderedDict
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import torch
+from timm import utils
+from timm.data import create_loader
+from timm.task.evaluator import ClassificationEvaluator, evaluation_sample_limit
+from timm.utils import unwrap_model
 from torch import nn
 
 from .batchnorm import batchnorm_layers, recalibrated
-from .blocks import BlockMap, unwrap_model
+from .blocks import BlockMap
 from .depth import DepthEngine
-from .errors import UsageError
-from .sampling import bernoulli_keep, step_generator
-from .spec import Recipe, parse_spec
+from .progress import EpochProgress
+from .spec import parse_spec, spec_kind
+from .unreadable import NOT_COUNTED, drop_not_counted, failures_of
 
-__all__ = ['SUBNET_FIELDS', 'Subnet', 'build_subnets', 'SubnetEvaluation', 'subnet_fields', 'SubnetMonitor']
+__all__ = ['NaFlexEval', 'eval_loader', 'predict_batches', 'update_evaluator', 'Labels', 'TrainReport',
+           'ValidateReport', 'evaluate', 'SUBNET_FIELDS', 'Subnet', 'build_subnets', 'SubnetEvaluation',
+           'subnet_fields', 'SubnetMonitor']
 
 _logger = logging.getLogger('train')
 
@@ -31,11 +49,197 @@ SUBNET_FIELDS = ('subnet', 'depths', 'blocks', 'kept_fraction', 'flop_fraction',
 T = TypeVar('T')
 
 
+# ------------------------------------------------------------------------------------------------ the loader
+
+class NaFlexEval(NamedTuple):
+    """What a NaFlex evaluation loader needs besides the dataset (``--naflex-loader``)."""
+    patch_size: Optional[Tuple[int, int]]  # the model's; (16, 16) when it has none
+    max_seq_len: int
+    patchify_channels_last: bool = True
+
+
+def eval_loader(dataset, data_config: dict, *, batch_size: int, device: torch.device, model_dtype, num_workers: int,
+                use_prefetcher: bool, pin_memory: bool, distributed: bool = False, crop_pct: Optional[float] = None,
+                naflex: Optional[NaFlexEval] = None, tf_preprocessing: bool = False, **transform_options):
+    """timm's evaluation loader of ``dataset`` with the model's data config (``crop_pct`` overrides the config's;
+    ``transform_options``: more of ``create_loader``'s eval-transform arguments, e.g. crop_mode)."""
+    common = dict(batch_size=batch_size, is_training=False, interpolation=data_config['interpolation'],
+                  mean=data_config['mean'], std=data_config['std'], num_workers=num_workers,
+                  crop_pct=data_config['crop_pct'] if crop_pct is None else crop_pct, pin_memory=pin_memory,
+                  img_dtype=model_dtype or torch.float32, device=device, distributed=distributed,
+                  use_prefetcher=use_prefetcher, **transform_options)
+    if naflex is not None:
+        from timm.data import create_naflex_loader
+        return create_naflex_loader(dataset, patch_size=naflex.patch_size or (16, 16), max_seq_len=naflex.max_seq_len,
+                                    patchify_channels_last=naflex.patchify_channels_last, **common)
+    return create_loader(dataset, input_size=data_config['input_size'], tf_preprocessing=tf_preprocessing, **common)
+
+
+# ------------------------------------------------------------------------------------------------ the pass
+
+@torch.inference_mode()
+def predict_batches(model, loader, args, device: torch.device, amp_autocast: Callable = suppress,
+                    model_dtype: Optional[torch.dtype] = None):
+    """Yield ``(logits, target)`` per batch in eval mode, with timm's input handling and TTA reduction."""
+    model.eval()
+    for input, target in loader:
+        if not args.prefetcher:
+            input, target = input.to(device=device, dtype=model_dtype), target.to(device)
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        with amp_autocast():
+            output = model(input)
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        if getattr(args, 'tta', 0) > 1:
+            output = output.unfold(0, args.tta, args.tta).mean(dim=2)
+            target = target[0:target.size(0):args.tta]
+        yield output, target
+
+
+class BatchFigures(NamedTuple):
+    """One batch's own figures, for log lines; ``dropped``: rows standing in for unreadable images."""
+    loss: float
+    top1: float
+    top5: float
+    count: int
+    dropped: int
+
+
+def update_evaluator(evaluator: ClassificationEvaluator, output, target) -> BatchFigures:
+    """Add a batch to ``evaluator``, without the rows standing in for unreadable images."""
+    output, target, dropped = drop_not_counted(evaluator, output, target)
+    counts, loss_sum = evaluator.counts.clone(), evaluator.loss_sum.clone()
+    evaluator.update(output, target)
+    seen, top1, top5 = (evaluator.counts - counts).tolist()
+    n = max(seen, 1)
+    return BatchFigures((evaluator.loss_sum - loss_sum).item() / n, 100 * top1 / n, 100 * top5 / n, seen, dropped)
+
+
+@dataclass
+class Labels:
+    """validate.py's label options: a class subset (``--valid-labels``), ImageNet-ReaL labels (``--real-labels``,
+    which then give top-1/top-5) and the predictions --metrics-avg scores (``keep_predictions``)."""
+    subset: Optional[List[int]] = None
+    real: Optional[object] = None  # timm's RealLabelsImagenet
+    keep_predictions: bool = False
+    predicted: List[torch.Tensor] = field(default_factory=list)
+    true: List[torch.Tensor] = field(default_factory=list)
+
+    def view(self, output: torch.Tensor) -> torch.Tensor:
+        if self.subset is not None:
+            output = output[:, self.subset]
+        if self.real is not None:
+            self.real.add_result(output)
+        return output
+
+    def keep(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        if self.keep_predictions:
+            counted = target != NOT_COUNTED
+            self.predicted.append(output[counted].argmax(dim=1).cpu())
+            self.true.append(target[counted].cpu())
+
+    def finish(self, metrics: dict) -> None:
+        if self.real is not None:
+            metrics['top1'], metrics['top5'] = self.real.get_accuracy(k=1), self.real.get_accuracy(k=5)
+
+
+class TrainReport:
+    """How train.py's evaluation reports itself: timm train.py's ``Test:`` lines on rank 0 (every
+    --log-interval batches and the last), and the progress line."""
+
+    def __init__(self, args, suffix: str = ''):
+        self.suffix, self.every, self.primary = suffix, args.log_interval, utils.is_primary(args)
+        self.progress = None
+
+    def start(self, num_batches: int) -> None:
+        self.progress = EpochProgress('Test' + self.suffix, num_batches, enabled=self.primary)
+
+    def batch(self, batch_idx: int, num_batches: int, batch: BatchFigures, evaluator, batch_time) -> None:
+        self.progress.show(batch_idx + 1)
+        last_idx = num_batches - 1
+        if self.primary and (batch_idx == last_idx or batch_idx % self.every == 0):
+            running = evaluator.summary()
+            _logger.info(
+                f'Test{self.suffix}: [{batch_idx:>4d}/{last_idx}]  '
+                f'Time: {batch_time.val:.3f} ({batch_time.avg:.3f})  '
+                f'Loss: {batch.loss:>7.3f} ({running["loss"]:>6.3f})  '
+                f'Acc@1: {batch.top1:>7.3f} ({running["top1"]:>7.3f})  '
+                f'Acc@5: {batch.top5:>7.3f} ({running["top5"]:>7.3f})')
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+class ValidateReport:
+    """How validate.py's evaluation reports itself: timm validate.py's ``Test:`` lines every --log-freq batches."""
+
+    def __init__(self, every: int, logger: logging.Logger):
+        self.every, self.logger = every, logger
+
+    def start(self, num_batches: int) -> None:
+        pass
+
+    def batch(self, batch_idx: int, num_batches: int, batch: BatchFigures, evaluator, batch_time) -> None:
+        if batch_idx % self.every == 0:
+            running = evaluator.summary()
+            self.logger.info(
+                f'Test: [{batch_idx:>4d}/{num_batches}]  '
+                f'Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, {batch.count / batch_time.avg:>7.2f}/s)  '
+                f'Loss: {batch.loss:>7.4f} ({running["loss"]:>6.4f})  '
+                f'Acc@1: {batch.top1:>7.3f} ({running["top1"]:>7.3f})  '
+                f'Acc@5: {batch.top5:>7.3f} ({running["top5"]:>7.3f})')
+
+    def close(self) -> None:
+        pass
+
+
+def evaluate(model, loader, args, device: torch.device, amp_autocast: Callable = suppress,
+             model_dtype: Optional[torch.dtype] = None, log_suffix: str = '', *, report=None,
+             labels: Optional[Labels] = None) -> OrderedDict:
+    """Loss, top-1 and top-5 of ``model`` on ``loader`` (timm's evaluator: exact counts, padding trimmed, summed
+    over ranks when ``args.distributed``), and ``unreadable_images`` when some images could not be read (they
+    are left out of the figures). ``report`` defaults to ``TrainReport(args, log_suffix)``."""
+    report = report if report is not None else TrainReport(args, log_suffix)
+    distributed = getattr(args, 'distributed', False)  # validate.py runs on one process
+    evaluator = ClassificationEvaluator(device, max_samples=evaluation_sample_limit(loader))
+    batch_time = utils.AverageMeter()
+    failures, unreadable = failures_of(loader), 0
+    report.start(len(loader))
+    end = time.time()
+    for batch_idx, (output, target) in enumerate(
+            predict_batches(model, loader, args, device, amp_autocast, model_dtype)):
+        if labels is not None:
+            output = labels.view(output)
+        batch = update_evaluator(evaluator, output, target)
+        unreadable += batch.dropped
+        if failures is not None:
+            failures.drain()
+        if labels is not None:
+            labels.keep(output, target)
+        batch_time.update(time.time() - end)
+        end = time.time()
+        report.batch(batch_idx, len(loader), batch, evaluator, batch_time)
+    report.close()
+    metrics = evaluator.compute(distributed=distributed)
+    if distributed:
+        total = torch.tensor([unreadable], device=device, dtype=torch.int64)
+        torch.distributed.all_reduce(total)
+        unreadable = int(total.item())
+    if unreadable:
+        metrics['unreadable_images'] = unreadable
+    if labels is not None:
+        labels.finish(metrics)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ subnets
+
 @dataclass(frozen=True, eq=False)
 class Subnet:
     """A named per-batch subnet of a model: one bool per entry of ``BlockMap.blocks`` and what it costs."""
     name: str
-    kind: str                      # 'full', 'prefix', 'random' or 'first'
+    kind: str                      # a SPEC kind's name (subnet/spec.py), or 'full'
     keep: torch.Tensor
     depths: Tuple[int, ...]        # blocks kept per stage (ST writes subnets so)
     kept_fraction: float           # kept blocks / blocks
@@ -54,41 +258,19 @@ class Subnet:
                 f'blocks, {100 * self.flop_fraction:.1f}% of the FLOPs')
 
 
-# ------------------------------------------------------------------------------------------------ the masks
-
-def _draw_generator(seed: int, rate: float, draw: int) -> torch.Generator:
-    # step_generator mixes three integers; here they are (seed, draw, rate in parts per million)
-    return step_generator(seed, draw, rank=round(rate * 1_000_000))
-
-
-def _keep_mask(recipe: Recipe, block_map: BlockMap, seed: int) -> torch.Tensor:
-    fixed = ~block_map.skippable
-    if recipe.kind == 'prefix':
-        # the epsilon keeps 0.5 * 4 at 2 where floating point would make it 2.0000000001
-        keep = block_map.prefix_keep([max(math.ceil(recipe.value * len(stage.blocks) - 1e-9), stage.min_keep)
-                                      for stage in block_map.stages])
-    elif recipe.kind == 'first':
-        count = int(recipe.value)
-        if count > len(block_map.blocks):
-            raise UsageError(f'subnet first{count}: {block_map.model_name} has only {len(block_map.blocks)} blocks')
-        keep = torch.arange(len(block_map.blocks)) < count
-    else:
-        rates = torch.full((len(block_map.blocks),), recipe.value, dtype=torch.float64).masked_fill(fixed, 0.0)
-        keep = bernoulli_keep(1, rates, _draw_generator(seed, recipe.value, recipe.draw))[0]
-    return keep | fixed
-
-
 def _subnet(name: str, kind: str, keep: torch.Tensor, block_map: BlockMap) -> Subnet:
     return Subnet(name, kind, keep, block_map.stage_depths(keep), float(keep.float().mean()),
                   block_map.flop_fraction(keep))
 
 
 def build_subnets(spec: str, block_map: BlockMap, seed: int = 42, include_full: bool = True) -> List[Subnet]:
-    """The subnets of ``spec`` for a model (the full net first when ``include_full``)."""
+    """The subnets of ``spec`` for a model (the full net first when ``include_full``); each term's kind
+    (``subnet/spec.py``) draws its keep mask."""
     subnets = [_subnet('full', 'full', torch.ones(len(block_map.blocks), dtype=torch.bool), block_map)] \
         if include_full else []
     for recipe in parse_spec(spec):
-        subnets.append(_subnet(recipe.name, recipe.kind, _keep_mask(recipe, block_map, seed), block_map))
+        keep = spec_kind(recipe.kind).keep_mask(recipe, block_map, seed)
+        subnets.append(_subnet(recipe.name, recipe.kind, keep | ~block_map.skippable, block_map))
     return subnets
 
 
@@ -103,7 +285,7 @@ class SubnetEvaluation:
     def __init__(self, model: nn.Module, spec: str, *, seed: int = 42, input_size: Optional[Sequence[int]] = None,
                  engine: Optional[DepthEngine] = None, include_full: bool = True):
         if isinstance(model, torch.jit.ScriptModule):
-            raise UsageError('subnets cannot be installed in a TorchScript model: drop --torchscript')
+            raise TypeError('subnets cannot be installed in a TorchScript model')
         self.engine = engine if engine is not None else DepthEngine(model, input_size=input_size)
         self.block_map = self.engine.block_map
         self.subnets = build_subnets(spec, self.block_map, seed, include_full)

@@ -1,4 +1,4 @@
-"""One training epoch and one evaluation pass, run the way timm's train.py runs them, around any task.
+"""One training epoch, run the way timm's train.py runs it, around any task (evaluation: ``subnet/evaluation.py``).
 
 The loop hands every loader batch to ``task.train_step`` with a ``Step`` (``subnet/step.py``: autocast for the
 forward passes, the loss scale, whether the batch ends an update, how passes are back-propagated); when the task
@@ -20,12 +20,11 @@ from typing import Any, Callable, Optional
 import torch
 import torchvision.utils
 from timm import utils
-from timm.task.evaluator import ClassificationEvaluator, evaluation_sample_limit
 
 from .guard import EpochPosition, RunGuard
 from .progress import EpochProgress, format_duration
+from .results import LOOP_COUNTERS
 from .step import Step, Update
-from .unreadable import drop_not_counted, failures_of
 
 _logger = logging.getLogger('train')
 
@@ -92,7 +91,7 @@ class EpochMeters:
     counts of what went wrong (steps with a non-finite loss, fp16 overflows the grad scaler skipped, unreadable
     images replaced). A mid-epoch checkpoint keeps them (``state_dict``), so a resumed epoch reports the same."""
 
-    COUNTERS = ('unreadable_images', 'nonfinite_steps', 'overflow_steps')
+    COUNTERS = tuple(part.name for part in LOOP_COUNTERS)
 
     def __init__(self, epoch: int, updates_per_epoch: int, primary: bool):
         self.epoch, self.updates_per_epoch = epoch, updates_per_epoch
@@ -319,73 +318,3 @@ class _TrainingEpoch:
             if options.save_images and options.output_dir and not self.setup.naflex:
                 torchvision.utils.save_image(
                     input, os.path.join(options.output_dir, f'train-batch-{batch_idx}.jpg'), padding=0, normalize=True)
-
-
-
-@torch.inference_mode()
-def predict_batches(model, loader, args, device: torch.device, amp_autocast: Callable = suppress,
-                    model_dtype: Optional[torch.dtype] = None):
-    """Yield ``(logits, target)`` per batch in eval mode, with timm's input handling and TTA reduction."""
-    model.eval()
-    for input, target in loader:
-        if not args.prefetcher:
-            input, target = input.to(device=device, dtype=model_dtype), target.to(device)
-        if args.channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
-        with amp_autocast():
-            output = model(input)
-        if isinstance(output, (tuple, list)):
-            output = output[0]
-        if getattr(args, 'tta', 0) > 1:
-            output = output.unfold(0, args.tta, args.tta).mean(dim=2)
-            target = target[0:target.size(0):args.tta]
-        yield output, target
-
-
-def update_evaluator(evaluator: ClassificationEvaluator, output, target) -> tuple:
-    """Add a batch to ``evaluator``, without the rows standing in for unreadable images; return the batch's own
-    (loss, top1, top5, count) for log lines and how many rows were left out."""
-    output, target, dropped = drop_not_counted(evaluator, output, target)
-    counts, loss_sum = evaluator.counts.clone(), evaluator.loss_sum.clone()
-    evaluator.update(output, target)
-    seen, top1, top5 = (evaluator.counts - counts).tolist()
-    n = max(seen, 1)
-    return (evaluator.loss_sum - loss_sum).item() / n, 100 * top1 / n, 100 * top5 / n, seen, dropped
-
-
-def evaluate(model, loader, args, device: torch.device, amp_autocast: Callable = suppress,
-             model_dtype: Optional[torch.dtype] = None, log_suffix: str = '') -> OrderedDict:
-    """Loss, top-1 and top-5 of ``model`` on ``loader`` (timm's evaluator: exact counts, padding trimmed), and
-    ``unreadable_images`` when some images could not be read (they are left out of the figures)."""
-    evaluator = ClassificationEvaluator(device, max_samples=evaluation_sample_limit(loader))
-    batch_time_m = utils.AverageMeter()
-    last_idx = len(loader) - 1
-    progress = EpochProgress('Test' + log_suffix, len(loader), enabled=utils.is_primary(args))
-    failures, unreadable = failures_of(loader), 0
-    end = time.time()
-    for batch_idx, (output, target) in enumerate(
-            predict_batches(model, loader, args, device, amp_autocast, model_dtype)):
-        loss, top1, top5, _, dropped = update_evaluator(evaluator, output, target)
-        unreadable += dropped
-        if failures is not None:
-            failures.drain()
-        batch_time_m.update(time.time() - end)
-        end = time.time()
-        progress.show(batch_idx + 1)
-        if utils.is_primary(args) and (batch_idx == last_idx or batch_idx % args.log_interval == 0):
-            running = evaluator.summary()
-            _logger.info(
-                f'Test{log_suffix}: [{batch_idx:>4d}/{last_idx}]  '
-                f'Time: {batch_time_m.val:.3f} ({batch_time_m.avg:.3f})  '
-                f'Loss: {loss:>7.3f} ({running["loss"]:>6.3f})  '
-                f'Acc@1: {top1:>7.3f} ({running["top1"]:>7.3f})  '
-                f'Acc@5: {top5:>7.3f} ({running["top5"]:>7.3f})')
-    progress.close()
-    metrics = evaluator.compute(distributed=args.distributed)
-    if args.distributed:
-        total = torch.tensor([unreadable], device=device, dtype=torch.int64)
-        torch.distributed.all_reduce(total)
-        unreadable = int(total.item())
-    if unreadable:
-        metrics['unreadable_images'] = unreadable
-    return metrics

@@ -5,13 +5,12 @@ Every function computes in float32, or float64 when given float64: under AMP the
 softmax/KL lose precision and the 1e-7 eps of the standardisation is below fp16 resolution.
 Teachers are always detached, so a distillation term only ever sends gradient into its student.
 """
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from .errors import UsageError
 
 
 def _at_least_fp32(tensor: Tensor) -> Tensor:
@@ -54,10 +53,10 @@ def cosub_loss(
         raise ValueError(f'cosub needs two (B, C) logit tensors of one shape, got {tuple(logits_a.shape)} '
                          f'and {tuple(logits_b.shape)}')
     if target.shape != logits_a.shape:
-        raise UsageError(f'cosub needs dense (batch, classes) targets {tuple(logits_a.shape)}, got shape '
+        raise ValueError(f'cosub needs dense (batch, classes) targets {tuple(logits_a.shape)}, got shape '
                          f'{tuple(target.shape)}: enable mixup/cutmix or convert class indices to one-hot')
     if not 0.0 <= label_weight <= 1.0:
-        raise UsageError(f'cosub label weight must be in [0, 1], got {label_weight}')
+        raise ValueError(f'cosub label weight must be in [0, 1], got {label_weight}')
     logits_a, logits_b = _at_least_fp32(logits_a), _at_least_fp32(logits_b)
     label_target = target if binarize_threshold is None else target.gt(binarize_threshold)
     label_target = label_target.to(logits_a.dtype)
@@ -70,6 +69,19 @@ def cosub_loss(
     return CosubTerms(total, label_terms, peer_terms)
 
 
+class CosubLoss(nn.Module):
+    """``cosub_loss`` with its settings, as a task's criterion (``CosubTask.criterion``)."""
+
+    def __init__(self, label_weight: float = 0.5, binarize_threshold: Optional[float] = None):
+        super().__init__()
+        if not 0.0 <= label_weight <= 1.0:
+            raise ValueError(f'cosub label weight must be in [0, 1], got {label_weight}')
+        self.label_weight, self.binarize_threshold = label_weight, binarize_threshold
+
+    def forward(self, logits_a: Tensor, logits_b: Tensor, target: Tensor) -> CosubTerms:
+        return cosub_loss(logits_a, logits_b, target, self.label_weight, self.binarize_threshold)
+
+
 def kl_distill(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """T²·KL(softmax(t/T) ‖ softmax(s/T)), summed over classes and averaged over the batch.
 
@@ -80,7 +92,7 @@ def kl_distill(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
         raise ValueError(f'student and teacher logits differ in shape: {tuple(student_logits.shape)} vs '
                          f'{tuple(teacher_logits.shape)}')
     if temperature <= 0:
-        raise UsageError(f'distillation temperature must be > 0, got {temperature}')
+        raise ValueError(f'distillation temperature must be > 0, got {temperature}')
     student_log_probs = F.log_softmax(_at_least_fp32(student_logits) / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(_at_least_fp32(teacher_logits.detach()) / temperature, dim=-1)
     kl = F.kl_div(student_log_probs, teacher_log_probs.to(student_log_probs.dtype),
@@ -118,9 +130,9 @@ class GroupKnowledge:
 
     def __init__(self, num_groups: int, ema_weight: float = 0.5) -> None:
         if num_groups < 1:
-            raise UsageError(f'GKT needs at least one subnet group, got {num_groups}')
+            raise ValueError(f'GKT needs at least one subnet group, got {num_groups}')
         if not 0.0 < ema_weight <= 1.0:
-            raise UsageError(f'GKT EMA weight must be in (0, 1], got {ema_weight}')
+            raise ValueError(f'GKT EMA weight must be in (0, 1], got {ema_weight}')
         self.num_groups = num_groups
         self.ema_weight = ema_weight
         self._knowledge: dict[int, Tensor] = {}
@@ -150,9 +162,6 @@ class GroupKnowledge:
             raise LookupError(f'group {group} has no knowledge yet: update it before teaching group {group + 1}')
         return self._knowledge[group]
 
-    def __contains__(self, group: int) -> bool:
-        return group in self._knowledge
-
     def remember(self, group: int, knowledge: Tensor, seen: Tensor) -> None:
         """Knowledge of ``group`` kept from earlier steps for this batch's samples (rows where ``seen`` is true)."""
         if group in self._knowledge:
@@ -163,42 +172,3 @@ class GroupKnowledge:
         """Forget all groups (start of a new batch)."""
         self._knowledge.clear()
         self._earlier.clear()
-
-
-class GroupKnowledgeTerms(NamedTuple):
-    """The GKT step loss, its label part and its distillation terms in loop/group order."""
-    total: Tensor
-    label: Tensor
-    distill_terms: list[Tensor]
-
-
-def group_knowledge_loss(
-        main_logits: Tensor,
-        target: Tensor,
-        subnet_logits: Sequence[Tensor],
-        knowledge: GroupKnowledge,
-        temperature: float = 1.0,
-        distill_weight: float = 1.0,
-) -> GroupKnowledgeTerms:
-    """Whole-step GKT loss: CE(main, y) + λ·Σ_{r,g} T²·KL(softmax(K_{g−1}/T) ‖ softmax(z_{r,g}/T)).
-
-    ``subnet_logits`` come in sampling order, loop 1 groups 1..G, then loop 2, ...; each term sees its teacher's
-    knowledge as it stands at that moment, which already includes this loop's parent. Terms are summed, not averaged
-    (ST's ``kl_coef`` per subnet). ``knowledge`` is reset first and holds the final group knowledge afterwards. The
-    training task runs the same sequence one pass at a time (backward after each); this is its reference.
-    ``target``: class indices or dense probabilities (mixup), as ``F.cross_entropy`` takes both.
-    """
-    if len(subnet_logits) % knowledge.num_groups != 0:
-        raise ValueError(f'{len(subnet_logits)} subnet outputs do not fill whole loops of '
-                         f'{knowledge.num_groups} groups')
-    main_logits = _at_least_fp32(main_logits)
-    label = F.cross_entropy(main_logits, target if target.ndim == 1 else target.to(main_logits.dtype))
-    knowledge.reset()
-    knowledge.update(0, main_logits)
-    distill_terms = []
-    for index, logits in enumerate(subnet_logits):
-        group = index % knowledge.num_groups + 1
-        distill_terms.append(kl_distill(logits, knowledge.teacher(group - 1), temperature))
-        knowledge.update(group, logits)
-    total = label + distill_weight * sum(distill_terms, torch.zeros_like(label))
-    return GroupKnowledgeTerms(total, label, distill_terms)

@@ -5,6 +5,7 @@ ViT of that size at 224 px; a name that matches nothing stops with the closest t
 """
 import argparse
 import difflib
+import inspect
 import logging
 import os
 import pickle
@@ -16,8 +17,8 @@ from timm.layers import DropPath, resample_abs_pos_embed
 from timm.models import is_model, split_model_name_tag
 from timm.utils import unwrap_model
 
-from .blocks import drop_path_slots
-from .errors import UsageError
+from .blocks import drop_path_slots, slot_drop_rate
+from .errors import UsageError, first_line
 
 _logger = logging.getLogger('train')
 
@@ -53,8 +54,7 @@ def load_checkpoint_file(path: str, what: str) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f'{what} {path} is not a readable checkpoint ({reason[:160]})') from None
+        raise UsageError(f'{what} {path} is not a readable checkpoint ({first_line(e)[:160]})') from None
     if not isinstance(checkpoint, dict):
         raise UsageError(f'{what} {path} holds a {type(checkpoint).__name__}, not a checkpoint dict')
     return checkpoint
@@ -95,7 +95,7 @@ def load_initial_checkpoint(model: torch.nn.Module, path: str) -> None:
         try:
             timm.models.load_checkpoint(model, path)
         except (RuntimeError, ValueError, OSError, NotImplementedError) as e:
-            raise UsageError(f'--initial-checkpoint {path} cannot be loaded: {str(e).splitlines()[0][:160]}') from None
+            raise UsageError(f'--initial-checkpoint {path} cannot be loaded: {first_line(e)[:160]}') from None
         return
     checkpoint = load_checkpoint_file(path, '--initial-checkpoint')
     resample_position_embedding(model, checkpoint_weights(checkpoint, use_ema=True))
@@ -133,10 +133,26 @@ def naflex_patch_size(model: torch.nn.Module) -> tuple:
     return 16, 16
 
 
+def accepted_kwargs(model_name: str, kwargs: dict, **create_kwargs) -> dict:
+    """The entries of ``kwargs`` the model's class takes (its ``__init__`` names them, or takes ``**kwargs``).
+
+    A method's model kwargs may fit only some families (ST++ asks ViTs for ``dynamic_img_size``); the class is
+    found by building the model on the meta device (no memory, the RNGs left as they were).
+    """
+    if not kwargs:
+        return {}
+    with torch.random.fork_rng(devices=[]), torch.device('meta'):
+        probe = timm.create_model(model_name, pretrained=False, **create_kwargs)
+    parameters = inspect.signature(type(probe).__init__).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in parameters}
+
+
 def model_drop_path_rate(model: torch.nn.Module) -> float:
     """The highest drop-path rate of any of the model's drop-path slots (0 when it has none)."""
-    return max((float(getattr(getattr(m, slot), 'drop_prob', 0.0) or 0.0)
-                for m in model.modules() for slot in drop_path_slots(m)), default=0.0)
+    return max((slot_drop_rate(getattr(m, slot)) for m in model.modules() for slot in drop_path_slots(m)),
+               default=0.0)
 
 
 def constant_drop_path(model: torch.nn.Module, rate: float) -> None:

@@ -1,10 +1,11 @@
 """Pictures of runs and subnets (matplotlib) and TensorBoard scalars; both packages are optional.
 
 - ``plot_subnets``: top-1 against FLOPs, one colour per checkpoint (``validate.py --subnets SPEC --plot``);
-- ``plot_summary``: loss, top-1 and learning rate of a run against epoch (``summary.png`` beside ``summary.csv``);
+- ``plot_summary``: loss, top-1 and learning rate of a run against epoch (``summary.png`` beside ``summary.csv``),
+  one ``Panel`` per entry of ``SUMMARY_PANELS`` (a new picture of a run is one more entry);
 - ``TensorBoardLog``: the summary row's scalars per epoch (``train.py --log-tensorboard``).
 
-A missing package is one line saying what to install: ``MissingPackage`` (a UsageError) where the picture was
+A missing package is one line saying what to install: ``MissingPackage`` (an InputError) where the picture was
 the point of the command, a warning where it is a by-product of training. Figures are drawn on matplotlib's
 object API (``Figure`` + Agg canvas), never pyplot, so no GUI backend or global figure state is involved.
 """
@@ -14,26 +15,18 @@ import csv
 import logging
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from .errors import UsageError
-from .spec import kind_of
+from .errors import InputError
+from .results import LOSS, result_part
+from .spec import FULL_STYLE, PlotStyle, kind_of, spec_kind, spec_kinds
 
 __all__ = ['MissingPackage', 'require_matplotlib', 'check_figure_path', 'plot_subnets', 'run_labels',
-           'plot_summary', 'summary_paths', 'summary_after_training', 'TensorBoardLog']
+           'Panel', 'SUMMARY_PANELS', 'plot_summary', 'summary_paths', 'summary_after_training', 'TensorBoardLog']
 
 _logger = logging.getLogger('train')
 
-# how each kind of subnet is drawn: marker, line style (None: points only), legend text
-_KIND_STYLE = {
-    'prefix': ('o', '-', 'stage prefixes (ST)'),
-    'first': ('s', '--', 'first k blocks'),
-    'random': ('x', None, 'random subsets'),
-    'full': ('*', None, 'full net'),
-}
-
-
-class MissingPackage(UsageError):
+class MissingPackage(InputError):
     """An optional package a picture or log needs is not installed."""
 
 
@@ -53,11 +46,11 @@ def check_figure_path(path: str, what: str) -> None:
     from matplotlib.backend_bases import FigureCanvasBase
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise UsageError(f'{what} {path}: folder {folder} does not exist')
+        raise InputError(f'{what} {path}: folder {folder} does not exist')
     suffix = os.path.splitext(path)[1].lstrip('.').lower()
     formats = FigureCanvasBase.get_supported_filetypes()
     if suffix not in formats:
-        raise UsageError(f'{what} {path}: the file name must end in one of '
+        raise InputError(f'{what} {path}: the file name must end in one of '
                          + ', '.join(f'.{f}' for f in sorted(formats)) + ' (e.g. .png)')
 
 
@@ -90,11 +83,47 @@ def run_labels(checkpoints: Sequence[str]) -> List[str]:
     return [f'{f}/{s}' for f, s in zip(folders, stems)]
 
 
+def _kind_style(kind: str) -> PlotStyle:
+    return FULL_STYLE if kind == 'full' else spec_kind(kind).style
+
+
+def _draw_curve(ax, points: Dict[str, List[Tuple[float, float]]], colour) -> None:
+    """One checkpoint's subnets: each line kind (``PlotStyle.line``) joined to the full net, the point kinds as
+    points, the full net as a labelled star."""
+    full = points.get('full', [])
+    line_kinds = [k for k in points if k != 'full' and _kind_style(k).line is not None]
+    for kind in line_kinds:
+        style = _kind_style(kind)
+        xy = sorted(points[kind] + full)
+        ax.plot([x for x, _ in xy], [y for _, y in xy], linestyle=style.line, marker=style.marker, color=colour,
+                markersize=5, linewidth=1.6)
+    for kind in (k for k in points if k != 'full' and k not in line_kinds):
+        ax.scatter([x for x, _ in points[kind]], [y for _, y in points[kind]], marker=_kind_style(kind).marker,
+                   color=colour, s=30, linewidths=1.2, alpha=0.8)
+    for x, y in full:
+        ax.scatter([x], [y], marker=FULL_STYLE.marker, s=220, color=colour, edgecolors='black', linewidths=0.8,
+                   zorder=5)
+        ax.annotate(f'{y:.1f}', (x, y), textcoords='offset points', xytext=(-8, 9), ha='right', fontsize=9,
+                    color=colour, fontweight='bold')
+
+
+def _kind_legend(kinds_seen: set) -> list:
+    """One legend entry per kind drawn: line kinds first, then point kinds, then the full net."""
+    from matplotlib.lines import Line2D
+    kinds = [k.name for k in spec_kinds()]
+    ordered = [k for k in kinds if _kind_style(k).line is not None] + \
+              [k for k in kinds if _kind_style(k).line is None] + ['full']
+    return [Line2D([], [], color='0.35', marker=_kind_style(k).marker, linestyle=_kind_style(k).line or 'none',
+                   markersize=12 if k == 'full' else 6, label=_kind_style(k).legend)
+            for k in ordered if k in kinds_seen]
+
+
 def plot_subnets(curves: Sequence[Tuple[str, Sequence[dict]]], path: str, title: Optional[str] = None) -> str:
     """Top-1 (%) against FLOPs (% of the full net), one colour per ``(label, result rows)``.
 
-    Rows are validate.py's (``subnet``, ``flop_fraction``, ``top1``). Stage-prefix and first-k subnets are
-    joined into curves ending at the full net (a star); random subsets are crosses.
+    Rows are validate.py's (``subnet``, ``flop_fraction``, ``top1``). Each SPEC kind is drawn as its
+    ``PlotStyle`` says (``subnet/spec.py``): stage-prefix and first-k subnets are joined into curves ending at
+    the full net (a star); random subsets are crosses.
     """
     Figure = require_matplotlib('--plot')
     from matplotlib.lines import Line2D
@@ -108,28 +137,10 @@ def plot_subnets(curves: Sequence[Tuple[str, Sequence[dict]]], path: str, title:
         for row in rows:
             kind = kind_of(row.get('subnet', 'full'))
             points.setdefault(kind, []).append((100 * float(row.get('flop_fraction', 1.0)), float(row['top1'])))
-        full = points.get('full', [])
-        for kind in ('prefix', 'first'):
-            if kind in points:
-                marker, style, _ = _KIND_STYLE[kind]
-                xy = sorted(points[kind] + full)
-                ax.plot([x for x, _ in xy], [y for _, y in xy], linestyle=style, marker=marker, color=colour,
-                        markersize=5, linewidth=1.6)
-                kinds_seen.add(kind)
-        if 'random' in points:
-            ax.scatter([x for x, _ in points['random']], [y for _, y in points['random']], marker='x',
-                       color=colour, s=30, linewidths=1.2, alpha=0.8)
-            kinds_seen.add('random')
-        for x, y in full:
-            ax.scatter([x], [y], marker='*', s=220, color=colour, edgecolors='black', linewidths=0.8, zorder=5)
-            ax.annotate(f'{y:.1f}', (x, y), textcoords='offset points', xytext=(-8, 9), ha='right', fontsize=9,
-                        color=colour, fontweight='bold')
-            kinds_seen.add('full')
+        _draw_curve(ax, points, colour)
+        kinds_seen.update(points)
         curve_handles.append(Line2D([], [], color=colour, linewidth=3, label=label))
 
-    kind_handles = [Line2D([], [], color='0.35', marker=marker, linestyle=style or 'none',
-                           markersize=12 if kind == 'full' else 6, label=text)
-                    for kind, (marker, style, text) in _KIND_STYLE.items() if kind in kinds_seen]
     ax.margins(y=0.1)  # room for the full-net labels above the stars
     ax.set_xlabel('FLOPs (% of the full network)', fontsize=11)
     ax.set_ylabel('Top-1 accuracy (%)', fontsize=11)
@@ -142,8 +153,8 @@ def plot_subnets(curves: Sequence[Tuple[str, Sequence[dict]]], path: str, title:
     first = ax.legend(handles=curve_handles, title='checkpoint', loc='upper left', bbox_to_anchor=(1.01, 1.0),
                       fontsize=9, title_fontsize=9, frameon=False)
     ax.add_artist(first)
-    ax.legend(handles=kind_handles, title='subnets', loc='lower left', bbox_to_anchor=(1.01, 0.0), fontsize=9,
-              title_fontsize=9, frameon=False)
+    ax.legend(handles=_kind_legend(kinds_seen), title='subnets', loc='lower left', bbox_to_anchor=(1.01, 0.0),
+              fontsize=9, title_fontsize=9, frameon=False)
     return _save(figure, path)
 
 
@@ -153,7 +164,7 @@ def summary_paths(path: str) -> Tuple[str, str]:
     """(summary.csv, summary.png) for a run folder or a summary.csv file."""
     csv_path = os.path.join(path, 'summary.csv') if os.path.isdir(path) else path
     if not os.path.isfile(csv_path):
-        raise UsageError(f'--plot-summary {path}: no summary.csv there (give a run folder or its summary.csv)')
+        raise InputError(f'--plot-summary {path}: no summary.csv there (give a run folder or its summary.csv)')
     return csv_path, os.path.join(os.path.dirname(os.path.abspath(csv_path)), 'summary.png')
 
 
@@ -161,7 +172,7 @@ def _read_summary(csv_path: str) -> Dict[str, List[float]]:
     with open(csv_path, newline='') as f:
         rows = list(csv.DictReader(f))
     if not rows or 'epoch' not in rows[0]:
-        raise UsageError(f'{csv_path} is not a train.py summary.csv (no epoch column or no rows)')
+        raise InputError(f'{csv_path} is not a train.py summary.csv (no epoch column or no rows)')
 
     def number(text):
         try:
@@ -178,11 +189,75 @@ def _line(ax, epochs, values, label, **style) -> bool:
     return True
 
 
+def _ema(columns: Dict[str, List[float]]) -> bool:
+    """With --model-ema the eval_* columns are the EMA's and model_* the live model's."""
+    return 'model_top1' in columns
+
+
+def _loss_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
+    """Train loss, the method's declared loss parts (dashed; ``subnet/results.py``), eval loss."""
+    _line(ax, epochs, columns.get('train_loss'), 'train loss', color='tab:blue', linewidth=2)
+    part_columns = [c for c in columns if c != 'train_loss' and getattr(result_part(c), 'kind', None) == LOSS]
+    # blue, orange and red are the train / EMA / live-model lines; the parts take the other tab10 colours
+    part_colours = ['tab:green', 'tab:purple', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan', 'tab:gray']
+    for column, colour in zip(part_columns, part_colours * len(part_columns)):
+        _line(ax, epochs, columns[column], column[len('train_'):].replace('_', ' '), color=colour, linestyle='--')
+    _line(ax, epochs, columns.get('eval_loss'), 'eval loss (EMA)' if _ema(columns) else 'eval loss',
+          color='tab:orange', linewidth=2)
+    _line(ax, epochs, columns.get('model_loss'), 'eval loss', color='tab:red', linewidth=1.5)
+    ax.set_ylabel('loss')
+
+
+def _top1_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
+    drawn = _line(ax, epochs, columns.get('model_top1'), 'top-1 (live model)', color='tab:red', linewidth=1.5)
+    drawn |= _line(ax, epochs, columns.get('eval_top1'), 'top-1 (EMA)' if _ema(columns) else 'top-1',
+                   color='tab:orange', linewidth=2)
+    if not drawn:
+        ax.text(0.5, 0.5, 'no evaluation in this run', ha='center', va='center', transform=ax.transAxes)
+    ax.set_ylabel('top-1 accuracy (%)')
+
+
+def _subnet_columns(columns: Dict[str, List[float]]) -> List[str]:
+    return [c for c in columns if c.startswith('subnet_') and c.endswith('_top1')]
+
+
+def _subnet_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
+    _line(ax, epochs, columns.get('model_top1', columns.get('eval_top1')), 'full net', color='black', linewidth=2)
+    subnet_columns = _subnet_columns(columns)
+    for column, colour in zip(subnet_columns, _colours(len(subnet_columns))):
+        _line(ax, epochs, columns[column], column[len('subnet_'):-len('_top1')], color=colour)
+    ax.set_ylabel('top-1 accuracy (%)')
+
+
+def _lr_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
+    _line(ax, epochs, columns.get('lr'), 'learning rate', color='tab:green', linewidth=2)
+    ax.set_ylabel('learning rate')
+    ax.ticklabel_format(axis='y', style='sci', scilimits=(-2, 3))
+
+
+class Panel(NamedTuple):
+    """One panel of summary.png: ``draw(ax, epochs, columns)`` draws summary.csv's ``columns`` (name → one
+    number per epoch, NaN where empty) on ``ax``; ``shown(columns)`` says whether this run has anything for it."""
+    title: str
+    draw: Callable
+    shown: Callable = lambda columns: True
+    legend: bool = True
+
+
+# summary.png's panels, left to right: a new picture of a run is one more entry here
+SUMMARY_PANELS: List[Panel] = [
+    Panel('Losses', _loss_panel),
+    Panel('Top-1', _top1_panel),
+    Panel('Subnet top-1 (--subnet-eval)', _subnet_panel, shown=lambda columns: bool(_subnet_columns(columns))),
+    Panel('Learning rate', _lr_panel, legend=False),
+]
+
+
 def plot_summary(path: str, title: Optional[str] = None) -> str:
     """Write summary.png beside a run's summary.csv (``path``: the run folder or the file); returns its path.
 
-    Panels: losses (train, the method's loss parts dashed, eval), top-1 (with --model-ema the eval_* columns
-    are the EMA's and model_* the live model's), subnet top-1 when --subnet-eval columns exist, learning rate.
+    One panel per entry of ``SUMMARY_PANELS`` this run has columns for: losses, top-1, subnet top-1 when
+    --subnet-eval columns exist, learning rate.
     """
     Figure = require_matplotlib('--plot-summary')
     from matplotlib.ticker import MaxNLocator
@@ -190,53 +265,15 @@ def plot_summary(path: str, title: Optional[str] = None) -> str:
     csv_path, png_path = summary_paths(path)
     columns = _read_summary(csv_path)
     epochs = columns['epoch']
-    ema = 'model_top1' in columns
-    subnet_columns = [c for c in columns if c.startswith('subnet_') and c.endswith('_top1')]
-    part_columns = [c for c in columns if c.startswith('train_') and c != 'train_loss' and not c.endswith('flops')]
-
-    panels = ['loss', 'top1'] + (['subnets'] if subnet_columns else []) + ['lr']
+    panels = [panel for panel in SUMMARY_PANELS if panel.shown(columns)]
     figure = Figure(figsize=(4.6 * len(panels), 4.2), dpi=120, layout='constrained')
-    axes = dict(zip(panels, figure.subplots(1, len(panels), squeeze=False)[0]))
-
-    ax = axes['loss']
-    _line(ax, epochs, columns.get('train_loss'), 'train loss', color='tab:blue', linewidth=2)
-    # blue, orange and red are the train / EMA / live-model lines; the parts take the other tab10 colours
-    part_colours = ['tab:green', 'tab:purple', 'tab:brown', 'tab:pink', 'tab:olive', 'tab:cyan', 'tab:gray']
-    for column, colour in zip(part_columns, part_colours * len(part_columns)):
-        _line(ax, epochs, columns[column], column[len('train_'):].replace('_', ' '), color=colour, linestyle='--')
-    _line(ax, epochs, columns.get('eval_loss'), 'eval loss (EMA)' if ema else 'eval loss', color='tab:orange',
-          linewidth=2)
-    _line(ax, epochs, columns.get('model_loss'), 'eval loss', color='tab:red', linewidth=1.5)
-    ax.set_ylabel('loss')
-
-    ax = axes['top1']
-    drawn = _line(ax, epochs, columns.get('model_top1'), 'top-1 (live model)', color='tab:red', linewidth=1.5)
-    drawn |= _line(ax, epochs, columns.get('eval_top1'), 'top-1 (EMA)' if ema else 'top-1', color='tab:orange',
-                   linewidth=2)
-    if not drawn:
-        ax.text(0.5, 0.5, 'no evaluation in this run', ha='center', va='center', transform=ax.transAxes)
-    ax.set_ylabel('top-1 accuracy (%)')
-
-    if subnet_columns:
-        ax = axes['subnets']
-        _line(ax, epochs, columns.get('model_top1', columns.get('eval_top1')), 'full net', color='black',
-              linewidth=2)
-        for column, colour in zip(subnet_columns, _colours(len(subnet_columns))):
-            _line(ax, epochs, columns[column], column[len('subnet_'):-len('_top1')], color=colour)
-        ax.set_ylabel('top-1 accuracy (%)')
-
-    ax = axes['lr']
-    _line(ax, epochs, columns.get('lr'), 'learning rate', color='tab:green', linewidth=2)
-    ax.set_ylabel('learning rate')
-    ax.ticklabel_format(axis='y', style='sci', scilimits=(-2, 3))
-
-    titles = {'loss': 'Losses', 'top1': 'Top-1', 'subnets': 'Subnet top-1 (--subnet-eval)', 'lr': 'Learning rate'}
-    for name, ax in axes.items():
-        ax.set_title(titles[name], fontsize=11)
+    for panel, ax in zip(panels, figure.subplots(1, len(panels), squeeze=False)[0]):
+        panel.draw(ax, epochs, columns)
+        ax.set_title(panel.title, fontsize=11)
         ax.set_xlabel('epoch')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-        if name != 'lr' and ax.get_legend_handles_labels()[0]:
+        if panel.legend and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     figure.suptitle(title or os.path.basename(os.path.dirname(os.path.abspath(csv_path))), fontsize=12)
     return _save(figure, png_path)

@@ -10,35 +10,33 @@ per-sample masks ``BlockMap.units(unit)`` (``unit='branch'``: one column per res
   ``unit_drop_rates``: per-column rates from a per-block schedule.
 * ``stage_prefix_keep``: ST / ST++ "ordered residual sampling", the first k_i blocks of each stage.
 * ``nested_keep``: GKT subnet-in-subnet, a child inherits its parent's drops and drops each survivor with prob q.
-* ``step_generator`` / ``broadcast_from_rank0``: the same mask on every DDP rank when a method needs it.
+* ``step_generator``: the same mask on every DDP rank when a method needs it.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 
 from .blocks import BlockMap
-from .errors import UsageError
 
 __all__ = ['drop_rates', 'unit_drop_rates', 'bernoulli_keep', 'fixed_count_keep', 'draw_keep', 'stage_prefix_keep',
-           'lowest_prefix_depths', 'nested_keep', 'step_generator', 'broadcast_from_rank0']
+           'lowest_prefix_depths', 'nested_keep', 'step_generator']
 
 SCHEDULES = ('linear', 'constant')
-ROWS = ('bernoulli', 'fixed')  # how per-sample masks pick the rows that keep a block or branch
+ROW_SAMPLINGS = ('bernoulli', 'fixed')  # how per-sample masks pick the rows that keep a block or branch
 
 
 def drop_rates(num_blocks: int, rate: float, schedule: str = 'linear') -> torch.Tensor:
     """Per-block drop rates: 'linear' is timm's ``calculate_drop_path_rates`` (0 at the first block, ``rate`` at the
     last); 'constant' is DeiT III's (``rate`` everywhere)."""
     if not 0.0 <= rate <= 1.0:
-        raise UsageError(f'drop rate {rate} must lie in [0, 1]')
+        raise ValueError(f'drop rate {rate} must lie in [0, 1]')
     if schedule == 'linear':
         return torch.linspace(0.0, rate, num_blocks, dtype=torch.float64)
     if schedule == 'constant':
         return torch.full((num_blocks,), float(rate), dtype=torch.float64)
-    raise UsageError(f'unknown drop-rate schedule {schedule!r} (expected one of {", ".join(SCHEDULES)})')
+    raise ValueError(f'unknown drop-rate schedule {schedule!r} (expected one of {", ".join(SCHEDULES)})')
 
 
 def unit_drop_rates(block_map: BlockMap, rate: float, schedule: str = 'constant', unit: str = 'branch') -> torch.Tensor:
@@ -63,7 +61,7 @@ def fixed_counts(batch: int, rates: Union[torch.Tensor, Sequence[float]]) -> tor
     nearest the nominal one.)"""
     rates = torch.as_tensor(rates, dtype=torch.float64)
     if bool(((rates < 0) | (rates > 1)).any()):
-        raise UsageError('drop rates must lie in [0, 1]')
+        raise ValueError('drop rates must lie in [0, 1]')
     counts = torch.round((1.0 - rates) * batch).long()
     return torch.where(rates < 1, counts.clamp(1, batch), torch.zeros_like(counts))
 
@@ -79,16 +77,16 @@ def fixed_count_keep(batch: int, rates: Union[torch.Tensor, Sequence[float]],
     return ranks < counts
 
 
-def draw_keep(batch: int, rates: Union[torch.Tensor, Sequence[float]], rows: str = 'bernoulli',
+def draw_keep(batch: int, rates: Union[torch.Tensor, Sequence[float]], row_sampling: str = 'bernoulli',
               generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A keep mask drawn as ``rows`` says ('bernoulli' or 'fixed'), and the per-column keep probabilities to pass
-    to ``DepthEngine.per_sample``: 1 - rates for Bernoulli rows, kept / batch for fixed counts."""
+    """A keep mask drawn as ``row_sampling`` says ('bernoulli' or 'fixed'), and the per-column keep probabilities to
+    pass to ``DepthEngine.per_sample``: 1 - rates for Bernoulli rows, kept / batch for fixed counts."""
     rates = torch.as_tensor(rates, dtype=torch.float64)
-    if rows == 'bernoulli':
+    if row_sampling == 'bernoulli':
         return bernoulli_keep(batch, rates, generator), 1.0 - rates
-    if rows == 'fixed':
+    if row_sampling == 'fixed':
         return fixed_count_keep(batch, rates, generator), fixed_counts(batch, rates).double() / batch
-    raise UsageError(f'unknown row sampling {rows!r} (expected one of {", ".join(ROWS)})')
+    raise ValueError(f'unknown row sampling {row_sampling!r} (expected one of {", ".join(ROW_SAMPLINGS)})')
 
 
 def stage_prefix_keep(block_map: BlockMap, min_keep: Union[int, Sequence[int]] = 1,
@@ -110,7 +108,7 @@ def lowest_prefix_depths(block_map: BlockMap, min_keep: Union[int, Sequence[int]
     if isinstance(min_keep, int):
         min_keep = [min_keep] * len(stages)
     if len(min_keep) != len(stages):
-        raise UsageError(f'{block_map.model_name}: min_keep has {len(min_keep)} entries but the model has '
+        raise ValueError(f'{block_map.model_name}: min_keep has {len(min_keep)} entries but the model has '
                          f'{len(stages)} stages')
     return [max(min(len(stage.blocks), int(wanted)), stage.min_keep) for stage, wanted in zip(stages, min_keep)]
 
@@ -120,7 +118,7 @@ def nested_keep(parent: torch.Tensor, q: float, generator: Optional[torch.Genera
     """A child of ``parent`` (same shape, bool): every block the parent dropped stays dropped, and each block the
     parent kept is dropped with probability ``q`` (only where ``droppable``, e.g. ``block_map.skippable``)."""
     if not 0.0 <= q <= 1.0:
-        raise UsageError(f'nested drop probability {q} must lie in [0, 1]')
+        raise ValueError(f'nested drop probability {q} must lie in [0, 1]')
     parent = torch.as_tensor(parent, dtype=torch.bool)
     survives = torch.rand(parent.shape, generator=generator, dtype=torch.float64) >= q
     if droppable is not None:
@@ -140,14 +138,3 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     for masks identical on all DDP ranks without communication, or the real rank for per-rank masks."""
     mixed = _splitmix64(_splitmix64(_splitmix64(int(seed)) ^ int(step)) ^ int(rank))
     return torch.Generator().manual_seed(mixed & 0x7FFFFFFFFFFFFFFF)
-
-
-def broadcast_from_rank0(mask: torch.Tensor) -> torch.Tensor:
-    """Rank 0's mask on every rank (a no-op without torch.distributed); NCCL gets a CUDA copy."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return mask
-    on_cuda = dist.get_backend() == 'nccl'
-    buffer = mask.to(torch.uint8)
-    buffer = buffer.cuda() if on_cuda else buffer.clone()
-    dist.broadcast(buffer, src=0)
-    return buffer.to(mask.device).to(mask.dtype)

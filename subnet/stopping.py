@@ -81,10 +81,6 @@ class Vote:
         self._work = dist.all_reduce(self._sent, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return agreed
 
-    def settle(self) -> Optional[List[int]]:
-        """What every rank sent with the last ``exchange`` (None if nothing is pending)."""
-        return self._collect()
-
     def now(self, values: List[int]) -> List[int]:
         """A blocking reduction of ``values`` (once per epoch)."""
         pending = self._collect()

@@ -4,12 +4,12 @@ They live in new namespaces (``--method*``, ``--cosub-*``, ``--st-*``, ``--gkt-*
 ``--plot-summary``, ``--log-tensorboard``, ``--bad-image-limit``, ``--skip-nonfinite``, ``--recovery-minutes``), so
 none of them makes an abbreviation of a timm option ambiguous (``--recovery`` stays timm's ``--recovery-interval``,
 see ``OneLineParser``). As with every option, the YAML key is the underscore name (``method: cosub``); an option's other spellings are YAML
-keys too (``st_bn`` for ``--subnet-bn``). The methods' own groups come from the method registry.
+keys too (``dr`` for timm's ``--decay-rate``). The methods' own groups come from the method registry.
 """
 import argparse
 
 from .methods import add_method_options, method_names
-from .spec import SPEC_HELP, subnet_spec
+from .spec import spec_help, subnet_spec
 
 
 def _method_selection(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def _method_selection(parser: argparse.ArgumentParser) -> None:
 def add_model_and_data_options(parser: argparse.ArgumentParser) -> None:
     """What the papers' recipes need and timm's train.py cannot say."""
     g = parser.add_argument_group('Model and data (subnet)')
-    g.add_argument('--drop-schedule', '--cosub-drop-schedule', default=None, choices=('linear', 'constant'),
+    g.add_argument('--drop-schedule', default=None, choices=('linear', 'constant'),
                    help="per-block drop-path rates of the model: timm's linear ramp from 0 to --drop-path, or "
                         "DeiT III's constant --drop-path in every block (default: the method's; constant for "
                         "cosub, as DeiT III, linear otherwise, as timm)")
@@ -38,7 +38,7 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--subnet-eval', default=None, type=subnet_spec, metavar='SPEC',
                    help='at every eval also evaluate these fixed subnets of the live model and append their top-1 '
                         'to summary.csv as subnet_<name>_top1 (BN statistics as trained, no recalibration); '
-                        f'SPEC: {SPEC_HELP}; off by default')
+                        f'SPEC: {spec_help()}; off by default')
     g.add_argument('--plot-summary', default='', metavar='RUN',
                    help='only write RUN/summary.png from RUN/summary.csv (RUN: a run folder or its summary.csv) '
                         'and exit without training; every run writes it at its end anyway (needs matplotlib)')
@@ -102,7 +102,7 @@ def add_validate_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--subnets', default=None, type=subnet_spec, metavar='SPEC',
                    help='evaluate the full net and these subnets, one result row each (with subnet, depths, '
                         f'blocks, kept_fraction, flop_fraction, bn_recal); random subsets are drawn from --seed; '
-                        f'SPEC: {SPEC_HELP}')
+                        f'SPEC: {spec_help()}')
     g.add_argument('--bn-recal', type=int, default=0, metavar='N',
                    help='re-estimate the BatchNorm statistics of each subnet on N training images before '
                         "evaluating it (ST's code uses 2048); the full net keeps the checkpoint's, the checkpoint "

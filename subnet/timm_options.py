@@ -22,7 +22,7 @@ from timm.utils import ParseKwargs
 
 from .methods import import_extra_methods
 from .subnet_options import add_train_options, add_validate_options
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 _logger = logging.getLogger('train')
 
@@ -385,6 +385,8 @@ def _convert(action: argparse.Action, value, key: str):
             fail('an integer')
         try:
             converted = (action.type or str)(item)
+        except argparse.ArgumentTypeError as e:  # a type with its own message (a SPEC's grammar)
+            raise UsageError(str(e)) from None
         except (TypeError, ValueError):
             fail(f'a {getattr(action.type, "__name__", "value")}')
         if action.choices is not None and converted not in action.choices:
@@ -413,7 +415,7 @@ def read_config(path: str) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f' (line {mark.line + 1})' if mark is not None else ''
-        problem = getattr(e, 'problem', None) or str(e).strip().splitlines()[0]
+        problem = getattr(e, 'problem', None) or first_line(e)
         raise UsageError(f'config file {path} is not valid YAML{where}: {problem}')
     if cfg is None:
         return {}
@@ -423,8 +425,8 @@ def read_config(path: str) -> dict:
 
 
 def _actions_by_key(parser: argparse.ArgumentParser) -> dict:
-    """YAML key -> option: every dest, and every other long spelling with underscores (``st_bn`` is the old
-    name of ``--subnet-bn``, ``dr`` of timm's ``--decay-rate``)."""
+    """YAML key -> option: every dest, and every other long spelling with underscores (``dr`` is timm's other
+    name of ``--decay-rate``)."""
     actions = {}
     for action in parser._actions:
         if isinstance(action, argparse._HelpAction):
@@ -506,15 +508,19 @@ def train_options_given(argv: Optional[List[str]] = None) -> Set[str]:
 
 # ---------------------------------------------------------------------------------------------- validate.py
 
-def validate_parser() -> argparse.ArgumentParser:
-    """timm's validate.py parser (no YAML: timm's validate has none), then subnet's own options."""
-    p = OneLineParser(prog='validate.py', description='Validate timm models and checkpoints, and their subnets.')
+def _validate_dataset_options(p: argparse.ArgumentParser) -> None:
     p.add_argument('data', nargs='?', metavar='DIR', const=None, help='dataset root (deprecated, use --data-dir)')
     p.add_argument('--data-dir', metavar='DIR', help='dataset root')
     p.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name; empty: image folder')
     p.add_argument('--split', metavar='NAME', default='validation', help='split to evaluate (default: validation)')
     p.add_argument('--num-samples', default=None, type=int, metavar='N', help='samples, for iterable datasets')
     _dataset_reading_options(p)
+
+
+def validate_parser() -> argparse.ArgumentParser:
+    """timm's validate.py parser (no YAML: timm's validate has none), then subnet's own options."""
+    p = OneLineParser(prog='validate.py', description='Validate timm models and checkpoints, and their subnets.')
+    _validate_dataset_options(p)
     p.add_argument('--model', '-m', metavar='NAME', default='dpn92',
                    help="model name, wildcard, 'all' or a file of names (default: dpn92)")
     p.add_argument('--pretrained', dest='pretrained', action='store_true', help='use pretrained weights')

@@ -21,7 +21,7 @@ import torch.utils.data
 from PIL import Image
 from timm.data.dataset import ImageDataset
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 __all__ = ['ImageFailures', 'ReadableImages', 'NOT_COUNTED', 'readable', 'over_limit', 'drop_not_counted',
            'failures_of']
@@ -68,8 +68,7 @@ class ImageFailures:
 
 
 def _reason(error: Exception) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ''
-    return f'{type(error).__name__}: {text[:120]}' if text else type(error).__name__
+    return f'{type(error).__name__}: {first_line(error)[:120]}' if str(error).strip() else type(error).__name__
 
 
 class ReadableImages(torch.utils.data.Dataset):

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from subnet.blocks import find_blocks, register_drop_path_slots
 from subnet.depth import DepthEngine
-from subnet.errors import UsageError
+from subnet.errors import ModelNotSupported
 
 from conftest import TINY_FAMILIES, create_tiny, mask_reference, tiny_input_size
 
@@ -191,7 +191,7 @@ def test_flop_fraction_of_subnets_and_of_keep_probabilities(tiny_model):
     assert block_map.flop_fraction(probs) == pytest.approx(half)
     rows = torch.stack([torch.ones(n, dtype=torch.bool), keep])
     assert block_map.flop_fraction(rows) == pytest.approx((1 + block_map.flop_fraction(keep)) / 2)
-    with pytest.raises(UsageError, match='resnet50: keep has shape'):
+    with pytest.raises(ValueError, match='resnet50: keep has shape'):
         block_map.flop_fraction(torch.ones(n - 1))
 
 
@@ -221,18 +221,18 @@ def test_find_blocks_defaults_to_the_pretrained_input_size():
     assert find_blocks(model).input_size == (3, 224, 224)
 
 
-def test_wrong_input_size_is_a_one_line_usage_error():
+def test_wrong_input_size_is_a_one_line_model_error():
     model = create_tiny('vit_tiny_patch16_224')  # built for 32 px, pretrained_cfg still says 224
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(ModelNotSupported) as err:
         find_blocks(model)
     assert str(err.value).startswith('vit_tiny_patch16_224: dry forward at input size (3, 224, 224) failed')
     assert '\n' not in str(err.value)
 
 
-def test_model_without_residual_blocks_is_a_usage_error():
+def test_model_without_residual_blocks_is_a_model_error():
     with torch.device('meta'):  # never run: the error comes before any forward
         model = timm.create_model('vgg11')
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(ModelNotSupported) as err:
         find_blocks(model, (3, 32, 32))
     assert str(err.value).startswith('vgg11: no skippable residual block')
     assert '\n' not in str(err.value)
@@ -332,7 +332,7 @@ def toy_stochastic_depth_net(pretrained=False, **kwargs):
 def test_register_drop_path_slots_describes_a_family_discovery_misses():
     torch.manual_seed(0)
     model = timm.create_model('toy_stochastic_depth_net').eval()
-    with pytest.raises(UsageError, match='no module has a drop_path slot'):
+    with pytest.raises(ModelNotSupported, match='no module has a drop_path slot'):
         find_blocks(model, (3, 32, 32))
     register_drop_path_slots('skip_mix', 'skip_mlp', block=ToyBlock)
     block_map = find_blocks(model, (3, 32, 32))
@@ -365,6 +365,6 @@ def test_register_drop_path_slots_rejects_what_is_not_a_slot_name_or_a_block_cla
                           (lambda: register_drop_path_slots('drop path'), 'slot names must be attribute names'),
                           (lambda: register_drop_path_slots('sd', block='ToyBlock'),
                            'block must be an nn.Module subclass')):
-        with pytest.raises(UsageError) as err:
+        with pytest.raises((ValueError, TypeError)) as err:
             call()
         assert str(err.value).startswith('register_drop_path_slots: ' + message) and '\n' not in str(err.value)

@@ -17,7 +17,6 @@ from timm.utils import ModelEmaV3
 
 from subnet.blocks import find_blocks
 from subnet.depth import DepthEngine
-from subnet.errors import UsageError
 from subnet.sampling import (
     bernoulli_keep, draw_keep, drop_rates, fixed_count_keep, stage_prefix_keep, step_generator, unit_drop_rates)
 
@@ -641,7 +640,7 @@ def _ddp_worker(rank, world, port, result_dir):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group('gloo', rank=rank, world_size=world)
-    from subnet.sampling import broadcast_from_rank0
+    from train_helpers import broadcast_from_rank0
     torch.manual_seed(0)
     model = timm.create_model('vit_tiny_patch16_224', img_size=32, depth=4, embed_dim=32, num_heads=2,
                               num_classes=5).train()
@@ -699,13 +698,13 @@ def test_ddp_two_processes_without_find_unused_parameters():
 
 # ---- errors ------------------------------------------------------------------------------------------------------
 def one_line_error(call, starts_with):
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(ValueError) as err:
         call()
     message = str(err.value)
     assert message.startswith(starts_with) and '\n' not in message, message
 
 
-def test_usage_errors_name_the_model_and_the_problem(tiny_model):
+def test_misuse_errors_name_the_model_and_the_problem(tiny_model):
     model, block_map = tiny_model('resnet50')
     engine = DepthEngine(model, block_map)
     n = len(block_map)
@@ -755,7 +754,7 @@ def test_branch_masks_are_checked_against_the_branch_columns(tiny_model):
         one_line_error(lambda: model(x), 'vit_tiny_patch16_224: keep mask has 4 rows but the batch has 2')
 
 
-def test_engine_on_a_model_without_residual_blocks_is_a_usage_error():
+def test_engine_on_a_model_without_residual_blocks_is_a_model_error():
     with torch.device('meta'):
         model = timm.create_model('vgg11')
     one_line_error(lambda: DepthEngine(model), 'vgg11: no skippable residual block')

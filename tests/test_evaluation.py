@@ -15,7 +15,6 @@ from PIL import Image
 import train
 import validate
 from subnet.batchnorm import batchnorm_layers, recalibrated
-from subnet.errors import UsageError
 from subnet.data import FixedSample
 from subnet.evaluation import SUBNET_FIELDS, SubnetEvaluation, build_subnets
 from subnet.spec import SubnetSpecError, parse_spec
@@ -61,7 +60,7 @@ def test_a_bad_spec_is_one_clear_line(spec, message):
     with pytest.raises(SubnetSpecError) as error:
         parse_spec(spec)
     assert message in str(error.value) and '\n' not in str(error.value)
-    assert isinstance(error.value, UsageError)
+    assert isinstance(error.value, ValueError)  # the library's error; the command line makes it one line
 
 
 # ---------------------------------------------------------------------------------------------- the masks
@@ -90,7 +89,7 @@ def test_first_k_keeps_the_first_blocks_and_the_unskippable_ones(tiny_model):
     _, cait = tiny_model('cait_xxs24_224')  # the 2 class-attention blocks at the end cannot be skipped
     keep = build_subnets('first:2', cait, include_full=False)[0].keep
     assert keep.nonzero().flatten().tolist() == [0, 1, 24, 25]
-    with pytest.raises(UsageError, match='first13: .* has only 12 blocks'):
+    with pytest.raises(ValueError, match='first13: .* has only 12 blocks'):
         build_subnets('first:13', vit)
 
 
@@ -346,3 +345,18 @@ def test_bad_subnet_eval_spec_stops_train_py_before_anything_is_built(data, tmp_
     assert 'argument --subnet-eval: subnet spec term' in lines[0] and 'fraction 0 must lie in' in lines[0]
     assert 'write random:N@R' in lines[1]
     assert not (tmp_path / 'x').exists() and not (tmp_path / 'y').exists()
+
+
+def test_a_spec_kind_needs_a_free_lower_case_name():
+    from subnet.spec import SpecKind, register_kind, spec_kind
+
+    class Prefix(SpecKind):
+        name = 'prefix'
+
+    class Named(SpecKind):
+        name = 'Deep2'
+
+    for kind, message in ((Prefix(), "'prefix' is registered already"), (Named(), 'lower-case letters')):
+        with pytest.raises(ValueError, match=message):
+            register_kind(kind)
+    assert type(spec_kind('prefix')).__name__ == 'StagePrefix'

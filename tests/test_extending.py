@@ -157,15 +157,17 @@ def test_registering_twice_under_another_name_or_a_taken_name_is_refused():
         register_method('toy2', ToyTask)
 
 
-def test_shared_options_are_defined_once_and_the_old_names_still_work(tmp_path):
-    args, _ = parse_train_args(['--method', 'gkt', '--gkt-bn', 'recal', '--st-temperature', '2'])
+def test_shared_options_are_defined_once_under_one_name(tmp_path):
+    args, _ = parse_train_args(['--method', 'gkt', '--subnet-bn', 'recal', '--subnet-temperature', '2'])
     assert (args.subnet_bn, args.subnet_temperature) == ('recal', 2.0)
-    config = tmp_path / 'old.yaml'
-    config.write_text('method: st\nst_bn: recal\ngkt_weight: 0.5\nst_kl_weight: 0.25\n')
+    config = tmp_path / 'shared.yaml'
+    config.write_text('method: st\nsubnet_bn: recal\nsubnet_kd_weight: 0.25\n')
     args, text = parse_train_args(['-c', str(config)])
     assert (args.subnet_bn, args.subnet_kd_weight) == ('recal', 0.25)
     saved = yaml.safe_load(text)  # args.yaml carries the one name
     assert saved['subnet_bn'] == 'recal' and not {'st_bn', 'gkt_weight', 'st_kl_weight'} & set(saved)
+    with pytest.raises(SystemExit):  # the per-method names of the shared options are gone
+        parse_train_args(['--method', 'gkt', '--gkt-bn', 'recal'])
 
 
 def test_pip_install_makes_the_library_importable_from_another_loop(tmp_path):
@@ -234,3 +236,64 @@ def test_the_documented_model_family_trains_with_train_py(data, tmp_path, monkey
     run = run_train(argv)
     assert run.task.unit == 'branch' and run.task.step == 10
     assert len(run.task.depth.block_map.units('branch')) == 8 and run.task.unit_rates.tolist() == [0.1] * 8
+
+
+# ------------------------------------------------------------------------------ a SPEC term kind and a plot
+
+def test_the_documented_spec_kind_names_masks_and_evaluates_its_subnets(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(docs_example(tmp_path / 'user', 'my_spec')))
+    import my_spec  # noqa: F401  (registers the kind)
+    from subnet.evaluation import SubnetEvaluation
+    from subnet.plots import plot_subnets
+    from subnet.spec import SubnetSpecError, parse_spec, spec_help
+    assert [r.name for r in parse_spec('prefix:0.5;every:2,3')] == ['prefix0.5', 'every2', 'every3']
+    assert 'every:K[,K...] (every K-th block, counting from the first)' in spec_help()
+    with pytest.raises(SubnetSpecError, match="term 'every:0': K must be at least 1, got 0"):
+        parse_spec('every:0')
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, depth=6, embed_dim=32, num_heads=2,
+                              num_classes=5).eval()
+    evaluation = SubnetEvaluation(model, 'every:2', input_size=(3, 32, 32))
+    full, every2 = evaluation.subnets
+    assert (every2.name, every2.kind) == ('every2', 'every') and every2.keep.tolist() == [True, False] * 3
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = {subnet.name: out for subnet, out, _ in evaluation.run(lambda subnet: model(images))}
+        reference = copy.deepcopy(model)
+        reference.blocks = torch.nn.Sequential(*[model.blocks[i] for i in (0, 2, 4)])  # the same weights
+        torch.testing.assert_close(logits['every2'], reference(images))
+        torch.testing.assert_close(logits['full'], model(images))
+    png = plot_subnets([('run', [dict(subnet='full', flop_fraction=1.0, top1=50.0),
+                                 dict(subnet='every2', flop_fraction=every2.flop_fraction, top1=40.0)])],
+                       str(tmp_path / 'subnets.png'))
+    assert Path(png).stat().st_size > 0
+
+
+def test_the_documented_spec_kind_is_evaluated_by_train_py(data, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(docs_example(tmp_path / 'user', 'my_spec')))
+    run = run_train(train_argv(data, tmp_path, 'every', '--extra-methods', 'my_spec', '--subnet-eval',
+                               'prefix:0.5;every:2', '-b', '8'))
+    with open(Path(run.output_dir) / 'summary.csv') as f:
+        row = next(csv.DictReader(f))
+    assert 0 <= float(row['subnet_every2_top1']) <= 100 and 'subnet_prefix0.5_top1' in row
+
+
+def test_the_documented_panel_is_one_more_picture_in_summary_png(tmp_path, monkeypatch):
+    from PIL import Image
+    from subnet import plots
+    monkeypatch.setattr(plots, 'SUMMARY_PANELS', list(plots.SUMMARY_PANELS))  # the example appends to it
+    code = (docs_example(tmp_path / 'user', 'my_panels') / 'my_panels.py').read_text()
+    exec(compile(code, 'my_panels.py', 'exec'), {'__name__': 'my_panels'})
+    widths = {}
+    for name, cost in (('st', True), ('plain', False)):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [dict(epoch=e, train_loss=2.0 - e / 4, eval_top1=20.0 + e, lr=0.1, train_st_kl=0.5,
+                     **({'train_st_subnet_flops': 0.6} if cost else {})) for e in range(3)]
+        with open(folder / 'summary.csv', 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        with Image.open(plots.plot_summary(str(folder))) as image:
+            widths[name] = image.width
+    assert widths['st'] / widths['plain'] == pytest.approx(4 / 3, rel=0.02)  # losses, top-1, lr (+ the cost)

@@ -15,8 +15,9 @@ import subnet.methods.stimulative as stimulative
 import train
 from subnet.methods import CosubTask, GroupKnowledgeTask, StimulativeTask, method_class
 from subnet.depth import DepthEngine
-from subnet.errors import UsageError
-from subnet.losses import GroupKnowledge, group_knowledge_loss, kl_distill, standardize_logits
+from subnet.errors import ModelNotSupported, UsageError
+from reference_losses import group_knowledge_loss
+from subnet.losses import GroupKnowledge, kl_distill, standardize_logits
 from subnet.sample_memory import SampleIndexTap
 from subnet.sampling import drop_rates
 from subnet.timm_options import parse_train_args
@@ -84,7 +85,7 @@ def test_cosub_skip_mode_equals_mask_mode_on_a_layernorm_model(unit, rows):
     images, target = batch(dense=True)
     results = {}
     for impl in ('skip', 'mask'):  # the same step seeds the same masks
-        task = cosub_task(tiny_vit(), impl=impl, unit=unit, rows=rows)
+        task = cosub_task(tiny_vit(), impl=impl, unit=unit, row_sampling=rows)
         results[impl] = task(images, target), grads(task.trainable_module)
     assert results['skip'][0]['loss'].item() == pytest.approx(results['mask'][0]['loss'].item(), abs=1e-5)
     for name, grad in results['skip'][1].items():
@@ -92,7 +93,7 @@ def test_cosub_skip_mode_equals_mask_mode_on_a_layernorm_model(unit, rows):
 
 
 def test_cosub_branch_skip_computes_each_branch_only_on_the_rows_that_keep_it():
-    task = cosub_task(tiny_vit(), rate=0.5, rows='fixed')
+    task = cosub_task(tiny_vit(), rate=0.5, row_sampling='fixed')
     rows_seen = {}
     for index, block in enumerate(task.trainable_module.blocks):
         for name in ('attn', 'mlp'):
@@ -120,7 +121,7 @@ def test_cosub_defaults_are_deits_stochastic_depth_per_branch_constant_rate_bern
     task = cosub_from_args(args)
     # DeiT's models_v2.py: a DropPath on the attention and on the MLP branch of every block (lines 81-82), each a
     # per-row Bernoulli (timm's DropPath), at the same rate in every block (dpr, line 200)
-    assert (task.impl, task.unit, task.rows) == ('skip', 'branch', 'bernoulli')
+    assert (task.impl, task.unit, task.row_sampling) == ('skip', 'branch', 'bernoulli')
     slots = [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in task.trainable_module.blocks]
     assert slots == [(pytest.approx(0.1), pytest.approx(0.1))] * 4
     assert task.unit_rates.tolist() == pytest.approx([0.1] * 8)  # one column per branch
@@ -130,14 +131,14 @@ def test_cosub_defaults_are_deits_stochastic_depth_per_branch_constant_rate_bern
 def test_cosub_under_torchcompile_keeps_a_fixed_count_of_rows_unless_told(caplog):
     with caplog.at_level('INFO', logger='train'):
         task = cosub_from_args(tiny_vit_args('--torchcompile'))
-    assert task.rows == 'fixed' and task.impl == 'skip'  # not the mask mode: compute is still saved
+    assert task.row_sampling == 'fixed' and task.impl == 'skip'  # not the mask mode: compute is still saved
     assert sum('--cosub-rows fixed' in r.getMessage() for r in caplog.records) == 1
-    assert cosub_from_args(tiny_vit_args('--torchcompile', '--cosub-rows', 'bernoulli')).rows == 'bernoulli'
-    assert cosub_from_args(tiny_vit_args('--torchcompile', '--cosub-impl', 'mask')).rows == 'bernoulli'
+    assert cosub_from_args(tiny_vit_args('--torchcompile', '--cosub-rows', 'bernoulli')).row_sampling == 'bernoulli'
+    assert cosub_from_args(tiny_vit_args('--torchcompile', '--cosub-impl', 'mask')).row_sampling == 'bernoulli'
 
 
 def test_cosub_rejects_class_index_targets():
-    with pytest.raises(UsageError, match='dense'):
+    with pytest.raises(ValueError, match='dense'):
         cosub_task(tiny_vit())(*batch(dense=False))
 
 
@@ -396,7 +397,7 @@ def test_st_refuses_a_min_keep_that_leaves_only_the_full_net_and_names_the_most_
 def test_a_model_without_skippable_blocks_is_refused_by_every_subnet_method():
     model = timm.create_model('resnet18', channels=(8, 16, 32, 64), stem_width=8, num_classes=10,
                               layers=(1, 1, 1, 1))  # every block changes the shape: none can be skipped
-    with pytest.raises(UsageError, match='resnet18: no skippable residual block'):
+    with pytest.raises(ModelNotSupported, match='resnet18: no skippable residual block'):
         StimulativeTask.depth_engine(model, (3, 28, 28), verbose=False)
 
 
@@ -461,7 +462,7 @@ def test_train_py_compiles_the_cosub_step_once_with_inductor(data, tmp_path, mon
     run = run_train(train_argv(data, tmp_path, 'compiled', *METHOD_FLAGS['cosub'], '--torchcompile',
                                '--val-split', '', '-b', '16', model=TINY_VIT))
     torch._dynamo.reset()
-    assert run.task.rows == 'fixed' and run.task.impl == 'skip' and run.task.step == 5
+    assert run.task.row_sampling == 'fixed' and run.task.impl == 'skip' and run.task.step == 5
     assert len(compilations) == 1
 
 

@@ -110,8 +110,8 @@ def test_keys_timm_retired_are_ignored_with_one_warning(tmp_path, caplog):
     assert warnings == [f'Ignoring apex_amp, native_amp in config file {cfg}: timm no longer has these options.']
 
 
-def test_our_renamed_options_are_accepted_under_their_old_yaml_names(tmp_path, caplog):
-    cfg = _write(tmp_path, 'st_bn: recal\nst_temperature: 2.0\ncosub_drop_schedule: constant\ndr: 0.5\n')
+def test_timms_other_option_spellings_are_accepted_as_yaml_keys(tmp_path, caplog):
+    cfg = _write(tmp_path, 'subnet_bn: recal\nsubnet_temperature: 2.0\ndrop_schedule: constant\ndr: 0.5\n')
     args, _ = parse_train_args(['-c', cfg])
     assert (args.subnet_bn, args.subnet_temperature, args.drop_schedule, args.decay_rate) == \
         ('recal', 2.0, 'constant', 0.5)

@@ -154,3 +154,18 @@ def test_training_runs_without_matplotlib_and_tensorboard(no_matplotlib, no_tens
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert 'summary.png not written: matplotlib is not installed (pip install matplotlib)' in warnings
     assert any('pip install tensorboard' in w for w in warnings)
+
+
+def test_the_loss_panel_draws_the_declared_loss_parts_and_no_cost_or_counter(tmp_path):
+    """summary.png knows each column from the methods' declarations (subnet/results.py), not from its name."""
+    from matplotlib.figure import Figure
+    import subnet.methods  # noqa: F401  (registers the built-in methods and their result parts)
+    columns = {'epoch': [0, 1], 'train_loss': [2.0, 1.5], 'train_st_label': [1.2, 1.0], 'train_st_kl': [0.8, 0.5],
+               'train_st_subnet_flops': [0.6, 0.6], 'train_nonfinite_steps': [1, 0], 'train_overflow_steps': [0, 2],
+               'train_made_up_part': [0.3, 0.2], 'eval_loss': [2.1, 1.6]}
+    losses = plots.SUMMARY_PANELS[0]
+    assert losses.title == 'Losses'
+    ax = Figure().add_subplot()
+    losses.draw(ax, columns['epoch'], columns)
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ['train loss', 'st label', 'st kl', 'eval loss']

@@ -6,10 +6,10 @@ import pytest
 import torch
 from timm.layers import calculate_drop_path_rates
 
-from subnet.errors import UsageError
 from subnet.sampling import (
-    bernoulli_keep, broadcast_from_rank0, draw_keep, drop_rates, fixed_count_keep, fixed_counts, nested_keep,
+    bernoulli_keep, draw_keep, drop_rates, fixed_count_keep, fixed_counts, nested_keep,
     stage_prefix_keep, step_generator, unit_drop_rates)
+from train_helpers import broadcast_from_rank0
 
 pytestmark = pytest.mark.usefixtures('single_thread')
 
@@ -21,9 +21,9 @@ def gen(seed):
 def test_linear_drop_rates_are_timms_schedule_and_constant_is_deit3s():
     assert drop_rates(16, 0.2, 'linear').tolist() == pytest.approx(calculate_drop_path_rates(0.2, 16))
     assert drop_rates(12, 0.1, 'constant').tolist() == [0.1] * 12
-    with pytest.raises(UsageError, match="unknown drop-rate schedule 'cosine'"):
+    with pytest.raises(ValueError, match="unknown drop-rate schedule 'cosine'"):
         drop_rates(12, 0.1, 'cosine')
-    with pytest.raises(UsageError, match='must lie in'):
+    with pytest.raises(ValueError, match='must lie in'):
         drop_rates(12, 1.5)
 
 
@@ -59,9 +59,9 @@ def test_draw_keep_gives_the_unbiased_keep_probabilities_of_each_row_sampling():
     mask, keep_prob = draw_keep(32, rates, 'fixed', gen(1))
     assert torch.equal(mask, fixed_count_keep(32, rates, gen(1)))
     assert keep_prob.tolist() == [1.0, 26 / 32, 18 / 32]  # DINOv2's scale: batch / kept rows
-    with pytest.raises(UsageError, match="unknown row sampling 'poisson'"):
+    with pytest.raises(ValueError, match="unknown row sampling 'poisson'"):
         draw_keep(32, rates, 'poisson')
-    with pytest.raises(UsageError, match='must lie in'):
+    with pytest.raises(ValueError, match='must lie in'):
         draw_keep(32, [1.5], 'fixed')
 
 
@@ -110,7 +110,7 @@ def test_stage_prefix_per_stage_minimum_and_its_error(tiny_model):
     g = gen(2)
     seen = {block_map.stage_depths(stage_prefix_keep(block_map, [3, 4, 5, 3], g)) for _ in range(200)}
     assert seen == {(3, 4, 5, 3), (3, 4, 6, 3)}
-    with pytest.raises(UsageError, match='resnet50: min_keep has 2 entries but the model has 4 stages'):
+    with pytest.raises(ValueError, match='resnet50: min_keep has 2 entries but the model has 4 stages'):
         stage_prefix_keep(block_map, [1, 1], g)
 
 

@@ -141,3 +141,15 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 if __name__ == '__main__':  # python tests/train_helpers.py DEST TRAIN_PER_CLASS VAL_PER_CLASS
     make_subset(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+
+
+def broadcast_from_rank0(mask: torch.Tensor) -> torch.Tensor:
+    """Rank 0's mask on every rank (a no-op without torch.distributed); NCCL gets a CUDA copy."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mask
+    on_cuda = dist.get_backend() == 'nccl'
+    buffer = mask.to(torch.uint8)
+    buffer = buffer.cuda() if on_cuda else buffer.clone()
+    dist.broadcast(buffer, src=0)
+    return buffer.to(mask.device).to(mask.dtype)

@@ -25,6 +25,7 @@ from timm.task import ClassificationTask
 from ..batchnorm import frozen_running_stats, recalibrate
 from ..depth import DepthEngine
 from ..errors import UsageError
+from ..results import ResultPart
 from ..sampling import step_generator
 from ..step import Step
 
@@ -37,14 +38,16 @@ class Method:
     """The command line and loop hooks of a task; mixed into a ``timm.task.TrainingTask`` subclass.
 
     Class-level (before any model exists): ``options`` (functions that add option groups to train.py's parser;
-    a group shared by several methods is added once), ``check_args`` (one ``UsageError`` per configuration the
-    method cannot run), ``model_kwargs`` (extra ``create_model`` kwargs) and ``from_args`` (the task itself).
+    a group shared by several methods is added once), ``result_parts`` (what the result's scalars are,
+    ``subnet/results.py``), ``check_args`` (one ``UsageError`` per configuration the method cannot run),
+    ``model_kwargs`` (extra ``create_model`` kwargs) and ``from_args`` (the task itself).
     """
 
     method: str = ''  # the --method name, set by register_method
     options: Tuple[Callable[[argparse.ArgumentParser], None], ...] = ()
     drop_schedule: str = 'linear'  # the model's drop-path rates unless --drop-schedule says: timm's ramp
     depth: Optional[DepthEngine] = None  # the depth engine of a task that runs subnets
+    result_parts: Tuple[ResultPart, ...] = ()  # the scalars train_step returns besides loss, output
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
@@ -139,19 +142,18 @@ BN_MODES = ('freeze', 'recal')
 
 
 def distillation_options(parser: argparse.ArgumentParser) -> None:
-    """What every method that distils subnets from a teacher shares (st, st++, gkt; the old per-method names stay
-    as aliases, also as YAML keys: st_temperature, gkt_weight, st_bn, ...)."""
+    """What every method that distils subnets from a teacher shares (st, st++, gkt)."""
     g = parser.add_argument_group('Subnet distillation (st, st++, gkt)')
-    g.add_argument('--subnet-temperature', '--st-temperature', '--gkt-temperature', type=float, default=1.0,
+    g.add_argument('--subnet-temperature', type=float, default=1.0,
                    metavar='T', help='distillation temperature; each KL term is multiplied by T^2 '
                                      "(default: 1, the ST code's --Temp)")
-    g.add_argument('--subnet-kd-weight', '--st-kl-weight', '--gkt-weight', type=float, default=1.0, metavar='W',
+    g.add_argument('--subnet-kd-weight', type=float, default=1.0, metavar='W',
                    help="weight of each subnet's KL term; the terms are summed (default: 1, the ST code's "
                         '--kl_coef)')
-    g.add_argument('--subnet-bn', '--st-bn', '--gkt-bn', default='freeze', choices=BN_MODES,
+    g.add_argument('--subnet-bn', default='freeze', choices=BN_MODES,
                    help="BatchNorm running statistics: 'freeze' them during subnet passes (default), or 'recal': "
                         're-estimate them with the full net before each evaluation (the official ST code)')
-    g.add_argument('--subnet-bn-images', '--st-recal-images', '--gkt-recal-images', type=int, default=2048,
+    g.add_argument('--subnet-bn-images', type=int, default=2048,
                    metavar='N', help='training images for --subnet-bn recal (default: 2048, the official ST code)')
 
 

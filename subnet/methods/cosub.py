@@ -16,13 +16,13 @@ import logging
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
 from ..blocks import UNITS
 from ..depth import DepthEngine
 from ..errors import UsageError
-from ..losses import cosub_loss
-from ..sampling import ROWS, draw_keep
+from ..losses import CosubLoss
+from ..results import loss_part
+from ..sampling import ROW_SAMPLINGS, draw_keep
 from ..step import Step
 from .base import SubnetTask
 
@@ -46,7 +46,7 @@ def cosub_options(parser) -> None:
                    help="what drops: each residual 'branch' on its own (a ViT block's attention and MLP, as "
                         "DeiT's models_v2.py puts a DropPath on each; default), or a whole 'block'. Blocks with "
                         'one branch (ResNet, ConvNeXt) are the same either way')
-    g.add_argument('--cosub-rows', default=None, choices=ROWS,
+    g.add_argument('--cosub-rows', default=None, choices=ROW_SAMPLINGS,
                    help="how the rows that keep a branch are drawn: 'bernoulli', each row on its own with "
                         "probability 1 - rate (timm's DropPath, as in DeiT; default), or 'fixed', exactly "
                         "round((1 - rate) x rows) random rows per branch (DINOv2's): shapes never change, so "
@@ -59,25 +59,25 @@ class CosubTask(SubnetTask):
     ``drop_rate``: one rate per block (the model's own, see ``drop_rates_for``), shared by the block's branches.
     ``impl='skip'`` runs each branch (``unit='branch'``) or block only on the rows that keep it; 'mask'
     multiplies by the same masks at full cost; 'timm' is timm's per-branch DropPath, DeiT's own implementation
-    (masks from the global RNG, drawn inside the forward). ``rows``: 'bernoulli' or 'fixed' (see ``draw_keep``).
+    (masks from the global RNG, drawn inside the forward). ``row_sampling``: 'bernoulli' or 'fixed' (see ``draw_keep``).
     """
 
     options = (cosub_options,)
+    result_parts = (loss_part('cosub_label', 'the two submodels\' label (BCE) loss'),
+                    loss_part('cosub_peer', 'each submodel\'s BCE against the other\'s sigmoid'))
     drop_schedule = 'constant'  # DeiT III's models_v2.py: the same drop-path rate in every block
 
     def __init__(self, model, depth: DepthEngine, drop_rate: torch.Tensor, impl: str = 'skip', unit: str = 'branch',
-                 rows: str = 'bernoulli', label_weight: float = 0.5, target_threshold: Optional[float] = None,
+                 row_sampling: str = 'bernoulli', label_weight: float = 0.5, target_threshold: Optional[float] = None,
                  rank: int = 0, **kwargs):
-        super().__init__(model, nn.Identity(), depth, **kwargs)
+        super().__init__(model, CosubLoss(label_weight, target_threshold), depth, **kwargs)
         if impl not in IMPLEMENTATIONS:
-            raise UsageError(f"cosub implementation must be one of {', '.join(IMPLEMENTATIONS)}, not {impl!r}")
-        if rows not in ROWS:
-            raise UsageError(f"cosub row sampling must be one of {', '.join(ROWS)}, not {rows!r}")
+            raise ValueError(f"cosub implementation must be one of {', '.join(IMPLEMENTATIONS)}, not {impl!r}")
+        if row_sampling not in ROW_SAMPLINGS:
+            raise ValueError(f"cosub row sampling must be one of {', '.join(ROW_SAMPLINGS)}, not {row_sampling!r}")
         self.drop_rate = torch.as_tensor(drop_rate, dtype=torch.float64)
         self.unit_rates = depth.block_map.per_unit(self.drop_rate, unit)  # also checks the unit
-        self.impl, self.unit, self.rows = impl, unit, rows
-        self.label_weight = label_weight
-        self.target_threshold = target_threshold
+        self.impl, self.unit, self.row_sampling = impl, unit, row_sampling
         self.rank = rank
 
     @classmethod
@@ -108,7 +108,7 @@ class CosubTask(SubnetTask):
         return rates
 
     @staticmethod
-    def row_sampling(args, verbose: bool = True) -> str:
+    def row_sampling_for(args, verbose: bool = True) -> str:
         """``--cosub-rows``, or its default: Bernoulli, and a fixed count under --torchcompile with skip, whose
         per-step row counts would otherwise recompile the model every step."""
         if args.cosub_rows is not None:
@@ -125,27 +125,28 @@ class CosubTask(SubnetTask):
 
     @classmethod
     def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):
+        """cosub's criterion is its own (``CosubLoss``: BCE on two submodels' logits), not timm's ``criterion``."""
         depth = cls.depth_engine(model, input_size, verbose)
         return cls(model, depth, cls.drop_rates_for(depth), impl=args.cosub_impl, unit=args.cosub_drop_unit,
-                   rows=cls.row_sampling(args, verbose), label_weight=args.cosub_label_weight,
+                   row_sampling=cls.row_sampling_for(args, verbose), label_weight=args.cosub_label_weight,
                    target_threshold=args.bce_target_thresh, rank=args.rank, seed=args.seed, device=device,
                    dtype=dtype, verbose=verbose)
 
-    def submodels(self, rows: int):
-        """Stochastic depth for ``rows`` rows, each row its own submodel (masks differ per rank: other images)."""
+    def submodels(self, batch: int):
+        """Stochastic depth for ``batch`` rows, each row its own submodel (masks differ per rank: other images)."""
         if self.impl == 'timm':
             return self.depth.timm_drop_path(self.drop_rate)
-        keep_mask, keep_prob = draw_keep(rows, self.unit_rates, self.rows, self.next_generator(self.rank))
+        keep_mask, keep_prob = draw_keep(batch, self.unit_rates, self.row_sampling, self.next_generator(self.rank))
         return self.depth.per_sample(keep_mask, keep_prob, mode=self.impl, unit=self.unit)
 
     def train_step(self, input: torch.Tensor, target: torch.Tensor, step: Step) -> dict:
         if target.ndim != 2:
-            raise UsageError('cosub needs dense (mixup/cutmix) targets, got class indices')
+            raise ValueError('cosub needs dense (mixup/cutmix) targets, got class indices')
         batch = input.shape[0]
         with self.submodels(2 * batch):
             with step.autocast():
                 logits = self.forward_pass(torch.cat([input, input]))
-                terms = cosub_loss(logits[:batch], logits[batch:], target, self.label_weight, self.target_threshold)
+                terms = self.criterion(logits[:batch], logits[batch:], target)
             step.backward(terms.total)
         return {'loss': terms.total.detach(), 'output': logits[:batch].detach(),
                 'cosub_label': terms.label.detach(), 'cosub_peer': terms.peer.detach()}

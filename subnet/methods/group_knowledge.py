@@ -14,6 +14,7 @@ import torch
 from ..depth import DepthEngine
 from ..errors import UsageError
 from ..losses import GroupKnowledge, kl_distill
+from ..results import cost_part, loss_part
 from ..sample_memory import LogitMemory, install_index_tap
 from ..sampling import nested_keep
 from ..step import Step
@@ -54,6 +55,10 @@ class GroupKnowledgeTask(DistillFromFullNet):
     knowledge is stored back. Group 0 stays the full net of this step. The training loader must be attached
     (``attach_train_loader``) so the task knows which samples a batch holds.
     """
+
+    result_parts = (loss_part('gkt_label', "the full net's label loss"),
+                    loss_part('gkt_kd', "the subnets' distillation loss, summed"),
+                    cost_part('gkt_subnet_flops', "the subnets' mean FLOPs, a fraction of the full net's"))
 
     options = (distillation_options, group_knowledge_options)
 

@@ -5,6 +5,7 @@ their defaults (``Method``): nothing of the step changes.
 """
 from timm.task import ClassificationTask, FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
 
+from ..results import loss_part
 from .base import Method
 
 __all__ = ['PlainTask', 'LogitDistillation', 'FeatureDistillation', 'TokenDistillation']
@@ -24,6 +25,10 @@ class TokenDistillation(Method, TokenDistillationTask):
 
 class PlainTask(Method, ClassificationTask):
     """timm's classification task: one forward, the label loss, the loop's backward."""
+
+    # what timm's distillation tasks (--kd-model-name) return besides the loss
+    result_parts = (loss_part('task_loss', 'the label loss'), loss_part('kd_loss', 'the distillation loss'),
+                    loss_part('distill_loss', "the distillation token's loss"))
 
     @classmethod
     def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):

@@ -11,6 +11,7 @@ import importlib
 from typing import Dict, Iterable, Optional, Tuple, Type
 
 from ..errors import UsageError
+from ..results import register_parts
 
 __all__ = ['register_method', 'method_class', 'method_names', 'import_extra_methods']
 
@@ -30,6 +31,7 @@ def register_method(name: str, cls: Optional[Type] = None):
             raise ValueError(f"method '{name}' is already registered ({_METHODS[name].__qualname__})")
         if method_cls.__dict__.get('method') not in (None, '', name):
             raise ValueError(f"{method_cls.__qualname__} is already registered as '{method_cls.method}'")
+        register_parts(method_cls.result_parts)
         method_cls.method = name
         _METHODS[name] = method_cls
         return method_cls

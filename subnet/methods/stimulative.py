@@ -18,6 +18,7 @@ from ..blocks import BlockMap
 from ..depth import DepthEngine
 from ..errors import UsageError
 from ..losses import direction_kl, kl_distill, standardize_logits
+from ..results import cost_part, loss_part
 from ..sampling import lowest_prefix_depths, stage_prefix_keep
 from ..step import Step
 from .base import DistillFromFullNet, distillation_options
@@ -63,6 +64,10 @@ class StimulativeTask(DistillFromFullNet):
     on ImageNet crops, where it never goes below 86 px (the official code resizes cumulatively, subnet k seeing
     r₁…r_k, and normalises again each time: an accident of overwriting its input tensor in the loop).
     """
+
+    result_parts = (loss_part('st_label', "the full net's label loss"),
+                    loss_part('st_kl', "the subnets' distillation loss, summed"),
+                    cost_part('st_subnet_flops', "the subnets' mean FLOPs, a fraction of the full net's"))
 
     options = (distillation_options, stimulative_options)
     # the official code's defaults (train.py: --multi_Snet 1, default sample space, no --norm_kd, no --Snet_Dtrans)
