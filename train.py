@@ -14,8 +14,9 @@ keeps a long run alive (signals, mid-epoch resume, unreadable images, non-finite
 (``subnet/guard.py``); one run per folder and atomic checkpoints are ``subnet/run_folder.py``.
 
 Exit status: 0 done (or nothing left to do); 2 bad input, or a dataset with too many unreadable images; 3 a loss
-or weight that is not finite (nothing saved); 128 + N stopped by signal N (SIGINT 130, SIGTERM 143, SIGUSR1 138)
-after saving a checkpoint that ``--resume auto`` continues from.
+or weight that is not finite, or a run that diverged (``--divergence-limit``; nothing saved); 4 a checkpoint could
+not be written (disk full, permissions; the partial file removed); 128 + N stopped by signal N (SIGINT 130, SIGTERM
+143, SIGUSR1 138) after saving a checkpoint that ``--resume auto`` continues from.
 """
 import argparse
 import json
@@ -37,15 +38,16 @@ from timm.models import create_model
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
-from timm.utils import trim_summary
+from timm.utils import trim_summary, unwrap_model
 
-from subnet import checks, logs, plots, resume, run_folder
+from subnet import checks, downloads, global_batch, intact, logs, option_ranges, plots, resume, run_folder
 from subnet.criterion import build_criterion
 from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
 from subnet.device import (check_precision_args, limit_workers, model_dtype as dtype_of, training_device,
                            training_precision, use_default_device)
-from subnet.errors import EXIT_USAGE, InputError, RunStopped, UsageError
+from subnet.divergence import DivergenceLimit
+from subnet.errors import EXIT_USAGE, InputError, RunStopped, UsageError, WriteFailed
 from subnet.evaluation import SubnetMonitor, evaluate
 from subnet.guard import RunGuard
 from subnet.loop import LoopOptions, StepSetup, train_one_epoch
@@ -53,7 +55,7 @@ from subnet.methods import method_class
 from subnet.models import (accepted_kwargs, check_state_dict_fits, constant_drop_path, load_checkpoint_file,
                            load_initial_checkpoint, model_drop_path_rate, naflex_patch_size, resolve_model_name)
 from subnet.spec import SubnetSpecError
-from subnet.timm_options import parse_train_args, train_options_given
+from subnet.timm_options import parse_train_args, train_option_sources
 
 _logger = logging.getLogger('train')
 
@@ -65,7 +67,8 @@ def check_method_args(args) -> None:
 
 def preflight(args) -> None:
     """Every check that needs no model or data loading, so bad input stops before anything is built."""
-    checks.check_counts(args)
+    option_ranges.check_ranges(args)
+    option_ranges.check_together(args)
     if args.stop_epoch is not None and not 0 < args.stop_epoch <= args.epochs:
         raise UsageError(f'--stop-epoch {args.stop_epoch} must be between 1 and --epochs ({args.epochs})')
     if args.resume == 'auto' and not args.experiment:
@@ -127,7 +130,8 @@ def build_model(args) -> nn.Module:
                      if k not in args.model_kwargs}
     # a model without the option (e.g. dynamic_img_size on a CNN) does not need it
     method_kwargs = accepted_kwargs(args.model, method_kwargs, in_chans=in_chans, **args.model_kwargs)
-    model = create(**method_kwargs, **args.model_kwargs)
+    model_kwargs = dict(method_kwargs, **args.model_kwargs)
+    model = create(**model_kwargs)
     schedule = args.drop_schedule or method_class(args.method).drop_schedule
     if schedule == 'constant':
         constant_drop_path(model, args.drop_path if args.drop_path is not None else model_drop_path_rate(model))
@@ -145,7 +149,25 @@ def build_model(args) -> nn.Module:
         model.set_grad_checkpointing(enable=True)
     if utils.is_primary(args):
         _logger.info(f'Model {args.model} created, param count:{sum(p.numel() for p in model.parameters())}')
+        _logger.info(f'Model kwargs: {model_kwargs} (the config file\'s model_kwargs, --model-kwargs winning per '
+                     f'key, and the method\'s)')
     return model
+
+
+def build_model_explained(args) -> nn.Module:
+    """``build_model``; a model that its ``--model-kwargs`` values break stops with one line naming them (timm's
+    model classes raise TypeError/ValueError/AssertionError deep inside their constructors)."""
+    try:
+        return build_model(args)
+    except InputError:  # the library's own one-line error, already saying what is wrong
+        raise
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        given = ([f'--model-kwargs {" ".join(f"{k}={v!r}" for k, v in args.model_kwargs.items())}']
+                 if args.model_kwargs else []) + ([f'--gp {args.gp}'] if args.gp else [])
+        if not given:
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise UsageError(f'{args.model} cannot be built with {" and ".join(given)} ({reason})') from None
 
 
 def place_model(args, model: nn.Module, device: torch.device, model_dtype, num_aug_splits: int) -> nn.Module:
@@ -184,15 +206,55 @@ def derive_lr(args, batch_size_reference: float) -> None:
                      f'global batch size ({global_batch_size:g}) with {args.lr_base_scale} scaling.')
 
 
+def build_optimizer(args, task) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2`` on the task's trainable module; an ``--opt-kwargs`` key the optimizer does
+    not take is one line."""
+    try:
+        optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    except TypeError as e:  # raised by the optimizer's constructor
+        if not args.opt_kwargs:
+            raise
+        raise UsageError(f'--opt-kwargs: {args.opt} does not take them ({e})') from None
+    if utils.is_primary(args):
+        defaults = dict(optimizer.defaults, weight_decay=args.weight_decay)
+        _logger.info(f'Created {type(optimizer).__name__} ({args.opt}) optimizer: '
+                     + ', '.join(f'{k}: {v}' for k, v in defaults.items()))
+    return optimizer
+
+
+def log_global_batch(args, batch_size_reference: float, on_command_line: set, in_config: set) -> None:
+    """The global batch and the learning rate in use, and a warning when the config file's absolute lr was
+    declared (``recipe_global_batch``) for another global batch."""
+    if 'lr' in on_command_line:
+        origin = 'from --lr'
+    elif 'lr' in in_config:
+        origin = 'absolute, from the config file'
+    else:
+        origin = f'--lr-base {args.lr_base:g} per {args.lr_base_size} images, {args.lr_base_scale} scaling'
+    warning = global_batch.mismatch_warning(args, batch_size_reference,
+                                            lr_from_config='lr' in in_config and 'lr' not in on_command_line)
+    if utils.is_primary(args):
+        _logger.info(global_batch.describe(args, batch_size_reference, origin))
+        if warning:
+            _logger.warning(warning)
+
+
 def resume_path(args, output_dir: str) -> str:
-    """The checkpoint to continue from: ``--resume PATH``, or for ``auto`` the run folder's furthest one
-    (last.pth.tar or a recovery file written mid-epoch)."""
+    """The checkpoint to continue from: ``--resume PATH``, or for ``auto`` the run folder's furthest intact one
+    (a recovery file written mid-epoch, last.pth.tar, checkpoint-N.pth.tar), naming those it passes over. A folder
+    that holds a run but no intact checkpoint stops the run: a fresh start would overwrite it."""
     if args.resume != 'auto':
         return args.resume
-    newest = resume.newest_checkpoint(output_dir) if os.path.isdir(output_dir) else ''
-    if newest:
-        _logger.info(f'Resuming from {newest} (--resume auto).')
-        return newest
+    path, skipped = intact.intact_candidates(output_dir) if os.path.isdir(output_dir) else ('', [])
+    if skipped and utils.is_primary(args):
+        _logger.warning(f'--resume auto passes over {"; ".join(skipped)}.')
+    if path:
+        _logger.info(f'Resuming from {path} (--resume auto).')
+        return path
+    if run_folder.holds_run(output_dir):
+        raise UsageError(f'--resume auto: {output_dir} holds a run but no intact checkpoint '
+                         f'({"; ".join(skipped) or "none left"}); nothing was overwritten: restore a checkpoint '
+                         f'from a copy, or choose a new --experiment')
     _logger.info(f'--resume auto: no checkpoint in {output_dir} yet, starting a fresh run there.')
     return ''
 
@@ -211,6 +273,8 @@ def restore(args, path: str, task, optimizer, loss_scaler) -> tuple:
         raise UsageError(f'--resume {path}: its optimizer state does not fit this run ({e}); '
                          f'add --no-resume-opt to start the optimizer afresh') from None
     start = resume.epoch_start_from(checkpoint, args.rank, args.world_size)
+    if start is not None:
+        option_ranges.check_resumed_position(args, checkpoint, path)
     if start is None:
         return epoch or 0, None
     if utils.is_primary(args):
@@ -237,6 +301,7 @@ class Training:
     lock: Optional[run_folder.RunLock] = None
     saver: Optional[run_folder.AtomicCheckpointSaver] = None
     subnet_monitor: Optional[SubnetMonitor] = None
+    limit: Optional[DivergenceLimit] = None  # the weight and loss bounds of a run that diverges
     tensorboard: Optional[plots.TensorBoardLog] = None
     results: list = field(default_factory=list)
     best: tuple = (None, None)
@@ -259,24 +324,23 @@ def build(args) -> Training:
     device = training_device(args)
     model_dtype = dtype_of(args)
     utils.random_seed(args.seed, args.rank)
-    model = build_model(args)
+    with downloads.model_download(args.model, args.pretrained, '--pretrained-path FILE'):
+        model = build_model_explained(args)
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     num_aug_splits = args.aug_splits if args.aug_splits > 1 else 0
     patch_size = naflex_patch_size(model) if args.naflex_loader else None
     model = place_model(args, model, device, model_dtype, num_aug_splits)
     amp_autocast, loss_scaler = training_precision(args, device)
-    loaders = build_loaders(args, data_config, device, model_dtype, num_aug_splits, patch_size)
+    with downloads.dataset_download(args.dataset, args.data_dir, args.dataset_download):
+        loaders = build_loaders(args, data_config, device, model_dtype, num_aug_splits, patch_size)
     checks.check_dataset_classes(args, loaders.train)
+    checks.check_eval_classes(args, loaders.train, loaders.eval)
     derive_lr(args, loaders.batch_size_reference)
 
     criterion = build_criterion(args, num_aug_splits, mixup_kwargs(args) is not None).to(device)
     task = method_class(args.method).from_args(args, model, criterion, device=device, dtype=model_dtype,
                                                input_size=data_config['input_size'], verbose=utils.is_primary(args))
-    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
-    if utils.is_primary(args):
-        defaults = dict(optimizer.defaults, weight_decay=args.weight_decay)
-        _logger.info(f'Created {type(optimizer).__name__} ({args.opt}) optimizer: '
-                     + ', '.join(f'{k}: {v}' for k, v in defaults.items()))
+    optimizer = build_optimizer(args, task)
 
     output_dir = os.path.join(args.output or './output/train',
                               run_folder.experiment_name(args, data_config['input_size'][-1]))
@@ -304,6 +368,8 @@ def build(args) -> Training:
                       batch_size_reference=loaders.batch_size_reference)
     training = Training(args, task, optimizer, loaders, setup, output_dir, checkpoint_path, start_epoch,
                         epoch_start)
+    training.limit = DivergenceLimit.start(args.divergence_limit, unwrap_model(task.get_trainable_module()),
+                                           args.num_classes)
     if loaders.eval is not None:
         try:
             training.subnet_monitor = SubnetMonitor.from_args(args, task, data_config['input_size'])
@@ -326,6 +392,7 @@ def open_run_folder(training: Training, args_text: str) -> None:
         open_primary_folder(training, args_text)
     training.guard = RunGuard.for_run(training.args, training.loaders.train, training.loaders.failures,
                                       training.epoch_start, training.saver)
+    training.guard.limit = training.limit
     try:  # after the guard: a method's sampler wrapper goes above its resume cursor
         training.task.attach_train_loader(training.loaders.train)
     except ValueError as e:
@@ -401,12 +468,15 @@ def end_of_epoch(training: Training, epoch: int, train_metrics: dict) -> None:
     evaluate_model = partial(evaluate, loader=training.loaders.eval, args=args, device=setup.device,
                              amp_autocast=setup.amp_autocast, model_dtype=setup.model_dtype)
     eval_metrics, extra = evaluate_all(training, evaluate_model)
+    for key, what in (('loss', 'evaluation loss'), ('model_loss', 'evaluation loss of the live model')):
+        training.limit.check_loss(({**extra, **(eval_metrics or {})}).get(key), what, f'after epoch {epoch}')
     latest_metric = (eval_metrics or train_metrics)[training.eval_metric]
     saver = training.saver
     if saver is not None:
         lrs = [group['lr'] for group in training.optimizer.param_groups]
         row = run_folder.summary_row(epoch, train_metrics, eval_metrics, sum(lrs) / len(lrs), extra)
-        run_folder.append_summary(os.path.join(training.output_dir, 'summary.csv'), row)
+        with run_folder.stop_on_failed_write(training.output_dir, f'the summary row of epoch {epoch}'):
+            run_folder.append_summary(os.path.join(training.output_dir, 'summary.csv'), row)
         if training.tensorboard is not None:
             training.tensorboard.log(epoch, row)
         if args.log_wandb:
@@ -439,6 +509,9 @@ def train_epochs(training: Training) -> None:
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             _logger.info('Distributing BatchNorm running means and vars')
             utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
+        training.limit.check_weights(unwrap_model(task.get_trainable_module()).named_parameters(),
+                                     f'at the end of epoch {epoch}')
+        training.limit.check_loss(train_metrics.get('loss'), 'training loss', f'of epoch {epoch}')
         if skips_eval(training, epoch + 1):
             _logger.info('Skipping eval and checkpointing ')
             if training.lr_scheduler is not None:
@@ -499,6 +572,14 @@ def run(argv=None) -> TrainRun:
         logs.close_log_file()
 
 
+def with_signal_status(failed: WriteFailed, signum: int) -> WriteFailed:
+    """A failed checkpoint write after stop signal ``signum`` (the write it asked for, or one under way) still exits
+    with 128 + the signal: the scheduler reads the status to tell a preemption from a failure."""
+    if not signum:
+        return failed
+    return WriteFailed(f'{failed} (stopped by {signal.Signals(signum).name})', 128 + signum)
+
+
 def _train(argv) -> TrainRun:
     args, args_text = parse_train_args(argv)
     if args.plot_summary:  # a picture of a finished (or running) run, no training
@@ -507,12 +588,14 @@ def _train(argv) -> TrainRun:
         return TrainRun(args, None, os.path.dirname(png), [])
     args.rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
     preflight(args)
-    use_default_device(args, device_given='device' in train_options_given(argv))
+    on_command_line, in_config = train_option_sources(argv)
+    use_default_device(args, device_given='device' in (on_command_line | in_config))
     limit_workers(args)
     args.prefetcher = not args.no_prefetcher
     locks = [lock_experiment(args)]
     try:
         training = build(args)
+        log_global_batch(args, training.loaders.batch_size_reference, on_command_line, in_config)
         training.lock = locks[0]
         open_run_folder(training, args_text)
         locks.append(training.lock)
@@ -520,7 +603,10 @@ def _train(argv) -> TrainRun:
         if training.checkpoint_path and training.start_epoch >= training.end_epoch:
             say_finished(training)
         with training.guard:
-            train_epochs(training)
+            try:
+                train_epochs(training)
+            except WriteFailed as failed:
+                raise with_signal_status(failed, training.guard.policy.signals.received) from None
     except RunStopped:
         if args.distributed:  # every rank stopped at the same update
             torch.distributed.destroy_process_group()

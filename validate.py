@@ -11,9 +11,10 @@ on the command line wins. (timm's validate.py needs ``--model ... --model-kwargs
 --use-train-size`` for the same numbers.)
 
 Subnets (``subnet/evaluation.py``; the SPEC grammar is ``subnet/spec.py``): ``--subnets SPEC`` adds one row per
-subnet after the full net's (which is the plain validation's row), with its description and cost; ``--bn-recal N``
-re-estimates each subnet's BatchNorm statistics first; ``--plot FILE.png`` draws top-1 against FLOPs, one colour
-per checkpoint (a folder, or a glob pattern such as ``'output/train/*/model_best.pth.tar'`` to compare runs).
+subnet after the full net's (without --bn-recal the plain validation's row), with its description and cost;
+``--bn-recal N`` re-estimates the BatchNorm statistics of every net first, the full net's too, so that all rows
+compare; ``--plot FILE.png`` draws top-1 against FLOPs, one colour per checkpoint (a folder, or a glob pattern
+such as ``'output/train/*/model_best.pth.tar'`` to compare runs).
 """
 import argparse
 import csv
@@ -33,7 +34,7 @@ from timm.layers import apply_test_time_pool, set_fast_norm
 from timm.models import create_model, is_model, list_models, load_checkpoint
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
 
-from subnet import evaluation, logs, plots
+from subnet import checks, downloads, evaluation, logs, option_ranges, plots
 from subnet.data import FixedSample, check_image_folders, loader_images
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
@@ -71,8 +72,10 @@ def adopt_training_args(args, argv) -> None:
 
 def build_model(args, device, model_dtype):
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    model = create_model(resolve_model_name(args.model), pretrained=args.pretrained, num_classes=args.num_classes,
-                         in_chans=in_chans, global_pool=args.gp, scriptable=args.torchscript, **args.model_kwargs)
+    with downloads.model_download(args.model, args.pretrained, '--checkpoint FILE'):
+        model = create_model(resolve_model_name(args.model), pretrained=args.pretrained,
+                             num_classes=args.num_classes, in_chans=in_chans, global_pool=args.gp,
+                             scriptable=args.torchscript, **args.model_kwargs)
     if args.num_classes is None:
         args.num_classes = model.num_classes
     if args.checkpoint:
@@ -110,13 +113,14 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
     split = split or args.split
     if not args.dataset:
         check_image_folders(root, {'evaluation' if split == args.split else 'BN recalibration': split},
-                            args.class_map)
+                            args.class_map, root_may_be_split=True)
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
-    dataset = create_dataset(
-        root=root, name=args.dataset, split=split, download=args.dataset_download,
-        load_bytes=args.tf_preprocessing, class_map=args.class_map, num_samples=args.num_samples,
-        input_key=args.input_key, input_img_mode=input_img_mode, target_key=args.target_key,
-        trust_remote_code=args.dataset_trust_remote_code, seed=args.seed)
+    with downloads.dataset_download(args.dataset, root, args.dataset_download):
+        dataset = create_dataset(
+            root=root, name=args.dataset, split=split, download=args.dataset_download,
+            load_bytes=args.tf_preprocessing, class_map=args.class_map, num_samples=args.num_samples,
+            input_key=args.input_key, input_img_mode=input_img_mode, target_key=args.target_key,
+            trust_remote_code=args.dataset_trust_remote_code, seed=args.seed)
     dataset = readable(dataset, training=False)
     if sample and not isinstance(dataset, torch.utils.data.IterableDataset):
         dataset = FixedSample(dataset, sample, args.seed)
@@ -195,6 +199,8 @@ def validate(args):
     patch_size = naflex_patch_size(model) if args.naflex_loader else None
     dataset, loader, crop_pct = build_loader(args, data_config, test_time_pool, device, model_dtype,
                                              patch_size=patch_size)
+    checks.check_model_covers_classes(args.num_classes, dataset,
+                                      f'the {args.split} split of {args.data or args.data_dir}')
     try:
         subnets = evaluation.SubnetEvaluation(model, args.subnets, seed=args.seed,
                                               input_size=data_config['input_size']) if args.subnets else None
@@ -316,10 +322,22 @@ def _with_checkpoint(row: OrderedDict, checkpoint: str) -> OrderedDict:
     return row
 
 
+def recalibration_note(rows: list) -> str:
+    """What the plot's title says about BN statistics: which points were re-estimated (``bn_recal`` > 0)."""
+    counts = {row.get('bn_recal', 0) for row in rows}
+    if counts == {0}:
+        return ''
+    if 0 not in counts:
+        return f', BN statistics of every net (full nets too) re-estimated on {max(counts)} images'
+    return f', BN statistics re-estimated on {max(counts)} images for the BatchNorm models only'
+
+
 def run(argv) -> int:
     args = validate_parser().parse_args(argv)
     if args.results_format not in ('csv', 'json'):
         raise UsageError(f"--results-format must be 'csv' or 'json', got {args.results_format!r}")
+    option_ranges.check_ranges(args)
+    option_ranges.check_together(args)
     check_subnet_options(args)
     configs = model_configs(args)
     use_default_device(args, device_given='device' in given_on_command_line(validate_parser(), argv))
@@ -354,8 +372,7 @@ def run(argv) -> int:
         labels = plots.run_labels([g for g, _ in groups]) if all(os.path.isfile(g) for g, _ in groups) \
             else [g for g, _ in groups]
         models = sorted({rows[0]['model'] for _, rows in groups})
-        recal = f', BN statistics re-estimated on {args.bn_recal} images' if args.bn_recal else ''
-        title = f'{", ".join(models)}: subnet top-1 against FLOPs{recal}'
+        title = f'{", ".join(models)}: subnet top-1 against FLOPs{recalibration_note(_rows(results))}'
         _logger.info(f'Wrote {plots.plot_subnets(list(zip(labels, (rows for _, rows in groups))), args.plot, title)}')
     print(f'--result\n{json.dumps(results, indent=4)}')
     return 0

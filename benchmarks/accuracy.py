@@ -7,7 +7,7 @@ augmentation, optimizer) for every seed; the second study (``--study vit``) trai
 cosub with hparams/study_vit_fashion_mnist.yaml, a small DeiT III-style ViT;
 only ``--method`` and the method's own options differ. Each run's last checkpoint is then evaluated with
 validate.py: the full net and the same subnets for every run (stage prefixes, ST's shape, and random block
-subsets, stochastic depth's shape; BatchNorm statistics re-estimated for each subnet). The report
+subsets, stochastic depth's shape; BatchNorm statistics re-estimated for every net). The report
 (docs/results.md and docs/results.png) gives mean ± std over seeds, the wall time of every run, and the exact
 command behind every number (benchmarks/accuracy_report.py writes it).
 

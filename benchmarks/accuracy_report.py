@@ -291,15 +291,12 @@ The recipe, from the runs' `args.yaml`:
 
 {recipe}
 Evaluation: each run's **last** checkpoint (the best epoch is not picked on the validation images), with
-`validate.py --subnets '{subnets}' --bn-recal {bn_recal} --seed 0`: the full net as trained, then the subnets
+`validate.py --subnets '{subnets}' --bn-recal {bn_recal} --seed 0`: the full net, then the subnets
 `prefix:F` (every stage keeps the first F of its blocks: ST's shape) and `random:N@R` (N subsets, each skippable
-block dropped with probability R: stochastic depth's shape; the same subsets for every run). Each subnet's
-BatchNorm statistics are
-re-estimated on {bn_recal} training images first (with the evaluation transforms), so a subnet is judged by its
-weights, not by the full net's statistics; the full net keeps the statistics it was trained with. That alone can
-move a net's top-1 by a point or so (after a few epochs, when the running statistics lag behind the weights, by
-several points in the subnets' favour), so compare a subnet with the full net with care; across arms at equal
-FLOPs the comparison is like for like. FLOPs are the subnet's share of the full net's.
+block dropped with probability R: stochastic depth's shape; the same subsets for every run). Every net's
+BatchNorm statistics, the full net's included, are re-estimated on {bn_recal} training images first (with the
+evaluation transforms), as ST's official code does before every validation, so each net is judged by its weights
+and a subnet compares with its full net like for like. FLOPs are the subnet's share of the full net's.
 
 ## Results: top-1 (%), mean ± std over seeds
 

@@ -11,20 +11,8 @@ from timm import utils
 
 from .errors import UsageError
 
-__all__ = ['check_counts', 'check_distributed_options', 'check_output_folder', 'check_dataset_classes',
-           'dataset_classes']
-
-
-def check_counts(args) -> None:
-    """Sizes and intervals that must be positive (timm fails later with a ZeroDivisionError or an empty run)."""
-    for option, value in (('--batch-size', args.batch_size), ('--epochs', args.epochs),
-                          ('--validation-batch-size', args.validation_batch_size),
-                          ('--grad-accum-steps', args.grad_accum_steps),
-                          ('--log-interval', args.log_interval), ('--val-interval', args.val_interval)):
-        if value is not None and value < 1:
-            raise UsageError(f'{option} must be >= 1, got {value}')
-    if args.workers < 0:
-        raise UsageError(f'--workers must be >= 0, got {args.workers}')
+__all__ = ['check_distributed_options', 'check_output_folder', 'check_dataset_classes',
+           'dataset_classes', 'class_to_idx', 'check_eval_classes', 'check_model_covers_classes']
 
 
 def check_distributed_options(args) -> None:
@@ -59,6 +47,45 @@ def check_output_folder(args) -> None:
         raise UsageError(f'--output {root}: cannot create {target}: {existing} is not writable')
 
 
+def class_to_idx(dataset) -> Optional[dict]:
+    """{class name: label} of a dataset read by a timm reader that names its classes (image folders and tars);
+    None otherwise. Loaders and wrappers (``.dataset``) are looked through."""
+    seen = set()
+    while dataset is not None and id(dataset) not in seen:
+        seen.add(id(dataset))
+        mapping = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+        if mapping:
+            return dict(mapping)
+        dataset = getattr(dataset, 'dataset', None)
+    return None
+
+
+def _names(names) -> str:
+    names = sorted(names)
+    return ', '.join(repr(n) for n in names[:5]) + (f' and {len(names) - 5} more' if len(names) > 5 else '')
+
+
+def check_eval_classes(args, train_dataset, eval_dataset) -> None:
+    """The validation split labels its images as the training split does: the same class names under the same
+    labels. timm numbers each folder split's classes on its own, so a validation split with other names (or only
+    some of them) is evaluated with shifted labels; ``--class-map`` gives both splits one numbering."""
+    train, evaluated = class_to_idx(train_dataset), class_to_idx(eval_dataset)
+    if train is None or evaluated is None or train == evaluated:
+        return
+    unknown, absent = set(evaluated) - set(train), set(train) - set(evaluated)
+    where = f'the validation split ({args.val_split}) of {args.data_dir}'
+    if unknown:
+        raise UsageError(f'{where} has classes the training split lacks: {_names(unknown)}; the class folders of '
+                         f'the two splits must have the same names')
+    if absent:
+        raise UsageError(f'{where} lacks {len(absent)} of the training classes ({_names(absent)}), so timm would '
+                         f'number its classes differently: give both splits one numbering with --class-map FILE '
+                         f'(the training class names, one a line)')
+    moved = sorted(name for name in train if train[name] != evaluated[name])
+    raise UsageError(f'{where} numbers its classes differently from the training split (e.g. {_names(moved)}); '
+                     f'give both one numbering with --class-map FILE')
+
+
 def dataset_classes(dataset) -> Optional[int]:
     """How many classes a training dataset holds, when its reader knows (image folders and tars, torchvision
     datasets); None otherwise. Loaders and wrappers (``.dataset``) are looked through."""
@@ -87,3 +114,12 @@ def check_dataset_classes(args, dataset) -> None:
     if args.num_classes is not None and args.num_classes < classes:
         raise UsageError(f'the model has {args.num_classes} classes (--num-classes) but the training data '
                          f'({args.data_dir}) has {classes}: use --num-classes {classes}')
+
+
+def check_model_covers_classes(num_classes: Optional[int], dataset, where: str) -> None:
+    """An evaluation split with more classes than the model has logits: its labels past the last logit would
+    fail deep inside the accuracy (or count as always wrong)."""
+    classes = dataset_classes(dataset)
+    if classes is not None and num_classes is not None and classes > num_classes:
+        raise UsageError(f'{where} has {classes} classes but the model has {num_classes}: evaluate it on the '
+                         f'classes the model was trained on')

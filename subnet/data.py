@@ -27,25 +27,47 @@ _logger = logging.getLogger('train')
 # timm's split-folder synonyms (timm.data.dataset_factory): the folder reader tries the exact split name
 # first, then these, then silently falls back to the root itself
 _SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+# --val-split values that turn evaluation off ('' is timm's; 'none' says it in words)
+NO_SPLIT = ('', 'none')
 
 
-def split_folder(root: str, split: str) -> str:
-    """The folder timm's folder reader will read for ``split`` under ``root``."""
+def split_folder(root: str, split: str) -> Optional[str]:
+    """The sub-folder of ``root`` timm's folder reader reads for ``split``; None when there is none (timm then reads
+    the whole root)."""
     name = split.split('[')[0]
-    if os.path.exists(os.path.join(root, name)):
+    if os.path.isdir(os.path.join(root, name)):
         return os.path.join(root, name)
     for synonyms in _SPLIT_SYNONYMS:
         if name in synonyms:
             for s in synonyms:
-                if os.path.exists(os.path.join(root, s)):
+                if os.path.isdir(os.path.join(root, s)):
                     return os.path.join(root, s)
-    return root
+    return None
 
 
-def check_image_folders(data_dir: Optional[str], splits: dict, class_map: str = '') -> None:
+def _holds_splits(root: str) -> bool:
+    """Whether ``root`` has a sub-folder named as a split (it is a dataset root, not a split folder itself)."""
+    return any(os.path.isdir(os.path.join(root, name)) for synonyms in _SPLIT_SYNONYMS for name in synonyms)
+
+
+def _missing_split(role: str, split: str, data_dir: str) -> UsageError:
+    names = next((synonyms for synonyms in _SPLIT_SYNONYMS if split in synonyms), (split,))
+    option = '--train-split' if role == 'train' else '--val-split' if role == 'validation' else '--split'
+    if not split:
+        return UsageError(f'{option} is empty: name the {role} split folder of {data_dir} (timm would read the '
+                          f'whole of {data_dir})')
+    off = ' or --val-split none to train without evaluation,' if role == 'validation' else ''
+    return UsageError(f'{role} split {split!r} not found: {data_dir} has no {"/, ".join(names)}/ folder (timm would '
+                      f'read the whole of {data_dir} instead); name the folder with {option},{off} or add it')
+
+
+def check_image_folders(data_dir: Optional[str], splits: dict, class_map: str = '',
+                        root_may_be_split: bool = False) -> None:
     """Fail early and clearly on what timm reports late (or not at all) for folder datasets.
 
-    ``splits`` maps a role ('train', 'validation') to a split name; an empty name is skipped.
+    ``splits`` maps a role ('train', 'validation') to a split name; a validation split '' or 'none' is off. A
+    split without its folder is an error; with ``root_may_be_split`` (validate.py, given a split folder itself as
+    timm's docs do) a root without any split-named sub-folder is read as the split.
     """
     if not data_dir:
         raise UsageError('no dataset given: pass --data-dir DIR (a folder with train/ and val/ sub-folders)')
@@ -57,9 +79,13 @@ def check_image_folders(data_dir: Optional[str], splits: dict, class_map: str = 
         raise UsageError(f'data dir {data_dir} is not a folder')
     folders = {}
     for role, split in splits.items():
-        if not split:
+        if role == 'validation' and split.lower() in NO_SPLIT:
             continue
-        folder = split_folder(data_dir, split)
+        folder = split_folder(data_dir, split) if split else None
+        if folder is None:
+            if not root_may_be_split or _holds_splits(data_dir):
+                raise _missing_split(role, split, data_dir)
+            folder = data_dir
         if not any(files for _, _, files in os.walk(folder, followlinks=True)):
             raise UsageError(f'{role} split {split!r} resolves to {folder}, which holds no files')
         if not class_map:
@@ -290,7 +316,7 @@ def build_loaders(args, data_config: dict, device: torch.device, model_dtype, nu
             loaders.batch_size_reference = loaders.train.batch_sampler.average_batch_size
     if len(loaders.train) == 0:
         raise UsageError(f'the training split has fewer images than one batch (--batch-size {args.batch_size})')
-    if args.val_split:
+    if args.val_split.lower() not in NO_SPLIT:
         dataset_eval = build_dataset(args, args.val_split, False, input_img_mode, args.val_num_samples)
         loaders.eval = _eval_loader(args, dataset_eval, data_config, patch_size, device, model_dtype)
     return loaders

@@ -7,12 +7,15 @@
 - ``RunStopped``: the run ended early on purpose, after doing what it could to lose nothing: a signal
   (128 + the signal's number, as a shell reports a process killed by it: 130 for SIGINT, 143 for SIGTERM,
   138 for SIGUSR1) or a loss that is no longer finite (3).
+- ``WriteFailed`` (a ``RunStopped``): a checkpoint could not be written (disk full, permissions, read-only file
+  system): 4, or 128 + N after stop signal N.
 
 Anything else is a bug and keeps its traceback.
 """
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
+EXIT_WRITE_FAILED = 4
 
 
 def first_line(error: BaseException) -> str:
@@ -41,3 +44,7 @@ class RunStopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class WriteFailed(RunStopped):
+    """A checkpoint (or summary row) could not be written; the run folder keeps what it held before."""

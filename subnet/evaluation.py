@@ -16,6 +16,7 @@ scripts can measure them. Masks are per batch: a subnet is one fixed block subse
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -279,7 +280,8 @@ def build_subnets(spec: str, block_map: BlockMap, seed: int = 42, include_full: 
 class SubnetEvaluation:
     """A model's full net and the subnets of a SPEC; ``run`` measures each one with its blocks installed.
 
-    The full net is measured without any engine piece installed, so its numbers are a plain evaluation's.
+    The full net is measured without any engine piece installed, so without BN recalibration its numbers are a
+    plain evaluation's.
     """
 
     def __init__(self, model: nn.Module, spec: str, *, seed: int = 42, input_size: Optional[Sequence[int]] = None,
@@ -299,15 +301,16 @@ class SubnetEvaluation:
             recal_images: int = 0) -> List[Tuple[Subnet, T, int]]:
         """``(subnet, measure(subnet), BN recalibration images)`` per subnet, in SPEC order.
 
-        With ``recal_images`` > 0 every subnet but the full net first re-estimates the BN statistics on
+        With ``recal_images`` > 0 every net, the full one included, first re-estimates the BN statistics on
         ``recal_batches()`` (a fresh iterator of image batches each time); the model's own come back after it.
+        All nets are treated alike so that their accuracies compare: ST's official code re-estimates the full
+        net's statistics before every validation as well, and a subnet with re-estimated statistics set against
+        a full net without them would look better than the full net for that reason alone.
         """
         results = []
         for subnet in self.subnets:
-            if subnet.is_full:
-                results.append((subnet, measure(subnet), 0))
-                continue
-            with self.engine.subnet(subnet.keep):
+            installed = contextlib.nullcontext() if subnet.is_full else self.engine.subnet(subnet.keep)
+            with installed:
                 self.engine.model.eval()  # recalibrate switches only the BN layers to training mode
                 batches = recal_batches() if recal_images > 0 and recal_batches is not None else ()
                 with recalibrated(self.engine.model, batches, recal_images) as seen:

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Optional
 
 from timm import utils
 
+from .divergence import DivergenceLimit
 from .errors import EXIT_NONFINITE, RunStopped, UsageError
 from .finite import check_state_finite
 from .resume import BatchCursor, EpochStart, PositionWriter, install_cursor, set_rng_state
@@ -49,6 +50,7 @@ class RunGuard:
         self.positions, self.cursor, self.failures = positions, cursor, failures
         self.bad_image_limit, self.recovery_interval = bad_image_limit, recovery_interval
         self.start = start  # where a resumed run continues (the first epoch it trains only)
+        self.limit: Optional[DivergenceLimit] = None  # the run's divergence bounds (train.py sets them)
 
     @classmethod
     def for_run(cls, args, train_loader, failures: Optional[ImageFailures], start: Optional[EpochStart],
@@ -124,8 +126,10 @@ class RunGuard:
 
     def before_save(self, state: dict) -> None:
         """The checks every checkpoint passes before it is written (a ``RunStopped`` when one fails, and nothing
-        is written): its weights, and its EMA weights, are finite."""
+        is written): its weights, and its EMA weights, are finite and within the divergence bound."""
         check_state_finite(state)
+        if self.limit is not None:
+            self.limit.check_state(state)
 
     # ---- what the moments do
     def _count_unreadable(self, position: EpochPosition) -> None:

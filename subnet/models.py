@@ -3,13 +3,10 @@
 ``--model vit_base`` (as in ``torchrun train.py --method cosub --model vit_base``) means timm's standard
 ViT of that size at 224 px; a name that matches nothing stops with the closest timm names.
 """
-import argparse
 import difflib
 import inspect
 import logging
 import os
-import pickle
-import zipfile
 
 import timm
 import torch
@@ -19,6 +16,7 @@ from timm.utils import unwrap_model
 
 from .blocks import drop_path_slots, slot_drop_rate
 from .errors import UsageError, first_line
+from .intact import read_checkpoint
 
 _logger = logging.getLogger('train')
 
@@ -47,16 +45,13 @@ def resolve_model_name(name: str) -> str:
 
 
 def load_checkpoint_file(path: str, what: str) -> dict:
-    """Load a training checkpoint (weights_only, as timm does) or stop with one line saying what is wrong."""
+    """Load a training checkpoint (weights_only, as timm does) whose checksums match (``subnet.intact``), or stop
+    with one line saying what is wrong."""
     if not os.path.isfile(path):
         raise UsageError(f'{what} {path} does not exist')
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
-        raise UsageError(f'{what} {path} is not a readable checkpoint ({first_line(e)[:160]})') from None
-    if not isinstance(checkpoint, dict):
-        raise UsageError(f'{what} {path} holds a {type(checkpoint).__name__}, not a checkpoint dict')
+    checkpoint, why = read_checkpoint(path)
+    if checkpoint is None:
+        raise UsageError(f'{what} {path} {why}')
     return checkpoint
 
 

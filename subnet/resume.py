@@ -16,9 +16,7 @@ at the next epoch); ours continues at the next batch:
   start: a resumed epoch's remaining batches are the same images in the same order with the same model-side
   randomness (drop-path, subnets, mixup without the prefetcher), but other augmentations.
 """
-import glob
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -27,12 +25,11 @@ from typing import Dict, Iterator, Optional
 import numpy as np
 import torch
 import torch.utils.data
-from timm.utils import load_checkpoint_metadata
 
 from .errors import RunStopped
 
 __all__ = ['rng_state', 'set_rng_state', 'BatchCursor', 'install_cursor', 'EpochStart', 'POSITION_KEY',
-           'epoch_start_from', 'resume_order', 'newest_checkpoint', 'PositionWriter']
+           'epoch_start_from', 'resume_order', 'PositionWriter']
 
 _logger = logging.getLogger('train')
 
@@ -165,23 +162,6 @@ def resume_order(checkpoint: dict) -> tuple:
     if position:
         return position['epoch'], position['batches']
     return checkpoint.get('epoch', -1) + 1, 0
-
-
-def newest_checkpoint(folder: str) -> str:
-    """The checkpoint of ``folder`` that is furthest on: ``last.pth.tar`` or a recovery file ('' if none)."""
-    candidates = [os.path.join(folder, 'last.pth.tar')] + glob.glob(os.path.join(folder, 'recovery-*.pth.tar'))
-    best, best_order = '', None
-    for path in candidates:
-        if not os.path.isfile(path):
-            continue
-        try:
-            order = resume_order(load_checkpoint_metadata(path))
-        except Exception as e:  # a file someone else put there: say so and look at the others
-            _logger.warning(f'Cannot read {path} ({type(e).__name__}); not resuming from it.')
-            continue
-        if best_order is None or order > best_order:
-            best, best_order = path, order
-    return best
 
 
 class PositionWriter:

@@ -9,8 +9,11 @@
 - Checkpoints go through timm's ``CheckpointSaver`` with every file written under a temporary name and
   renamed into place, so a process killed at any moment leaves no truncated file under a final name; a
   checkpoint with a non-finite weight is never written (``AtomicCheckpointSaver.before_save``).
+- A write that fails (disk full, permissions, a read-only file system) stops the run with one line saying what
+  happened and which checkpoints are intact, after removing its partial temporary file (``stop_on_failed_write``).
 - ``summary.csv`` keeps timm's columns first; method and subnet columns are appended after ``lr``.
 """
+import contextlib
 import csv
 import fcntl
 import glob
@@ -27,8 +30,9 @@ import torch
 from timm.models import safe_model_name
 from timm.utils import CheckpointSaver, load_checkpoint_metadata
 
-from .errors import UsageError
+from .errors import EXIT_WRITE_FAILED, UsageError, WriteFailed
 from .finite import check_state_finite
+from .intact import CHECKSUM_KEY, checksums
 from .resume import POSITION_KEY
 
 _logger = logging.getLogger('train')
@@ -128,9 +132,58 @@ def claim_output_dir(folder: str, resuming_in_place: bool, lock: Optional[RunLoc
     return lock
 
 
+# torch.save reports a failed write as a RuntimeError of its zip writer, without the errno
+_TORCH_WRITE_ERRORS = ('inline_container', 'PytorchStreamWriter', 'file write failed', 'cannot be opened')
+# a folder with less free space than this after a failed write is taken to be full
+_FULL_BELOW = 64 * 2 ** 20
+
+
+def write_problem(error: Exception, folder: str) -> Optional[str]:
+    """What made a write into ``folder`` fail ('no space left on device', ...); None for errors that are not a
+    failed write (bugs keep their traceback). Call it before the partial file is removed: that frees the space."""
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno).lower()
+    if not (isinstance(error, RuntimeError) and any(m in str(error) for m in _TORCH_WRITE_ERRORS)):
+        return None
+    stats = os.statvfs(folder)
+    if stats.f_flag & os.ST_RDONLY:
+        return 'read-only file system'
+    if not os.access(folder, os.W_OK):
+        return 'permission denied'
+    if stats.f_bavail * stats.f_frsize < _FULL_BELOW:
+        return 'no space left on device'
+    return f'the write failed ({str(error).strip().splitlines()[0][:160]})'
+
+
+def intact_files(folder: str) -> str:
+    """The checkpoints ``folder`` holds, for a message after a failed write."""
+    names = sorted(_checkpoints(folder)) if os.path.isdir(folder) else []
+    if not names:
+        return 'no checkpoint was written before'
+    last = f' (last.pth.tar: {describe_run(folder)})' if 'last.pth.tar' in names else ''
+    return f'intact: {", ".join(names)}{last}'
+
+
+@contextlib.contextmanager
+def stop_on_failed_write(folder: str, what: str):
+    """Turn a failed write of ``what`` into ``folder`` into one line (``WriteFailed``, exit 4) after removing the
+    partial temporary file; every checkpoint is written under a temporary name, so the others are intact."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        problem = write_problem(error, folder)
+        if problem is None:
+            raise
+        remove_temporary_files(folder)
+        raise WriteFailed(f'error: cannot write {what} in {folder}: {problem}; the partial file is removed, '
+                          f'{intact_files(folder)}; make room (or fix the folder) and run the same command with '
+                          f'--resume auto', EXIT_WRITE_FAILED) from None
+
+
 class AtomicCheckpointSaver(CheckpointSaver):
     """timm's CheckpointSaver, with copies and replacements that are atomic on POSIX file systems, every file written
-    by one function (``write``) after the checks of ``before_save``, and mid-epoch position checkpoints.
+    by one function (``write``) after the checks of ``before_save`` and with its checksums (``subnet.intact``),
+    mid-epoch position checkpoints, and a failed write turned into one line (``stop_on_failed_write``).
 
     timm unlinks the destination before renaming onto it, and falls back to a plain copy when hard links
     are not available: a kill in between leaves no ``last``/``model_best`` file, or a truncated one.
@@ -168,14 +221,27 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if position is not None:
             state[POSITION_KEY] = position
         self.before_save(state)
+        state[CHECKSUM_KEY] = checksums(state)
         torch.save(state, path)
 
     def _save(self, save_path, epoch, metric=None):
         self.write(save_path, epoch, metric)
 
+    def save_checkpoint(self, epoch, metric=None):
+        with stop_on_failed_write(self.checkpoint_dir, f'the checkpoint of epoch {epoch}'):
+            return super().save_checkpoint(epoch, metric)
+
+    def save_milestone(self, completed_epochs):
+        with stop_on_failed_write(self.checkpoint_dir, f'the milestone checkpoint of epoch {completed_epochs}'):
+            return super().save_milestone(completed_epochs)
+
     def save_position(self, epoch: int, updates: int, position: dict) -> str:
         """A recovery file under timm's name (``recovery-<epoch>-<update index>.pth.tar``) holding ``position``;
         as timm's ``save_recovery``, the file before the previous one is removed. Returns its path."""
+        with stop_on_failed_write(self.recovery_dir, f'a recovery checkpoint of epoch {epoch}'):
+            return self._write_position(epoch, updates, position)
+
+    def _write_position(self, epoch: int, updates: int, position: dict) -> str:
         tmp = os.path.join(self.recovery_dir, f'{self.recovery_prefix}_tmp{self.extension}')
         path = os.path.join(self.recovery_dir, f'{self.recovery_prefix}-{epoch}-{updates - 1}{self.extension}')
         self.write(tmp, epoch, position=position)

@@ -1,13 +1,15 @@
 """The options subnet adds to timm's scripts: method selection, each method's group, reporting, subnet evaluation.
 
 They live in new namespaces (``--method*``, ``--cosub-*``, ``--st-*``, ``--gkt-*``, ``--subnet-*``,
-``--plot-summary``, ``--log-tensorboard``, ``--bad-image-limit``, ``--skip-nonfinite``, ``--recovery-minutes``), so
+``--plot-summary``, ``--log-tensorboard``, ``--bad-image-limit``, ``--skip-nonfinite``, ``--recovery-minutes``,
+``--divergence-limit``), so
 none of them makes an abbreviation of a timm option ambiguous (``--recovery`` stays timm's ``--recovery-interval``,
 see ``OneLineParser``). As with every option, the YAML key is the underscore name (``method: cosub``); an option's other spellings are YAML
 keys too (``dr`` for timm's ``--decay-rate``). The methods' own groups come from the method registry.
 """
 import argparse
 
+from .divergence import DEFAULT_LIMIT
 from .methods import add_method_options, method_names
 from .spec import spec_help, subnet_spec
 
@@ -28,6 +30,9 @@ def add_model_and_data_options(parser: argparse.ArgumentParser) -> None:
                    help="per-block drop-path rates of the model: timm's linear ramp from 0 to --drop-path, or "
                         "DeiT III's constant --drop-path in every block (default: the method's; constant for "
                         "cosub, as DeiT III, linear otherwise, as timm)")
+    g.add_argument('--recipe-global-batch', type=_non_negative_int, default=None, metavar='N',
+                   help="the global batch (per-process batch x processes x --grad-accum-steps) a recipe's absolute "
+                        '--lr was tuned for; a run at another one warns with the scaled rate (default: none)')
     g.add_argument('--force-color-jitter', action='store_true', default=False,
                    help="keep --color-jitter when --aa is set: timm's transform factory drops it then (the official "
                         "ST++ 400-epoch run uses both)")
@@ -85,6 +90,11 @@ def add_long_run_options(parser: argparse.ArgumentParser) -> None:
                    help='also write a recovery checkpoint every M minutes of training (rank 0\'s clock), which '
                         '--resume auto continues from mid-epoch; like --recovery-interval (in updates), it is '
                         'removed once the epoch\'s checkpoint is written (default: 0, off)')
+    g.add_argument('--divergence-limit', type=float, default=DEFAULT_LIMIT, metavar='F',
+                   help='stop (exit 3, nothing saved) when a weight grows beyond F x the largest starting weight '
+                        'magnitude (at least 1), or an epoch\'s training or evaluation loss beyond F x ln(classes), '
+                        'the loss of a uniform guess: a diverged run that stays finite; inf turns the bounds off '
+                        '(default: 1000)')
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -104,10 +114,10 @@ def add_validate_options(parser: argparse.ArgumentParser) -> None:
                         f'blocks, kept_fraction, flop_fraction, bn_recal); random subsets are drawn from --seed; '
                         f'SPEC: {spec_help()}')
     g.add_argument('--bn-recal', type=int, default=0, metavar='N',
-                   help='re-estimate the BatchNorm statistics of each subnet on N training images before '
-                        "evaluating it (ST's code uses 2048); the full net keeps the checkpoint's, the checkpoint "
-                        'file is never changed (default: 0, off: measure the checkpoint as it is, no training '
-                        'data needed)')
+                   help='re-estimate the BatchNorm statistics of every evaluated net, the full net included, on N '
+                        "training images before evaluating it (ST's code uses 2048), so that all rows compare; the "
+                        'checkpoint file is never changed (default: 0, off: measure the checkpoint as it is, no '
+                        'training data needed)')
     g.add_argument('--bn-recal-split', default='train', metavar='NAME',
                    help='split of --data-dir the --bn-recal images come from (a seeded random sample), read with '
                         'the evaluation transforms: the statistics of the inputs being evaluated, the same every '

@@ -6,10 +6,11 @@ unchanged; ``tests/test_options.py`` checks them against a dump of timm's own pa
 fresh for every parse, so parsing twice in one process (tests, sweeps) never leaks YAML defaults.
 
 YAML follows timm 1.0.31: keys are the underscore names, command line > YAML > built-in default, and values
-are converted the way the command line would convert them. Keys of options timm itself has retired (old files
-carry ``apex_amp``, ``native_amp``, ...) are ignored with a warning. Anything else stops with one line: an
-unknown key (a misspelt ``methd: st`` would otherwise train plain timm), naming the closest option; a value of
-the wrong type; a file that is not UTF-8 text or not a YAML mapping.
+are converted the way the command line would convert them, except that ``--model-kwargs`` and ``--opt-kwargs``
+add their keys to the YAML's mapping instead of replacing it (``merge_config_kwargs``). Keys of options timm
+itself has retired (old files carry ``apex_amp``, ``native_amp``, ...) are ignored with a warning. Anything
+else stops with one line: an unknown key (a misspelt ``methd: st`` would otherwise train plain timm), naming the
+closest option; a value of the wrong type; a file that is not UTF-8 text or not a YAML mapping.
 """
 import argparse
 import difflib
@@ -75,7 +76,7 @@ def _dataset_options(parser: argparse.ArgumentParser) -> None:
                    help='dataset type + name ("<type>/<name>", e.g. torch/cifar10, hfds/...); empty: image folder')
     g.add_argument('--train-split', metavar='NAME', default='train', help='training split (default: train)')
     g.add_argument('--val-split', metavar='NAME', default='validation',
-                   help="validation split (default: validation); '' turns validation off")
+                   help="validation split (default: validation); '' or none: train without evaluation")
     g.add_argument('--train-num-samples', default=None, type=int, metavar='N',
                    help='samples in the train split, for iterable datasets')
     g.add_argument('--val-num-samples', default=None, type=int, metavar='N',
@@ -482,11 +483,24 @@ def parse_train_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespa
     """Parse a train.py command line (with an optional ``-c`` YAML) into args and the args.yaml text."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, path, remaining, parser = _train_config(argv)
-    parser.set_defaults(**config_defaults(cfg, path, parser))
+    defaults = config_defaults(cfg, path, parser)
+    parser.set_defaults(**defaults)
     args = parser.parse_args(remaining)
+    merge_config_kwargs(args, defaults, parser)
     # the namespace as given (lr: null when it will be derived), replayable with -c, as timm writes it
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     return args, args_text
+
+
+def merge_config_kwargs(args: argparse.Namespace, defaults: dict, parser: argparse.ArgumentParser) -> None:
+    """``--model-kwargs`` / ``--opt-kwargs`` on the command line add to the YAML's mapping, key by key (the
+    command line wins per key), where timm's action replaces it whole: a recipe's ``init_values`` or
+    ``zero_init_last`` would otherwise vanish without a word when the command line adds ``img_size``."""
+    for action in parser._actions:
+        if isinstance(action, ParseKwargs) and isinstance(defaults.get(action.dest), dict):
+            given = getattr(args, action.dest)
+            if given is not defaults[action.dest]:  # the command line set it (the action builds a new dict)
+                setattr(args, action.dest, {**defaults[action.dest], **given})
 
 
 def given_on_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> Set[str]:
@@ -497,13 +511,19 @@ def given_on_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> S
     return set(vars(parser.parse_known_args(argv)[0]))
 
 
-def train_options_given(argv: Optional[List[str]] = None) -> Set[str]:
-    """The train.py options the user set, on the command line or in the ``-c`` YAML, rather than left at their
-    defaults (``--device``: timm's default 'cuda' falls back to the CPU quietly, a 'cuda' asked for warns)."""
+def train_option_sources(argv: Optional[List[str]] = None) -> Tuple[Set[str], Set[str]]:
+    """The train.py options (dests) set on the command line, and those set in the ``-c`` YAML."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, _, remaining, parser = _train_config(argv)
     actions = _actions_by_key(parser)
-    return given_on_command_line(parser, remaining) | {actions[k].dest for k in cfg if k in actions}
+    return given_on_command_line(parser, remaining), {actions[k].dest for k in cfg if k in actions}
+
+
+def train_options_given(argv: Optional[List[str]] = None) -> Set[str]:
+    """The train.py options the user set, on the command line or in the ``-c`` YAML, rather than left at their
+    defaults (``--device``: timm's default 'cuda' falls back to the CPU quietly, a 'cuda' asked for warns)."""
+    on_command_line, in_config = train_option_sources(argv)
+    return on_command_line | in_config
 
 
 # ---------------------------------------------------------------------------------------------- validate.py

@@ -1,5 +1,6 @@
 """subnet.evaluation: the SPEC grammar, subnet masks, BN recalibration, validate.py --subnets / --bn-recal and
 train.py --subnet-eval, on tiny models and on checkpoints trained on a slice of the shipped data."""
+import copy
 import csv
 import hashlib
 import json
@@ -14,7 +15,7 @@ from PIL import Image
 
 import train
 import validate
-from subnet.batchnorm import batchnorm_layers, recalibrated
+from subnet.batchnorm import batchnorm_layers, recalibrate, recalibrated
 from subnet.data import FixedSample
 from subnet.evaluation import SUBNET_FIELDS, SubnetEvaluation, build_subnets
 from subnet.spec import SubnetSpecError, parse_spec
@@ -115,7 +116,7 @@ def _same_state(a, b):
     return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
 
 
-def test_run_measures_the_full_net_plainly_and_each_subnet_installed_with_its_own_bn_statistics(single_thread):
+def test_run_recalibrates_every_net_alike_and_installs_each_subnet(single_thread):
     model = create_tiny('resnet18')
     evaluation = SubnetEvaluation(model, 'prefix:0.5;first:3', input_size=tiny_input_size('resnet18'))
     x = torch.randn(4, *tiny_input_size('resnet18'))
@@ -129,14 +130,23 @@ def test_run_measures_the_full_net_plainly_and_each_subnet_installed_with_its_ow
         with torch.no_grad():
             return model(x)
 
-    results = evaluation.run(measure, lambda: iter(batches), recal_images=20)
-    assert [(s.name, images) for s, _, images in results] == [('full', 0), ('prefix0.5', 20), ('first3', 20)]
-    assert seen['full'] == (False, True)  # nothing installed, the checkpoint's statistics
-    assert seen['prefix0.5'] == (True, False) and seen['first3'] == (True, False)
-    assert _same_state(_bn_state(model), before)  # restored after every subnet
-    assert not torch.allclose(results[1][1], results[0][1])
     with torch.no_grad():
-        assert torch.equal(model(x), results[0][1])
+        plain = model.eval()(x)
+    assert [(s.name, images) for s, _, images in evaluation.run(measure)] == [
+        ('full', 0), ('prefix0.5', 0), ('first3', 0)]
+    assert seen['full'] == (False, True)  # without recalibration: a plain evaluation of the checkpoint
+    results = evaluation.run(measure, lambda: iter(batches), recal_images=20)
+    # the full net is recalibrated like its subnets, so their accuracies compare (ST's code does it too)
+    assert [(s.name, images) for s, _, images in results] == [('full', 20), ('prefix0.5', 20), ('first3', 20)]
+    assert seen['full'] == (False, False)  # nothing installed, statistics re-estimated
+    assert seen['prefix0.5'] == (True, False) and seen['first3'] == (True, False)
+    assert _same_state(_bn_state(model), before)  # restored after every net
+    recalibrated_copy = copy.deepcopy(model)
+    recalibrate(recalibrated_copy, batches, 20)
+    with torch.no_grad():
+        assert torch.equal(results[0][1], recalibrated_copy.eval()(x))
+        assert not torch.allclose(results[0][1], plain) and torch.equal(model(x), plain)
+    assert not torch.allclose(results[1][1], results[0][1])
     assert not any('forward' in b.module.__dict__ for b in evaluation.block_map.blocks)
 
 
@@ -284,18 +294,26 @@ def _sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def test_bn_recal_leaves_the_checkpoint_file_and_the_full_row_alone(runs, data, capsys, one_thread):
+def test_bn_recal_re_estimates_every_row_and_leaves_the_checkpoint_file_alone(runs, data, capsys, one_thread):
     checkpoint = runs['resnet'] / 'last.pth.tar'
     before = _sha256(checkpoint)
     common = ['--checkpoint', str(checkpoint), '--data-dir', str(data), '--subnets', 'prefix:0.5']
     plain = _validate(capsys, *common)
     recal = _validate(capsys, *common, '--bn-recal', '32')
     assert _sha256(checkpoint) == before
-    assert recal[0] == plain[0]  # the full net keeps the checkpoint's statistics
-    assert [row['bn_recal'] for row in recal] == [0, 32] and plain[1]['bn_recal'] == 0
+    assert [row['bn_recal'] for row in plain] == [0, 0]
+    assert [row['bn_recal'] for row in recal] == [32, 32]  # the full net's row too: every point compares
     vit = _validate(capsys, '--checkpoint', str(runs['vit'] / 'last.pth.tar'), '--data-dir', str(data),
                     '--subnets', 'prefix:0.5', '--bn-recal', '32')
-    assert vit[1]['bn_recal'] == 0  # LayerNorm: nothing to re-estimate, the train split is not even read
+    assert [row['bn_recal'] for row in vit] == [0, 0]  # LayerNorm: nothing to re-estimate, no train split read
+
+
+def test_the_plot_title_says_which_points_were_re_estimated():
+    assert validate.recalibration_note([{'bn_recal': 0}, {'bn_recal': 0}]) == ''
+    assert validate.recalibration_note([{'bn_recal': 32}, {'bn_recal': 32}]) == \
+        ', BN statistics of every net (full nets too) re-estimated on 32 images'
+    assert validate.recalibration_note([{'bn_recal': 32}, {'bn_recal': 0}]) == \
+        ', BN statistics re-estimated on 32 images for the BatchNorm models only'
 
 
 def test_plot_of_several_runs_has_one_curve_per_run_folder(runs, data, capsys, tmp_path, one_thread):

@@ -198,6 +198,19 @@ def test_pip_install_makes_the_library_importable_from_another_loop(tmp_path):
     assert "'cosub', 'gkt', 'none', 'st', 'st++'" in methods
 
 
+def test_the_documented_loop_runs_as_written_on_the_cpu(tmp_path):
+    """docs/extending.md's my_loop.py, unchanged, in a new process that sees no GPU (the library importable as
+    after ``pip install .``)."""
+    folder = docs_example(tmp_path / 'user', 'my_loop')
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, 'my_loop.py'], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    losses = [float(loss) for loss in re.findall(r'^epoch \d: loss (\S+)$', done.stdout, re.M)]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses), done.stdout
+    assert re.search(r'^prefix subnet \(4 of 8 blocks\): top-1 [\d.]+% on the last batch$', done.stdout, re.M)
+
+
 # ------------------------------------------------------------------------------ a model family the engine misses
 
 def test_the_documented_model_family_gets_blocks_and_branches_and_a_per_branch_cosub_step(tmp_path, monkeypatch):

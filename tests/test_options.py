@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import train
@@ -100,6 +101,37 @@ def test_yaml_values_are_converted_like_the_command_line(tmp_path):
     args, _ = parse_train_args(['-c', cfg])
     assert args.lr == 3e-4 and args.epochs == 10 and args.mean == [0.5, 0.4, 0.3]
     assert args.input_size == [3, 32, 32] and args.model_kwargs == {'embed_dim': 32} and args.amp is True
+
+
+def test_command_line_model_kwargs_add_to_the_recipes_key_by_key():
+    # the DeiT III recipe's layer scale (init_values) survives a command line that shrinks the model
+    recipe = str(Path(__file__).parents[1] / 'hparams' / 'cosub_deit3_vit_base.yaml')
+    args, text = parse_train_args(['-c', recipe, '--model', 'vit_tiny_patch16_224',
+                                   '--model-kwargs', 'patch_size=8', 'img_size=64'])
+    assert args.model_kwargs == {'img_size': 64, 'init_values': 1e-4, 'patch_size': 8}
+    assert yaml.safe_load(text)['model_kwargs'] == args.model_kwargs  # args.yaml replays the merged mapping
+    args, _ = parse_train_args(['-c', recipe, '--model-kwargs', 'init_values=0.1'])  # the command line wins
+    assert args.model_kwargs == {'img_size': 192, 'init_values': 0.1}
+    args, _ = parse_train_args(['-c', recipe])
+    assert args.model_kwargs == {'img_size': 192, 'init_values': 1e-4}
+    stpp = str(Path(__file__).parents[1] / 'hparams' / 'stpp_resnet50_200ep.yaml')
+    args, _ = parse_train_args(['-c', stpp, '--opt-kwargs', 'nesterov=False', '--model-kwargs', 'drop_rate=0.1'])
+    assert args.opt_kwargs == {'filter_bias_and_bn': False, 'nesterov': False}
+    assert args.model_kwargs == {'zero_init_last': False, 'drop_rate': 0.1}
+
+
+def test_the_merged_model_kwargs_build_the_model_and_are_logged_once(caplog):
+    recipe = str(Path(__file__).parents[1] / 'hparams' / 'cosub_deit3_vit_base.yaml')
+    args, _ = parse_train_args(['-c', recipe, '--model', 'vit_tiny_patch16_224', '--device', 'cpu',
+                                '--model-kwargs', 'patch_size=8', 'img_size=64', 'depth=2'])
+    args.rank, args.world_size, args.distributed = 0, 1, False
+    with caplog.at_level('INFO', logger='train'):
+        model = train.build_model(args)
+    gammas = [p for n, p in model.named_parameters() if n.endswith(('ls1.gamma', 'ls2.gamma'))]
+    assert len(gammas) == 4 and all(torch.all(g == 1e-4) for g in gammas)
+    assert model.patch_embed.patch_size == (8, 8) and model.patch_embed.img_size == (64, 64)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Model kwargs')]
+    assert len(logged) == 1 and "'init_values': 0.0001" in logged[0] and "'patch_size': 8" in logged[0]
 
 
 def test_keys_timm_retired_are_ignored_with_one_warning(tmp_path, caplog):

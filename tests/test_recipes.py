@@ -513,6 +513,13 @@ def test_recipe_header_batch_is_the_yaml_batch():
             assert int(found.group(1)) == args.batch_size, path.name
 
 
+@pytest.mark.parametrize('recipe', sorted(SOURCES))
+def test_recipe_declares_the_global_batch_its_lr_is_for(recipe):
+    # train.py warns when a run's global batch differs from this one while the recipe's absolute lr is kept
+    args, _ = parse_train_args(['-c', str(HPARAMS / recipe)])
+    assert args.recipe_global_batch == SOURCES[recipe]['global_batch'].value
+
+
 def test_layer_scale_weights_start_at_deit3s_value(built):
     # ViT-S is built for real: the init value reaches the weights, not only the module's attribute
     model = built('cosub_deit3_vit_small.yaml').model

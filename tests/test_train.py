@@ -15,7 +15,7 @@ import train
 import validate
 from subnet import run_folder
 from subnet.device import fall_back_to_cpu, use_default_device
-from subnet.timm_options import parse_train_args, train_options_given
+from subnet.timm_options import parse_train_args, train_option_sources, train_options_given
 from train_helpers import (ROOT, SHIPPED, assert_same_weights, make_subset, run_train, state_dict_of, torchrun,
                            train_argv)
 
@@ -286,11 +286,42 @@ def test_unreadable_image_is_named(data, tmp_path, capsys):
 
 def test_train_and_val_in_the_same_folder_warns(tmp_path, caplog):
     from subnet.data import check_image_folders
-    folder = tmp_path / 'flat' / 'class_a'
+    folder = tmp_path / 'flat' / 'train' / 'class_a'
     folder.mkdir(parents=True)
     Image.new('L', (8, 8)).save(folder / 'a.png')
-    check_image_folders(str(tmp_path / 'flat'), {'train': 'train', 'validation': 'validation'})
+    check_image_folders(str(tmp_path / 'flat'), {'train': 'train', 'validation': 'training'})
     assert 'both resolve to' in caplog.text
+
+
+def test_the_global_batch_and_lr_in_use_are_logged_at_start(one_epoch):
+    log = (Path(one_epoch.output_dir) / 'log.txt').read_text()
+    assert 'Global batch 16 (16 per process x 1 process x 1 accumulated); learning rate 0.05 (from --lr)' in log
+
+
+def _global_batch_lines(tmp_path, caplog, *command_line, world_size=1):
+    cfg = tmp_path / 'recipe.yaml'
+    cfg.write_text('lr: 0.2\nrecipe_global_batch: 512\nbatch_size: 256\nopt: sgd\n')
+    argv = ['-c', str(cfg), *command_line]
+    args, _ = parse_train_args(argv)
+    args.rank, args.world_size = 0, world_size
+    caplog.clear()
+    with caplog.at_level('INFO', logger='train'):
+        train.log_global_batch(args, float(args.batch_size), *train_option_sources(argv))
+    return [(r.levelname, r.getMessage()) for r in caplog.records]
+
+
+def test_a_recipes_absolute_lr_at_another_global_batch_warns(tmp_path, caplog):
+    # the README's ST++ example once ran the 512-image recipe on 2 x 8 processes: 4096 images per update
+    lines = _global_batch_lines(tmp_path, caplog, world_size=16)
+    assert lines[0] == ('INFO', 'Global batch 4096 (256 per process x 16 processes x 1 accumulated); learning rate '
+                                '0.2 (absolute, from the config file)')
+    assert lines[1][0] == 'WARNING' and 'lr 0.2 is for a global batch of 512' in lines[1][1]
+    assert "--lr 1.6 (timm's scaling rule) or --batch-size 32 for the declared batch" in lines[1][1]
+    assert len(_global_batch_lines(tmp_path, caplog, world_size=2)) == 1  # 256 x 2 = 512: as declared
+    assert len(_global_batch_lines(tmp_path, caplog, '--batch-size', '32', world_size=16)) == 1
+    chosen = _global_batch_lines(tmp_path, caplog, '--lr', '1.6', world_size=16)  # the user chose the rate
+    assert chosen == [('INFO', 'Global batch 4096 (256 per process x 16 processes x 1 accumulated); learning rate '
+                               '1.6 (from --lr)')]
 
 
 def test_short_model_names_resolve_with_a_log_line(caplog):
