@@ -396,6 +396,10 @@ def open_run_folder(training: Training, args_text: str) -> None:
     training.guard = RunGuard.for_run(training.args, training.loaders.train, training.loaders.failures,
                                       training.epoch_start, training.saver)
     training.guard.limit = training.limit
+    try:  # after the guard: a method's sampler wrapper goes above its resume cursor
+        training.task.attach_train_loader(training.loaders.train)
+    except ValueError as e:
+        raise UsageError(f'--method {training.args.method}: {e}') from None
 
 
 def open_primary_folder(training: Training, args_text: str) -> None:

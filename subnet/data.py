@@ -20,6 +20,7 @@ from torchvision import transforms
 
 from .errors import UsageError
 from .evaluation import NaFlexEval, eval_loader
+from .sample_seeds import SeededCollateMixup, SeededSamples, key_samples
 from .unreadable import ImageFailures, readable
 
 _logger = logging.getLogger('train')
@@ -251,19 +252,31 @@ def _naflex_train_loader(args, dataset, patch_size, common: dict, train_kwargs: 
         **patch, **common, **train_kwargs)
 
 
+def seeds_samples(args, dataset) -> bool:
+    """Whether the training loader draws each sample's augmentation from its own seeded stream
+    (``subnet/sample_seeds.py``): timm's standard loader on a map-style dataset. Scheduled sizes and the
+    multi-epochs loader bring their own batch samplers, and a streaming dataset has no sampler to key."""
+    return (args.train_img_sizes is None and not args.use_multi_epochs_loader
+            and not isinstance(dataset, torch.utils.data.IterableDataset))
+
+
 def _train_loader(args, dataset, data_config: dict, num_aug_splits: int, common: dict, train_kwargs: dict):
     """timm's loader (standard or scheduled sizes) and, without the prefetcher, the Mixup the loop applies."""
     mixup, collate_fn, mixup_fn = mixup_kwargs(args), None, None
+    seeded = seeds_samples(args, dataset)
     if mixup is not None:
         if args.prefetcher:
             if num_aug_splits:
                 raise UsageError('mixup with the prefetcher cannot be combined with --aug-splits; '
                                  'add --no-prefetcher')
-            collate_fn = FastCollateMixup(**mixup)
+            collate_fn = (SeededCollateMixup(**mixup, seed=args.seed, rank=args.rank) if seeded
+                          else FastCollateMixup(**mixup))
         else:
             mixup_fn = Mixup(**mixup)
     if num_aug_splits > 1:
         dataset = AugMixDataset(dataset, num_splits=num_aug_splits)
+    if seeded:
+        dataset = SeededSamples(dataset, args.seed, args.rank)
     loader = create_loader(
         dataset, input_size=data_config['input_size'], input_size_choices=args.train_img_sizes,
         batch_size_choices=args.train_batch_sizes, batch_choice_weights=args.train_size_probs,
@@ -272,9 +285,11 @@ def _train_loader(args, dataset, data_config: dict, num_aug_splits: int, common:
         batch_schedule_spread=args.train_size_schedule_spread, batch_schedule_random_mix=args.train_size_random_mix,
         num_batches=args.train_batches_per_epoch, collate_fn=collate_fn,
         use_multi_epochs_loader=args.use_multi_epochs_loader,
-        # workers restart every epoch from the re-seeded main RNG, so a resumed run sees the same
-        # augmentations as an uninterrupted one (timm keeps them alive, which makes resume inexact)
+        # workers restart every epoch (timm keeps them alive): --mixup-off-epoch reaches the collate mixup in
+        # the workers, and a loader without per-sample seeding starts its workers from the re-seeded main RNG
         persistent_workers=False, **common, **train_kwargs)
+    if seeded:
+        key_samples(getattr(loader, 'loader', loader))  # timm's PrefetchLoader holds the DataLoader in .loader
     if args.force_color_jitter and args.aa and '3a' not in args.aa and args.color_jitter and not args.no_aug:
         if num_aug_splits:
             raise UsageError('--force-color-jitter does not support --aug-splits')

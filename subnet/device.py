@@ -18,6 +18,7 @@ import torch
 from timm import utils
 from timm.utils import NativeScaler
 
+from . import elastic
 from .errors import UsageError
 
 __all__ = ['check_precision_args', 'model_dtype', 'use_default_device', 'fall_back_to_cpu', 'limit_workers',
@@ -78,6 +79,7 @@ def training_device(args) -> torch.device:
     for module in args.device_modules or ():
         importlib.import_module(module)
     fall_back_to_cpu(args, 'training')
+    args.dist_url = elastic.dist_url(getattr(args, 'dist_url', None))  # torchrun restarts: keys per attempt
     device = utils.init_distributed_device(args)
     _fast_cuda_math()
     if args.distributed:

@@ -7,14 +7,14 @@ at the next epoch); ours continues at the next batch:
 
 - the epoch starts as always (every RNG re-seeded from (seed, epoch), so the sampler draws the same order), then
   the batches already done are skipped *at the sampler* (``BatchCursor``): their images are never read;
-- the RNG states are put back at the moment the interrupted run had them. With ``--workers 0`` augmentation
-  draws from the main process's RNG, and timm's prefetcher reads one batch ahead, so the interrupted run had
-  already drawn the next batch's augmentation before its last step. The cursor records the RNG state at the start of
-  every batch and the checkpoint keeps the one of that read-ahead batch: on resume it is put back when that batch
-  starts, and the state after the last step when the batch after it starts. The result is bitwise the
-  uninterrupted run. With workers, augmentation draws from the workers' RNGs, seeded when the epoch's workers
-  start: a resumed epoch's remaining batches are the same images in the same order with the same model-side
-  randomness (drop-path, subnets, mixup without the prefetcher), but other augmentations.
+- the RNG states are put back at the moment the interrupted run had them. timm's prefetcher draws its random erasing
+  for a batch when the loader hands that batch over, one batch ahead of the step, so the interrupted run had already
+  drawn the next batch's erasing before its last step. The cursor records the RNG state whenever a batch is handed
+  over (``DeliveredBatches``) and the checkpoint keeps the one of that read-ahead batch: on resume it is put back when
+  that batch is handed over, and the state after the last step when the batch after it is. Without the prefetcher the
+  cursor does this when the sampler starts a batch (nothing is read ahead then). The samples' own augmentation does
+  not draw from these RNGs: it comes from streams seeded per sample (``sample_seeds.py``), in the loader's workers
+  or in this process alike, so the result is bitwise the uninterrupted run with any ``--workers``.
 """
 import logging
 import random
@@ -25,11 +25,12 @@ from typing import Dict, Iterator, Optional
 import numpy as np
 import torch
 import torch.utils.data
+from timm.data.loader import PrefetchLoader
 
 from .errors import RunStopped
 
-__all__ = ['rng_state', 'set_rng_state', 'BatchCursor', 'install_cursor', 'EpochStart', 'POSITION_KEY',
-           'epoch_start_from', 'resume_order', 'PositionWriter']
+__all__ = ['rng_state', 'set_rng_state', 'BatchCursor', 'DeliveredBatches', 'install_cursor', 'EpochStart',
+           'POSITION_KEY', 'epoch_start_from', 'resume_order', 'PositionWriter']
 
 _logger = logging.getLogger('train')
 
@@ -57,13 +58,14 @@ def set_rng_state(state: dict) -> None:
 
 
 class BatchCursor(torch.utils.data.Sampler):
-    """The loader's index sampler seen through a cursor: it knows which batch the loader is reading, skips the batches
+    """The loader's index sampler seen through a cursor: it knows which batch the loader is on, skips the batches
     a resumed epoch has done (their indices are drawn, their images never read) and puts RNG states back when
-    given batches start. ``in_process``: the loader has no workers, so the RNG states at batch starts are the ones
-    augmentation draws from, and are recorded."""
+    given batches start. A batch starts when the sampler starts it or, ``at_delivery``, when ``DeliveredBatches``
+    hands it over (with workers the sampler runs batches ahead of that). ``records``: the RNG states at batch starts
+    are kept (the last two), for a checkpoint taken while a batch is read ahead."""
 
-    def __init__(self, sampler, batch_size: int, in_process: bool):
-        self.sampler, self.batch_size, self.in_process = sampler, batch_size, in_process
+    def __init__(self, sampler, batch_size: int, records: bool, at_delivery: bool = False):
+        self.sampler, self.batch_size, self.records, self.at_delivery = sampler, batch_size, records, at_delivery
         self.started = 0  # batches of this epoch the loader has started reading
         self._at_start: Dict[int, dict] = {}  # batch -> RNG state when it started (the last two)
         self._skip, self._restores = 0, {}
@@ -79,48 +81,90 @@ class BatchCursor(torch.utils.data.Sampler):
     def state_at_start(self, batch: int) -> Optional[dict]:
         return self._at_start.get(batch)
 
+    @property
+    def pending_skip(self) -> int:
+        """The batches the coming pass skips."""
+        return self._skip
+
     def __iter__(self) -> Iterator[int]:
         skip, self._skip = self._skip, 0
         indices = iter(self.sampler)
         for _ in range(skip * self.batch_size):
             next(indices, None)
         position = skip * self.batch_size
-        self.started = skip
+        if not self.at_delivery:
+            self.started = skip
         for index in indices:
-            if position % self.batch_size == 0:
-                self._batch_starts(position // self.batch_size)
+            if position % self.batch_size == 0 and not self.at_delivery:
+                self.batch_starts(position // self.batch_size)
             position += 1
             yield index
+        if not self.at_delivery:
+            self.pass_ends()
+
+    def batch_starts(self, batch: int) -> None:
+        self.started = batch + 1
+        if batch in self._restores:
+            set_rng_state(self._restores.pop(batch))
+        if self.records:
+            self._at_start = {b: s for b, s in self._at_start.items() if b == batch - 1}
+            self._at_start[batch] = rng_state()
+
+    def pass_ends(self) -> None:
         if self._restores:  # the epoch ended before the batch a state waited for
             set_rng_state(self._restores[max(self._restores)])
             self._restores = {}
 
-    def _batch_starts(self, batch: int) -> None:
-        self.started = batch + 1
-        if batch in self._restores:
-            set_rng_state(self._restores.pop(batch))
-        if self.in_process:
-            self._at_start = {b: s for b, s in self._at_start.items() if b == batch - 1}
-            self._at_start[batch] = rng_state()
+
+class DeliveredBatches:
+    """A DataLoader as timm's prefetcher reads it: each batch it hands over starts on the cursor (``at_delivery``)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, cursor: BatchCursor):
+        self.loader, self.cursor = loader, cursor
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):  # the prefetcher reads the loader's sampler, dataset and collate_fn
+        if name == 'loader':
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        batch = self.cursor.pending_skip
+        self.cursor.started = batch
+        for item in self.loader:
+            self.cursor.batch_starts(batch)
+            batch += 1
+            yield item
+        self.cursor.pass_ends()
 
 
-def _data_loader(loader) -> Optional[torch.utils.data.DataLoader]:
-    """The torch DataLoader inside timm's wrappers (``PrefetchLoader.loader``)."""
+def _data_loader(loader) -> tuple:
+    """The torch DataLoader inside timm's wrappers (``PrefetchLoader.loader``), and the wrapper holding it."""
+    holder = None
     while not isinstance(loader, torch.utils.data.DataLoader) and hasattr(loader, 'loader'):
-        loader = loader.loader
-    return loader if isinstance(loader, torch.utils.data.DataLoader) else None
+        holder, loader = loader, loader.loader
+    return (loader, holder) if isinstance(loader, torch.utils.data.DataLoader) else (None, None)
 
 
 def install_cursor(loader) -> Optional[BatchCursor]:
-    """Put a ``BatchCursor`` under the loader's batch sampler; None for loaders without torch's plain one
-    (scheduled sizes, NaFlex, timm's multi-epochs loader): those replay the done batches on resume."""
-    data_loader = _data_loader(loader)
+    """Put a ``BatchCursor`` under the loader's batch sampler (and, behind timm's prefetcher, ``DeliveredBatches``
+    over the DataLoader); None for loaders without torch's plain batch sampler (scheduled sizes, NaFlex, timm's
+    multi-epochs loader) and for streaming datasets (their sampler draws no indices): those replay the done batches
+    on resume."""
+    data_loader, holder = _data_loader(loader)
     batch_sampler = getattr(data_loader, 'batch_sampler', None)
-    if type(batch_sampler) is not torch.utils.data.BatchSampler:
+    if type(batch_sampler) is not torch.utils.data.BatchSampler or isinstance(data_loader.dataset,
+                                                                              torch.utils.data.IterableDataset):
         return None
     if not isinstance(batch_sampler.sampler, BatchCursor):
-        batch_sampler.sampler = BatchCursor(batch_sampler.sampler, batch_sampler.batch_size,
-                                            in_process=data_loader.num_workers == 0)
+        prefetcher = isinstance(holder, PrefetchLoader)
+        cursor = BatchCursor(batch_sampler.sampler, batch_sampler.batch_size,
+                             records=prefetcher or data_loader.num_workers == 0, at_delivery=prefetcher)
+        batch_sampler.sampler = cursor
+        if prefetcher:
+            holder.loader = DeliveredBatches(data_loader, cursor)
     return batch_sampler.sampler
 
 
@@ -175,7 +219,7 @@ class PositionWriter:
         """Write the position after ``batches`` batches (``updates`` updates) of ``epoch``; rank 0 returns the file.
         A save rank 0 refuses (``RunStopped``: its checks before a save failed) stops every rank."""
         mine = {'rng': rng_state(), 'meters': meters}
-        if self.cursor is not None and self.cursor.in_process and self.cursor.started > batches:
+        if self.cursor is not None and self.cursor.records and self.cursor.started > batches:
             mine['rng_next_batch'] = self.cursor.state_at_start(batches)
         ranks = self.vote.gather(mine)
         path, refused = '', None

@@ -5,7 +5,9 @@
   folder silently). A start that failed before its first checkpoint leaves nothing that blocks a retry.
 - One run per folder: a run holds an exclusive ``flock`` on ``<folder>/.lock`` (with its pid and host in it) for
   its lifetime; a second run stops with one line naming the first. The kernel releases the lock when the
-  process dies, even by ``kill -9``; the next run then removes the temporary files the dead one left.
+  process dies, even by ``kill -9``; the next run then removes the temporary files the dead one left. A
+  restarted attempt of the same torchrun job waits for the lock instead (``elastic.job_identity``): the previous
+  attempt's processes may still be exiting.
 - Checkpoints go through timm's ``CheckpointSaver`` with every file written under a temporary name and
   renamed into place, so a process killed at any moment leaves no truncated file under a final name; a
   checkpoint with a non-finite weight is never written (``AtomicCheckpointSaver.before_save``).
@@ -30,6 +32,7 @@ import torch
 from timm.models import safe_model_name
 from timm.utils import CheckpointSaver, load_checkpoint_metadata
 
+from . import elastic
 from .errors import EXIT_WRITE_FAILED, UsageError, WriteFailed
 from .finite import check_state_finite
 from .intact import CHECKSUM_KEY, checksums
@@ -38,6 +41,7 @@ from .resume import POSITION_KEY
 _logger = logging.getLogger('train')
 
 LOCK_FILE = '.lock'
+_JOB = ', torchrun job {}'  # how the lock file names the torchrun job that holds it
 # what a process killed while saving leaves behind (timm's temporary names, and ours: <final name>.tmp)
 _TEMPORARY = ('tmp.pth.tar', 'recovery_tmp.pth.tar', '*.tmp')
 
@@ -79,30 +83,61 @@ def check_output_dir(folder: str) -> None:
             f'continue it with --resume auto (with the same --experiment) or choose a new --experiment')
 
 
+_HELD_LOCKS = set()  # the lock files this process holds open
+
+
+def _close_in_child() -> None:
+    """A forked child (a loader worker) drops its copy of the lock files: flock lasts while any copy is open, so a
+    worker outliving a killed run would otherwise keep the folder locked. Closing a copy leaves the lock held."""
+    for fd in _HELD_LOCKS:
+        os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
 class RunLock:
     """An exclusive ``flock`` on ``<folder>/.lock`` for this process's lifetime (``release`` ends it earlier).
 
     flock belongs to the open file: the kernel drops it when the process ends however it ends, so a lock left by
-    a killed run never blocks the next one. On NFS, Linux maps it onto the server's byte-range locks.
+    a killed run never blocks the next one. On NFS, Linux maps it onto the server's byte-range locks. A restarted
+    attempt of the torchrun job that holds the lock waits up to ``same_job_wait`` seconds for it.
     """
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, same_job_wait: float = 120.):
         os.makedirs(folder, exist_ok=True)
-        self.folder = folder
+        self.folder, job = folder, elastic.job_identity()
         self._fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(self._fd, 512, 0).decode(errors='replace').strip() or 'another process'
+        holder = self._take(job, same_job_wait)
+        if holder is not None:
             os.close(self._fd)
             raise UsageError(f'output folder {folder} is in use by a running run ({holder}); wait for it to end, '
-                             f'stop it, or choose another --experiment') from None
+                             f'stop it, or choose another --experiment')
+        _HELD_LOCKS.add(self._fd)
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f'pid {os.getpid()} on {socket.gethostname()}, started '
-                            f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(), 0)
+                            f'{time.strftime("%Y-%m-%d %H:%M:%S")}{_JOB.format(job) if job else ""}\n'.encode(), 0)
+
+    def _take(self, job: Optional[str], same_job_wait: float) -> Optional[str]:
+        """Take the lock; None when taken, else what the holder wrote. Waits while the holder is ``job``."""
+        deadline, said = time.monotonic() + same_job_wait, False
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return None
+            except OSError:
+                holder = os.pread(self._fd, 512, 0).decode(errors='replace').strip() or 'another process'
+            if not job or not holder.endswith(_JOB.format(job)) or time.monotonic() > deadline:
+                return holder
+            if not said:
+                _logger.info(f'Waiting for the previous attempt of this torchrun job to release {self.folder}.')
+                said = True
+            time.sleep(0.5)
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD_LOCKS.discard(self._fd)
             os.close(self._fd)
             self._fd = None
 

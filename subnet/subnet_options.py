@@ -135,3 +135,14 @@ def add_validate_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--plot', default='', metavar='FILE.png',
                    help='draw top-1 against FLOPs of the --subnets rows, one colour per checkpoint (a folder or '
                         "a glob pattern in --checkpoint gives several) (needs matplotlib)")
+    g.add_argument('--plot-x', default='flops', choices=('flops', 'latency'),
+                   help="--plot's x-axis: the subnets' FLOPs, or their measured time per image at --speed-batch "
+                        '(needs --export), both in percent of the full net (default: flops)')
+    g.add_argument('--export', default='', metavar='DIR',
+                   help='write each --subnets subnet into DIR as a checkpoint that plain timm loads '
+                        "(timm.create_model(NAME, layers=.../depth=.../depths=..., checkpoint_path=FILE), the call "
+                        'is printed and in the result rows), with the BatchNorm statistics --bn-recal estimated; '
+                        'then time each exported model against the full net (docs/export.md)')
+    g.add_argument('--speed-batch', type=int, default=32, metavar='N',
+                   help='--export times the models at batch 1 and at batch N (img_per_s, speedup columns); '
+                        '0: do not time them (default: 32)')

@@ -6,7 +6,8 @@ With SUBNET_COUNT_ALLREDUCE=1 it also counts the gradient all-reduces DDP issues
 synchronised backward) and writes them to OUT_DIR/allreduce<rank>.json. With
 SUBNET_SIGNAL_AT=RANK:BATCH[:SIG,...[:PAUSE]], that rank's training loader sends itself the signals (names such as
 SIGINT, PAUSE seconds apart; default SIGTERM) as it hands out its BATCH-th batch (counted from 1, over epochs; 0:
-never), and every rank's exit status goes to OUT_DIR/exit<rank>.txt.
+never), and every rank's exit status goes to OUT_DIR/exit<rank>.txt; under torchrun's restarts
+(TORCHELASTIC_RESTART_COUNT), only in the first attempt: a restarted one trains and saves its weights.
 Without torchrun (no RANK in the environment) it is one process, rank 0.
 """
 import json
@@ -48,7 +49,7 @@ if __name__ == '__main__':
     rank = int(os.environ.get('RANK', 0))
     if os.environ.get('SUBNET_COUNT_ALLREDUCE'):
         count_allreduces()
-    if os.environ.get('SUBNET_SIGNAL_AT'):
+    if os.environ.get('SUBNET_SIGNAL_AT') and os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0':
         signal_rank, batch, *rest = os.environ['SUBNET_SIGNAL_AT'].split(':')
         signums = [signal.Signals[name] for name in (rest[0].split(',') if rest else ['SIGTERM'])]
         with signal_at_batch(int(batch) if rank == int(signal_rank) else 0, *signums,

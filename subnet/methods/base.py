@@ -79,6 +79,10 @@ class Method:
         step.backward(result['loss'])
         return result
 
+    def attach_train_loader(self, loader) -> None:
+        """Called once the training loader and the run guard exist, for a method that follows samples across
+        steps (``gkt --gkt-knowledge sample``)."""
+
     def before_eval(self, batches: Iterable[torch.Tensor]) -> None:
         """Called before every evaluation with (lazily loaded) training image batches."""
 
