@@ -41,6 +41,7 @@ from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import trim_summary, unwrap_model
 
 from subnet import checks, downloads, global_batch, intact, logs, option_ranges, plots, resume, run_folder
+from subnet.compile import compile_scope, compile_task
 from subnet.criterion import build_criterion
 from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
@@ -79,6 +80,8 @@ def preflight(args) -> None:
     if args.jsd_loss and args.aug_splits < 2:
         raise UsageError('--jsd-loss needs --aug-splits 2 or more')
     checks.check_distributed_options(args)
+    if args.compile_scope and not args.torchcompile:
+        raise UsageError(f'--compile-scope {args.compile_scope} needs --torchcompile (it says what to compile)')
     check_method_args(args)
     args.model = resolve_model_name(args.model)
     if args.data and not args.data_dir:
@@ -355,8 +358,8 @@ def build(args) -> Training:
         if checkpoint_path:
             load_task_ema_checkpoint(task, checkpoint_path)
     if args.torchcompile:
-        _logger.info(f'Compiling task components with backend={args.torchcompile}, mode={args.torchcompile_mode}')
-        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+        compile_task(task, compile_scope(args, method_class(args.method)), backend=args.torchcompile,
+                     mode=args.torchcompile_mode, input_size=data_config['input_size'], verbose=utils.is_primary(args))
         if task.has_ema():
             task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
     if args.distributed:
@@ -393,6 +396,10 @@ def open_run_folder(training: Training, args_text: str) -> None:
     training.guard = RunGuard.for_run(training.args, training.loaders.train, training.loaders.failures,
                                       training.epoch_start, training.saver)
     training.guard.limit = training.limit
+    try:  # after the guard: a method's sampler wrapper goes above its resume cursor
+        training.task.attach_train_loader(training.loaders.train)
+    except ValueError as e:
+        raise UsageError(f'--method {training.args.method}: {e}') from None
 
 
 def open_primary_folder(training: Training, args_text: str) -> None:

@@ -14,7 +14,8 @@ Subnets (``subnet/evaluation.py``; the SPEC grammar is ``subnet/spec.py``): ``--
 subnet after the full net's (without --bn-recal the plain validation's row), with its description and cost;
 ``--bn-recal N`` re-estimates the BatchNorm statistics of every net first, the full net's too, so that all rows
 compare; ``--plot FILE.png`` draws top-1 against FLOPs, one colour per checkpoint (a folder, or a glob pattern
-such as ``'output/train/*/model_best.pth.tar'`` to compare runs).
+such as ``'output/train/*/model_best.pth.tar'`` to compare runs). ``--export DIR`` writes each subnet as a
+checkpoint that plain timm loads and times it against the full net (``subnet/export.py``).
 """
 import argparse
 import csv
@@ -34,7 +35,7 @@ from timm.layers import apply_test_time_pool, set_fast_norm
 from timm.models import create_model, is_model, list_models, load_checkpoint
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
 
-from subnet import checks, downloads, evaluation, logs, option_ranges, plots
+from subnet import checks, downloads, evaluation, export, logs, option_ranges, plots
 from subnet.data import FixedSample, check_image_folders, loader_images
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
@@ -230,10 +231,16 @@ def validate(args):
         recal_loader = build_loader(args, data_config, test_time_pool, device, model_dtype, split=args.bn_recal_split,
                                     sample=args.bn_recal)[1]
         recal_batches = partial(loader_images, recal_loader, device, model_dtype, args.channels_last)
+    # every export planned and checked before anything is evaluated or written
+    exports = export.ExportRun(args, subnets.engine, subnets.subnets, data_config) if args.export else None
+    if exports is not None:
+        measure = exports.measuring(measure, bn_recal=args.bn_recal if recal_batches else 0)
     rows = []
     for subnet, row, recal_images in subnets.run(measure, recal_batches, args.bn_recal):
         row.update(evaluation.subnet_fields(subnet, subnets.block_map, recal_images))
         rows.append(row)
+    if exports is not None:
+        exports.finish(rows, device, model_dtype, amp_autocast)
     return rows
 
 
@@ -308,6 +315,14 @@ def check_subnet_options(args) -> None:
         raise UsageError('--bn-recal does not support --naflex-loader (NaFlex models have no BatchNorm)')
     if args.plot:
         plots.check_figure_path(args.plot, '--plot')
+    if args.export and not args.subnets:
+        raise UsageError('--export writes the --subnets subnets: add --subnets SPEC (e.g. --subnets prefix:0.5)')
+    for option, given in (('--test-pool', args.test_pool), ('--reparam', args.reparam)):
+        if args.export and given:
+            raise UsageError(f'--export writes the model as timm builds it: drop {option}')
+    if args.plot_x == 'latency' and not (args.export and args.speed_batch > 0):
+        raise UsageError('--plot-x latency draws the times --export measures: add --export DIR (and --speed-batch '
+                         '> 0)')
 
 
 def _rows(result) -> list:
@@ -342,6 +357,8 @@ def run(argv) -> int:
     configs = model_configs(args)
     use_default_device(args, device_given='device' in given_on_command_line(validate_parser(), argv))
     limit_workers(args)
+    if configs and args.export:
+        raise UsageError('--export works on one checkpoint (its files are named by subnet): give one file')
     if configs:
         _logger.info('Running bulk validation on these models: ' + ', '.join(sorted({m for m, _ in configs})))
         groups = []  # (checkpoint or model, its rows): a model's subnet rows stay together
@@ -372,8 +389,10 @@ def run(argv) -> int:
         labels = plots.run_labels([g for g, _ in groups]) if all(os.path.isfile(g) for g, _ in groups) \
             else [g for g, _ in groups]
         models = sorted({rows[0]['model'] for _, rows in groups})
-        title = f'{", ".join(models)}: subnet top-1 against FLOPs{recalibration_note(_rows(results))}'
-        _logger.info(f'Wrote {plots.plot_subnets(list(zip(labels, (rows for _, rows in groups))), args.plot, title)}')
+        against = 'FLOPs' if args.plot_x == 'flops' else f'measured time per image (batch {args.speed_batch})'
+        title = f'{", ".join(models)}: subnet top-1 against {against}{recalibration_note(_rows(results))}'
+        curves = list(zip(labels, (rows for _, rows in groups)))
+        _logger.info(f'Wrote {plots.plot_subnets(curves, args.plot, title, x=args.plot_x)}')
     print(f'--result\n{json.dumps(results, indent=4)}')
     return 0
 

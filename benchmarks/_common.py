@@ -49,9 +49,10 @@ class CompileCounter(logging.Handler):
     """A ``torch.compile`` backend that counts its compilations per label (``counter.label = ...`` before each
     step), and notices dynamo's recompile-limit warning (from then on that frame runs eagerly)."""
 
-    def __init__(self, backend: str = 'inductor'):
+    def __init__(self, backend: str = 'inductor', config_patches: dict = None):
         super().__init__()
         self.backend = backend
+        self.config_patches = config_patches or {}  # inductor options (what torch.compile's ``options`` would set)
         self.label = None
         self.counts = {}
         self.hit_limit = False
@@ -65,6 +66,6 @@ class CompileCounter(logging.Handler):
         self.counts[self.label] = self.counts.get(self.label, 0) + 1
         if self.backend == 'inductor':
             from torch._inductor.compile_fx import compile_fx
-            return compile_fx(graph_module, example_inputs)
+            return compile_fx(graph_module, example_inputs, config_patches=self.config_patches)
         from torch._dynamo.backends.registry import lookup_backend
         return lookup_backend(self.backend)(graph_module, example_inputs)

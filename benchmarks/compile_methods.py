@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""How often torch.compile compiles while each method trains, per method over a few training steps.
+"""How often torch.compile compiles while each method trains, and how fast the compiled steps are, per method and
+``--compile-scope`` (the whole model, or each block: ``subnet/compile.py``), in one process.
 
-Each method's task is built as train.py builds it and compiled with ``task.compile`` (what ``--torchcompile``
-does), then trained for ``--steps`` steps through the real epoch loop on random batches. Columns: the distinct
-subnets the depth engine was given; the frames dynamo compiled (``unique_graphs``: its decision to recompile,
-guarded on the modules the engine swaps in and on BatchNorm's momentum, which frozen statistics set to 0); the
-graphs the backend was handed (a counting wrapper around it); whether dynamo hit its recompile limit (that frame
-would then run eagerly for new subnets; train.py imports ``timm.optim``, which raises the limit to 1,000,000, and
-so does this script); the time of the first step and of the later ones.
+Each method's task is built as train.py builds it and compiled as ``--torchcompile --compile-scope S`` does, then
+trained for ``--steps`` steps through the real epoch loop on random batches; the same steps also run uncompiled.
+Columns: the distinct subnets the depth engine was given; the frames dynamo compiled (``unique_graphs``); the graphs
+the backend was handed (a counting wrapper around it); recompiles, the frames compiled after the first step (a new
+subnet or input size that needed a graph); the graphs compiled in the second half of the steps (0: the count has
+stopped growing); the first step (compilation included), the mean of the later steps and of the last half of the
+steps, the mean eager step (its first step left out too) and the ratios. train.py imports ``timm.optim``, which
+raises dynamo's recompile limit to 1,000,000, and so does this script.
 
-    python benchmarks/compile_methods.py --steps 6 --threads 1                 # inductor (gcc), slow on a CPU
-    python benchmarks/compile_methods.py --steps 12 --backend eager           # dynamo's decisions alone, fast
+    python benchmarks/compile_methods.py --steps 24 --model-steps 8 --threads 1 --methods st,st++,gkt  # inductor
+    python benchmarks/compile_methods.py --steps 24 --backend eager          # dynamo's decisions alone, fast
 """
 import argparse
 import logging
@@ -24,17 +26,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
 import timm.optim  # noqa: E402,F401  as train.py does: timm.optim.kron raises dynamo's recompile limit to 1,000,000
+from subnet.compile import compile_task  # noqa: E402
 from subnet.loop import LoopOptions, StepSetup, train_one_epoch  # noqa: E402
 from train_helpers import method_training, random_batch  # noqa: E402  (tasks built as train.py builds them)
 from _common import CompileCounter  # noqa: E402
 
+# cosub's row: the skip implementation (what --cosub-impl auto keeps when skipping is faster; auto compiles the
+# mask step too while it times both) with a fixed count of rows, its default under --torchcompile
 METHODS = {
     'none': [],
-    'cosub': ['--mixup', '0.2', '--torchcompile'],  # --torchcompile: cosub keeps a fixed count of rows per branch
+    'cosub': ['--mixup', '0.2', '--torchcompile', '--cosub-impl', 'skip'],
     'st': [],
     'st++': ['--st-min-keep', '1', '--st-min-size', '0.75'],
     'gkt': [],
 }
+DEFAULT_SCOPES = {'none': 'model', 'cosub': 'model', 'st': 'blocks', 'st++': 'blocks', 'gkt': 'blocks'}
 
 
 def record_subnets(task) -> set:
@@ -57,31 +63,69 @@ def record_subnets(task) -> set:
     return seen
 
 
-def measure(method: str, cli) -> dict:
-    from torch._dynamo.utils import counters
-    torch._dynamo.reset()
-    counters.clear()
-    task, optimizer, args = method_training(method, METHODS[method], cli.img_size)
-    backend = CompileCounter(cli.backend)
-    backend.label = method
-    task.compile(backend=backend)
-    subnets = record_subnets(task)
-    setup = StepSetup(device=torch.device('cpu'))
-    times = []
-    for step in range(cli.steps):
+def steps_for(cli) -> int:
+    """``--steps``, or ``--model-steps`` for the whole-model scope (each new subnet compiles there: slow)."""
+    scope = getattr(cli, 'scope', 'model')
+    return cli.model_steps if scope == 'model' and getattr(cli, 'model_steps', None) else cli.steps
+
+
+def train_steps(method: str, task, optimizer, args, cli, after_step=None, steps=None) -> list:
+    """Step times of ``steps`` (``cli.steps``) steps on seeded random batches (the same batches every run)."""
+    setup, times = StepSetup(device=torch.device('cpu')), []
+    for step in range(steps or cli.steps):
         batch = random_batch(method, cli.img_size, cli.batch_size, seed=step)
         start = time.perf_counter()
         train_one_epoch(0, task, [batch], optimizer, LoopOptions.from_args(args), setup)
         times.append(time.perf_counter() - start)
-    return dict(graphs=backend.counts.get(method, 0), frames=counters['stats'].get('unique_graphs', 0),
-                breaks=sum(counters['graph_break'].values()), subnets=len(subnets), times=times,
-                impl=getattr(task, 'impl', ''), rows=getattr(task, 'row_sampling', ''), limit=any('recompile limit' in k for k in counters['unimplemented']))
+        if after_step is not None:
+            after_step()
+    return times
+
+
+def measure(method: str, cli) -> dict:
+    """Compiled at ``cli.scope`` (default 'model'): counts and step times."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    task, optimizer, args = method_training(method, METHODS[method], cli.img_size)
+    scope = getattr(cli, 'scope', 'model')
+    # the block scope's inductor options (subnet/compile.py), which torch.compile cannot pass to a backend callable
+    backend = CompileCounter(cli.backend, {'layout_optimization': False} if scope == 'blocks' else None)
+    backend.label = method
+    compile_task(task, scope, backend=backend, verbose=False)
+    subnets = record_subnets(task)
+    frames, graphs = [], []
+    times = train_steps(method, task, optimizer, args, cli, steps=steps_for(cli), after_step=lambda: (
+        frames.append(counters['stats'].get('unique_graphs', 0)), graphs.append(backend.counts.get(method, 0))))
+    breaks = sum(counters['graph_break'].values())
+    torch._dynamo.reset()  # the next measurement starts from nothing compiled
+    return dict(graphs=graphs[-1], frames=frames[-1], recompiles=frames[-1] - frames[0], graphs_per_step=graphs,
+                late_graphs=graphs[-1] - graphs[len(graphs) // 2 - 1] if len(graphs) > 1 else 0,
+                breaks=breaks, subnets=len(subnets), times=times,
+                impl=getattr(task, 'impl', ''), rows=getattr(task, 'row_sampling', ''), limit=backend.hit_limit)
+
+
+def eager_times(method: str, cli) -> list:
+    task, optimizer, args = method_training(method, METHODS[method], cli.img_size)
+    return train_steps(method, task, optimizer, args, cli)
+
+
+def mean_later(times: list) -> float:
+    return sum(times[1:]) / max(len(times) - 1, 1)
+
+
+def mean_last_half(times: list) -> float:
+    half = times[len(times) // 2:]
+    return sum(half) / max(len(half), 1)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--methods', default=','.join(METHODS))
-    parser.add_argument('--steps', type=int, default=6)
+    parser.add_argument('--scopes', default='model,blocks', help="'model', 'blocks', or both (default: both)")
+    parser.add_argument('--steps', type=int, default=24)
+    parser.add_argument('--model-steps', type=int, default=None,
+                        help='steps of the whole-model scope rows (default: --steps)')
     parser.add_argument('--backend', default='inductor')
     parser.add_argument('--img-size', type=int, default=64)
     parser.add_argument('--batch-size', type=int, default=4)
@@ -91,18 +135,25 @@ def main():
         torch.set_num_threads(cli.threads)
     logging.getLogger('train').setLevel(logging.ERROR)
     print(f'torch {torch.__version__}, backend {cli.backend}, {cli.steps} steps per method, slim ResNet-18 at '
-          f'{cli.img_size} px, batch {cli.batch_size}; recompile limit {torch._dynamo.config.recompile_limit}')
+          f'{cli.img_size} px, batch {cli.batch_size}, {torch.get_num_threads()} threads; recompile limit '
+          f'{torch._dynamo.config.recompile_limit}; * the method\'s default scope')
     print()
-    print('| method | distinct subnets | frames compiled by dynamo | graphs compiled by the backend | graph breaks | '
-          'hit recompile limit | first step | later steps (mean) |')
-    print('|---|---:|---:|---:|---:|---|---:|---:|')
+    print('| method | scope | steps | distinct subnets | frames | graphs | recompiles | graphs in the last half | '
+          'first step | later steps (mean) | last half (mean) | eager step (mean) | later / eager | '
+          'last half / eager |')
+    print('|---|---|' + '---:|' * 12)
     for method in cli.methods.split(','):
-        r = measure(method, cli)
-        later = sum(r['times'][1:]) / max(len(r['times']) - 1, 1)
-        label = f'{method} ({r["impl"]}, {r["rows"]} rows)' if r['impl'] else method
-        print(f'| {label} | {r["subnets"] or "-"} | {r["frames"]} | {r["graphs"]} | {r["breaks"]} | '
-              f'{"yes" if r["limit"] else "no"} | {r["times"][0]:.1f} s | {later:.2f} s |')
-        sys.stdout.flush()
+        eager = mean_later(eager_times(method, cli))
+        for scope in cli.scopes.split(','):
+            cli.scope = scope
+            r = measure(method, cli)
+            later, last = mean_later(r['times']), mean_last_half(r['times'])
+            label = f'{method} ({r["impl"]}, {r["rows"]} rows)' if r['impl'] else method
+            star = '*' if DEFAULT_SCOPES[method] == scope else ''
+            print(f'| {label} | {scope}{star} | {len(r["times"])} | {r["subnets"] or "-"} | {r["frames"]} | '
+                  f'{r["graphs"]} | {r["recompiles"]} | {r["late_graphs"]} | {r["times"][0]:.1f} s | '
+                  f'{later:.3f} s | {last:.3f} s | {eager:.3f} s | {later / eager:.2f}x | {last / eager:.2f}x |')
+            sys.stdout.flush()
 
 
 if __name__ == '__main__':

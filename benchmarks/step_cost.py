@@ -21,8 +21,10 @@ peak should stay near plain training's.
     python benchmarks/step_cost.py --img-size 64 --batch-size 8 --repeats 2 --models resnet50   # quick look
     python benchmarks/step_cost.py --compile --threads 1 --models vit_small_patch16_224 --cosub-drops 0.2
         # inductor: a compiled cosub step (fixed count) against a compiled plain step, compilations over 20 steps
+    python benchmarks/step_cost.py --device cuda --amp-dtype bfloat16     # on a GPU (benchmarks/gpu_check.py)
 """
 import argparse
+import contextlib
 import statistics
 import sys
 import weakref
@@ -60,7 +62,37 @@ def parse_args():
     parser.add_argument('--compile', action='store_true',
                         help='instead: inductor-compiled cosub-fixed steps against compiled plain steps')
     parser.add_argument('--compile-steps', type=int, default=20)
+    parser.add_argument('--compile-backend', default='inductor',
+                        help="torch.compile backend for --compile (default: inductor; 'eager' checks the path fast)")
+    parser.add_argument('--device', default='cpu', help="'cpu' (default) or 'cuda' (timed with synchronisation)")
+    parser.add_argument('--amp-dtype', default='', choices=('', 'bfloat16', 'float16'),
+                        help='run each step under autocast in this dtype (default: none, float32)')
     return parse_and_setup(parser)
+
+
+def precision(args) -> str:
+    return args.amp_dtype or 'fp32'
+
+
+def device_name(args) -> str:
+    return torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else 'CPU'
+
+
+def synced(timer, args):
+    """``timer`` that first waits for the GPU's queued work (CUDA kernels run asynchronously)."""
+    if not args.device.startswith('cuda'):
+        return timer
+
+    def read():
+        torch.cuda.synchronize(args.device)
+        return timer()
+    return read
+
+
+def autocast(args):
+    if not args.amp_dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(args.device).type, dtype=getattr(torch, args.amp_dtype))
 
 
 class ActivationPeak:
@@ -174,8 +206,8 @@ class Inputs:
     def __init__(self, args):
         generator = torch.Generator().manual_seed(0)
         size = (3, args.img_size, args.img_size)
-        self.images = torch.randn((args.batch_size,) + size, generator=generator)
-        self.labels = torch.randint(0, 1000, (args.batch_size,), generator=generator)
+        self.images = torch.randn((args.batch_size,) + size, generator=generator).to(args.device)
+        self.labels = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(args.device)
         self.dense = torch.nn.functional.one_hot(self.labels, 1000).float() * 0.9 + 0.1 / 1000
 
     def __call__(self, row: str):
@@ -189,7 +221,7 @@ def make_model(name: str, args) -> nn.Module:
     torch.manual_seed(0)
     # ViTs as train.py builds them for st++ (dynamic_img_size accepts the subnets' smaller inputs)
     kwargs = dict(img_size=args.img_size, dynamic_img_size=True) if 'vit' in name else {}
-    return timm.create_model(name, **kwargs).train()
+    return timm.create_model(name, **kwargs).to(args.device).train()
 
 
 def watched_tasks(rows, model: nn.Module, depth: DepthEngine, ideal: FlopIdeal, batch: int):
@@ -202,9 +234,10 @@ def watched_tasks(rows, model: nn.Module, depth: DepthEngine, ideal: FlopIdeal, 
     return built, log
 
 
-def step(task, row: str, inputs: Inputs, model: nn.Module) -> None:
+def step(task, row: str, inputs: Inputs, model: nn.Module, args) -> None:
     model.zero_grad(set_to_none=True)
-    result = task(*inputs(row))
+    with autocast(args):
+        result = task(*inputs(row))
     if row.startswith('none'):  # timm's ClassificationTask leaves the backward to the loop
         result['loss'].backward()
 
@@ -216,13 +249,13 @@ def bench_model(name: str, args) -> list:
     inputs = Inputs(args)
     rows = row_names(args.methods.split(','), [float(d) for d in args.cosub_drops.split(',')])
     built, log = watched_tasks(rows, model, depth, ideal, args.batch_size)
-    times, ideals, peaks, timer = {r: [] for r in rows}, {r: [] for r in rows}, {}, clock(args)
+    times, ideals, peaks, timer = {r: [] for r in rows}, {r: [] for r in rows}, {}, synced(clock(args), args)
     for repeat in range(args.repeats + 1):
         for row in rows:  # interleaved: drift and neighbours' load hit every row alike
             meter = ActivationPeak(model.parameters())
             start = timer()
             with meter():
-                step(built[row], row, inputs, model)
+                step(built[row], row, inputs, model, args)
             elapsed = timer() - start
             cost = log.cost() if not row.startswith('none') else (2.0 if row == 'none-2x' else 1.0)
             if repeat:  # the first round warms up
@@ -242,8 +275,9 @@ def label(row: str) -> str:
 
 def run_timing(args) -> None:
     print_table_head(args, f'batch {args.batch_size}, {args.img_size} px, {args.repeats} timed steps (+1 warm-up), '
-                     f'fp32, CPU', ('model', 'method', 'step time / none', 'FLOP-ideal', 'time / ideal',
-                                    'peak activations / none', 's/step'))
+                     f'{precision(args)}, {device_name(args)}',
+                     ('model', 'method', 'step time / none', 'FLOP-ideal', 'time / ideal', 'peak activations / none',
+                      's/step'))
     results = []
     for name in args.models.split(','):
         for model, row, ratio, ideal, memory, seconds in bench_model(name, args):
@@ -270,9 +304,10 @@ def run_compile(args) -> None:
     """Inductor-compiled steps: plain training against cosub with a fixed count of rows, interleaved; the first
     step of each (its compilation) is not timed."""
     drops = [float(d) for d in args.cosub_drops.split(',')]
-    counter = CompileCounter('inductor')
-    print_table_head(args, f'torch.compile (inductor), batch {args.batch_size}, {args.img_size} px, '
-                     f'{args.compile_steps} training steps per row (the first, which compiles, not timed), fp32, CPU',
+    counter = CompileCounter(args.compile_backend)
+    print_table_head(args, f'torch.compile ({args.compile_backend}), batch {args.batch_size}, {args.img_size} px, '
+                     f'{args.compile_steps} training steps per row (the first, which compiles, not timed), '
+                     f'{precision(args)}, {device_name(args)}',
                      ('model', 'method', 'compiled step time / compiled none', 'FLOP-ideal', 'time / ideal',
                       'compilations', 's/step'))
     for name in args.models.split(','):
@@ -285,12 +320,12 @@ def run_compile(args) -> None:
         built, log = watched_tasks(rows, model, depth, ideal, args.batch_size)
         for task in built.values():
             task.compile(backend=counter)
-        times, ideals, timer = {r: [] for r in rows}, {r: [] for r in rows}, clock(args)
+        times, ideals, timer = {r: [] for r in rows}, {r: [] for r in rows}, synced(clock(args), args)
         for index in range(args.compile_steps):
             for row in rows:
                 counter.label = row
                 start = timer()
-                step(built[row], row, inputs, model)
+                step(built[row], row, inputs, model, args)
                 if index:
                     times[row].append(timer() - start)
                 ideals[row].append(log.cost() if row != 'none' else 1.0)

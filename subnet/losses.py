@@ -124,7 +124,8 @@ class GroupKnowledge:
 
     Group 0 is the main net; the subnets of group g learn from ``teacher(g - 1)``. The first ``update`` of a group
     initialises its buffer, later ones do K ← (1 − β)·K + β·z (the paper's "EMA of subnet logits", β from ST's
-    ``--direct_KD_ema``). Call ``reset`` every step: the buffers hold logits of one batch.
+    ``--direct_KD_ema``). Call ``reset`` every step: the buffers hold logits of one batch. ``remember`` hands a group
+    the knowledge earlier steps kept for the same samples: its first update then folds into that instead.
     """
 
     def __init__(self, num_groups: int, ema_weight: float = 0.5) -> None:
@@ -135,6 +136,7 @@ class GroupKnowledge:
         self.num_groups = num_groups
         self.ema_weight = ema_weight
         self._knowledge: dict[int, Tensor] = {}
+        self._earlier: dict[int, tuple] = {}  # group -> (knowledge of earlier steps, rows that have it)
 
     def update(self, group: int, logits: Tensor) -> None:
         """Fold a group's new (detached) logits into its knowledge."""
@@ -142,7 +144,11 @@ class GroupKnowledge:
             raise ValueError(f'group {group} outside 0..{self.num_groups}')
         new_logits = logits.detach().to(torch.promote_types(logits.dtype, torch.float32), copy=True)
         previous = self._knowledge.get(group)
-        if previous is None:
+        if previous is None and group in self._earlier:
+            earlier, seen = self._earlier.pop(group)
+            blended = (1.0 - self.ema_weight) * earlier + self.ema_weight * new_logits
+            self._knowledge[group] = torch.where(seen.view(-1, *([1] * (new_logits.ndim - 1))), blended, new_logits)
+        elif previous is None:
             self._knowledge[group] = new_logits
         elif previous.shape != new_logits.shape:
             raise ValueError(f'group {group} holds logits of shape {tuple(previous.shape)}, got '
@@ -156,6 +162,13 @@ class GroupKnowledge:
             raise LookupError(f'group {group} has no knowledge yet: update it before teaching group {group + 1}')
         return self._knowledge[group]
 
+    def remember(self, group: int, knowledge: Tensor, seen: Tensor) -> None:
+        """Knowledge of ``group`` kept from earlier steps for this batch's samples (rows where ``seen`` is true)."""
+        if group in self._knowledge:
+            raise ValueError(f'group {group} already has knowledge this step: remember earlier steps before updating')
+        self._earlier[group] = (knowledge.float(), seen)
+
     def reset(self) -> None:
         """Forget all groups (start of a new batch)."""
         self._knowledge.clear()
+        self._earlier.clear()

@@ -185,6 +185,8 @@ RANGES = {
     # check_args checks the rest of its own, with the method's reasons)
     '--subnet-temperature': POSITIVE, '--subnet-kd-weight': NON_NEGATIVE, '--subnet-bn-images': AT_LEAST_ONE,
     '--st-amplitude': POSITIVE, '--divergence-limit': Interval(1, low_open=True),
+    # validate.py --export's timing (0: no timing)
+    '--speed-batch': NON_NEGATIVE,
 }
 
 

@@ -118,13 +118,26 @@ def _kind_legend(kinds_seen: set) -> list:
             for k in ordered if k in kinds_seen]
 
 
-def plot_subnets(curves: Sequence[Tuple[str, Sequence[dict]]], path: str, title: Optional[str] = None) -> str:
-    """Top-1 (%) against FLOPs (% of the full net), one colour per ``(label, result rows)``.
+# --plot-x: what a row's cost is on the x-axis (a fraction of the full net's) and how the axis is labelled
+_X_AXES = {
+    'flops': (lambda row: float(row.get('flop_fraction', 1.0)), 'FLOPs (% of the full network)'),
+    # validate.py --export's timing: time per image is the inverse of the speed-up
+    'latency': (lambda row: 1.0 / float(row.get('speedup', 1.0)), 'measured time per image (% of the full network)'),
+}
 
-    Rows are validate.py's (``subnet``, ``flop_fraction``, ``top1``). Each SPEC kind is drawn as its
+
+def plot_subnets(curves: Sequence[Tuple[str, Sequence[dict]]], path: str, title: Optional[str] = None,
+                 x: str = 'flops') -> str:
+    """Top-1 (%) against cost (% of the full net), one colour per ``(label, result rows)``.
+
+    Rows are validate.py's (``subnet``, ``top1`` and ``flop_fraction``, or ``speedup`` for ``x='latency'``;
+    ``x`` is ``--plot-x``). Each SPEC kind is drawn as its
     ``PlotStyle`` says (``subnet/spec.py``): stage-prefix and first-k subnets are joined into curves ending at
     the full net (a star); random subsets are crosses.
     """
+    if x not in _X_AXES:
+        raise ValueError(f"plot_subnets: x must be one of {', '.join(_X_AXES)}, not {x!r}")
+    cost, x_label = _X_AXES[x]
     Figure = require_matplotlib('--plot')
     from matplotlib.lines import Line2D
 
@@ -136,18 +149,18 @@ def plot_subnets(curves: Sequence[Tuple[str, Sequence[dict]]], path: str, title:
         points: Dict[str, List[Tuple[float, float]]] = {}
         for row in rows:
             kind = kind_of(row.get('subnet', 'full'))
-            points.setdefault(kind, []).append((100 * float(row.get('flop_fraction', 1.0)), float(row['top1'])))
+            points.setdefault(kind, []).append((100 * cost(row), float(row['top1'])))
         _draw_curve(ax, points, colour)
         kinds_seen.update(points)
         curve_handles.append(Line2D([], [], color=colour, linewidth=3, label=label))
 
     ax.margins(y=0.1)  # room for the full-net labels above the stars
-    ax.set_xlabel('FLOPs (% of the full network)', fontsize=11)
+    ax.set_xlabel(x_label, fontsize=11)
     ax.set_ylabel('Top-1 accuracy (%)', fontsize=11)
     xs = [x for line in ax.get_lines() for x in line.get_xdata()] + \
          [x for points in ax.collections for x, _ in points.get_offsets()]
     # from 0 when subnets reach down there; zoomed (in steps of 10%) when they all cost nearly the full net
-    ax.set_xlim(max(0, 10 * math.floor((min(xs, default=100) - 5) / 10)), 105)
+    ax.set_xlim(max(0, 10 * math.floor((min(xs, default=100) - 5) / 10)), max(105, max(xs, default=100) + 5))
     ax.grid(True, alpha=0.3)
     ax.set_title(title or 'Subnet accuracy against cost', fontsize=12)
     first = ax.legend(handles=curve_handles, title='checkpoint', loc='upper left', bbox_to_anchor=(1.01, 1.0),

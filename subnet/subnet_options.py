@@ -38,6 +38,15 @@ def add_model_and_data_options(parser: argparse.ArgumentParser) -> None:
                         "ST++ 400-epoch run uses both)")
 
 
+def add_compile_options(parser: argparse.ArgumentParser) -> None:
+    """What ``--torchcompile`` compiles (subnet/compile.py)."""
+    g = parser.add_argument_group('torch.compile (subnet)')
+    g.add_argument('--compile-scope', default=None, choices=('model', 'blocks'),
+                   help="under --torchcompile: the whole 'model' (timm's), or each residual 'blocks' and the "
+                        'modules around them, so that a new subnet compiles nothing (default: the method\'s: '
+                        'blocks for st, st++ and gkt, whose subnet changes every step; model for none and cosub)')
+
+
 def add_report_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('Reporting (subnet)')
     g.add_argument('--subnet-eval', default=None, type=subnet_spec, metavar='SPEC',
@@ -102,6 +111,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     _method_selection(parser)
     add_method_options(parser)
     add_model_and_data_options(parser)
+    add_compile_options(parser)
     add_report_options(parser)
     add_long_run_options(parser)
 
@@ -125,3 +135,14 @@ def add_validate_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--plot', default='', metavar='FILE.png',
                    help='draw top-1 against FLOPs of the --subnets rows, one colour per checkpoint (a folder or '
                         "a glob pattern in --checkpoint gives several) (needs matplotlib)")
+    g.add_argument('--plot-x', default='flops', choices=('flops', 'latency'),
+                   help="--plot's x-axis: the subnets' FLOPs, or their measured time per image at --speed-batch "
+                        '(needs --export), both in percent of the full net (default: flops)')
+    g.add_argument('--export', default='', metavar='DIR',
+                   help='write each --subnets subnet into DIR as a checkpoint that plain timm loads '
+                        "(timm.create_model(NAME, layers=.../depth=.../depths=..., checkpoint_path=FILE), the call "
+                        'is printed and in the result rows), with the BatchNorm statistics --bn-recal estimated; '
+                        'then time each exported model against the full net (docs/export.md)')
+    g.add_argument('--speed-batch', type=int, default=32, metavar='N',
+                   help='--export times the models at batch 1 and at batch N (img_per_s, speedup columns); '
+                        '0: do not time them (default: 32)')

@@ -171,3 +171,27 @@ def test_a_folder_trained_by_another_command_stops_the_study_with_one_line(study
     code, out, err = main(study_argv(data, output, '--epochs', '2'), capsys)
     assert code == 2 and err.startswith('accuracy.py: error: ') and 'trained by another command' in err
     assert len(err.strip().splitlines()) == 1 and snapshot(output) == before
+
+
+# the ViT study's recipe made tiny (its model kwargs all given: the command line's replace the recipe's)
+VIT_TINY = ('--model-kwargs img_size=28 patch_size=7 embed_dim=32 depth=4 num_heads=2 init_values=1e-4 '
+            '--img-size 28 -b 20 --workers 0 --warmup-epochs 0')
+
+
+def test_the_vit_study_trains_its_own_recipe_and_arms_end_to_end(tmp_path, capsys):
+    args = accuracy.parse_args(['--study', 'vit'])
+    assert args.recipe == ROOT / 'hparams' / 'study_vit_fashion_mnist.yaml'
+    assert [arm.key for arm in args.arms] == ['plain', 'plain-sd', 'cosub']
+    assert args.output == ROOT / 'output' / 'accuracy-vit' and args.report != ROOT / 'docs' / 'results.md'
+    sd, cosub = (arm.options for arm in args.arms[1:])
+    assert sd[2:] == cosub[2:] == accuracy.VIT_STOCHASTIC_DEPTH  # cosub against the same stochastic depth alone
+    data = make_subset(tmp_path / 'fmnist', train_per_class=4, val_per_class=2)
+    output = tmp_path / 'vit'
+    argv = ['--study', 'vit', '--epochs', '1', '--seeds', '0', '--arms', 'plain,cosub', '--data-dir', str(data),
+            '--output', str(output), '--report', str(output / 'report.md'), '--bn-recal', '20',
+            '--train-args', VIT_TINY, '--eval-args', '--workers 0']
+    code, out, err = main(argv, capsys)
+    assert code == 0, err[-2000:]
+    report = (output / 'report.md').read_text()
+    assert [row[0] for row in table(report, '## Results')] == ['plain', 'cosub']
+    assert 'study_vit_fashion_mnist.yaml' in report

@@ -1,21 +1,33 @@
 """torch.compile while the methods train (``--torchcompile``), counted with ``benchmarks/compile_methods.py``.
 
-Dynamo compiles one graph for the full net and one per distinct subnet (the depth engine reuses its slot objects,
-so a subnet seen before reuses its graph), never one per step. train.py imports ``timm.optim``, whose kron module
-raises dynamo's recompile limit to 1,000,000, so under train.py no subnet is left to run eagerly: every new one
-is compiled. The counts are dynamo's decisions (eager backend: fast); one test runs inductor.
+Compiling the whole model (``--compile-scope model``), dynamo compiles one graph for the full net and one per
+distinct subnet (the depth engine reuses its slot objects, so a subnet seen before reuses its graph), never one per
+step. train.py imports ``timm.optim``, whose kron module raises dynamo's recompile limit to 1,000,000, so under
+train.py no subnet is left to run eagerly: every new one is compiled. Compiling each block (``--compile-scope
+blocks``, ``subnet/compile.py``) a new subnet compiles nothing. The counts are dynamo's decisions (eager backend:
+fast), numerics go through AOTAutograd (aot_eager); one test runs inductor.
 """
+import copy
+import itertools
 import sys
 from types import SimpleNamespace
 
 import pytest
+import timm
 import torch
 
 import train  # noqa: F401  train.py's imports, and so its dynamo settings
-from train_helpers import ROOT
+from subnet.batchnorm import frozen_running_stats
+from subnet.compile import compile_regions, compile_scope, compiled_regions
+from subnet.depth import DepthEngine
+from subnet.loop import LoopOptions, StepSetup, train_one_epoch
+from subnet.methods import method_class
+from train_helpers import (ROOT, assert_same_weights, make_subset, method_training, random_batch, run_train,
+                           state_dict_of, train_argv)
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import compile_methods  # noqa: E402
+from _common import CompileCounter  # noqa: E402
 
 
 def test_train_py_runs_with_timms_raised_recompile_limit():
@@ -23,7 +35,7 @@ def test_train_py_runs_with_timms_raised_recompile_limit():
 
 
 @pytest.mark.parametrize('method', list(compile_methods.METHODS))
-def test_dynamo_compiles_the_full_net_and_each_distinct_subnet_once(method, single_thread):
+def test_whole_model_scope_compiles_the_full_net_and_each_distinct_subnet_once(method, single_thread):
     counts = compile_methods.measure(method, SimpleNamespace(steps=4, backend='eager', img_size=64, batch_size=4))
     assert counts['breaks'] == 0 and counts['graphs'] == counts['frames'] and not counts['limit']
     if method in ('none', 'cosub'):
@@ -38,3 +50,145 @@ def test_dynamo_compiles_the_full_net_and_each_distinct_subnet_once(method, sing
 def test_inductor_compiles_cosub_fixed_count_skip_once_forward_and_backward(single_thread):
     counts = compile_methods.measure('cosub', SimpleNamespace(steps=2, backend='inductor', img_size=64, batch_size=4))
     assert counts['frames'] == counts['graphs'] == 1 and counts['subnets'] == 2
+
+
+# ---- the block scope ----------------------------------------------------------------------------------------------
+
+def test_each_method_has_a_compile_scope_and_the_option_overrides_it():
+    defaults = {m: compile_scope(SimpleNamespace(compile_scope=None), method_class(m))
+                for m in ('none', 'cosub', 'st', 'st++', 'gkt')}
+    assert defaults == {'none': 'model', 'cosub': 'model', 'st': 'blocks', 'st++': 'blocks', 'gkt': 'blocks'}
+    assert compile_scope(SimpleNamespace(compile_scope='model'), method_class('st')) == 'model'
+
+
+@pytest.fixture
+def compiled_blocks(single_thread):
+    """A slim ResNet-18 (8 blocks, 4 of them skippable) with each block, the stem and the head compiled by a
+    counting eager backend; ``run(keep, size)``: one training pass of that subnet (frozen BN, as ST's subnet
+    passes) and the graphs compiled so far."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', channels=(8, 16, 32, 64), stem_width=8, num_classes=10,
+                              drop_path_rate=0.1).train()
+    depth = DepthEngine(model, input_size=(3, 64, 64))
+    backend = CompileCounter('eager')
+    backend.label = 'blocks'
+    regions = compile_regions(model, [b.module for b in depth.block_map.blocks], backend=backend)
+
+    def run(keep, size=64):
+        with frozen_running_stats(model), depth.subnet(keep):
+            model(torch.randn(2, 3, size, size)).sum().backward()
+        return backend.counts.get('blocks', 0)
+    yield SimpleNamespace(model=model, depth=depth, regions=regions, run=run)
+    torch._dynamo.reset()
+
+
+def test_block_scope_compiles_blocks_stem_and_head_and_no_new_subnet_or_input_size_compiles(compiled_blocks):
+    model, depth, run = compiled_blocks.model, compiled_blocks.depth, compiled_blocks.run
+    # the 8 blocks, conv1 and bn1 (the stem) and fc (the head); layer1-4 only hold blocks and are walked into
+    assert compiled_regions(model) == compiled_blocks.regions and len(compiled_blocks.regions) == 11
+    assert {type(r).__name__ for r in compiled_blocks.regions} == {'BasicBlock', 'Conv2d', 'BatchNorm2d', 'Linear'}
+    skippable = [b.index for b in depth.block_map.blocks if b.skippable]
+    subnets = []
+    for bits in itertools.product((True, False), repeat=len(skippable)):
+        keep = [True] * depth.num_blocks
+        for index, bit in zip(skippable, bits):
+            keep[index] = bit
+        subnets.append(keep)
+    # every block kept and skipped once; then every subnet compiles nothing
+    warm = [run(subnets[0]), run(subnets[5]), run(subnets[10])][-1]
+    assert [run(keep) for keep in subnets] == [warm] * len(subnets)
+    # every input size ST++ draws from a 64 px crop (27..64; dynamic shapes after the second), each with a subnet;
+    # again with other subnets: nothing more is compiled
+    sized = [run(subnets[size % len(subnets)], size) for size in range(27, 65)]
+    assert [run(subnets[size * 7 % len(subnets)], size) for size in range(27, 65)] == [sized[-1]] * len(sized)
+    assert sized[-1] <= 2 * len(compiled_blocks.regions)
+
+
+@pytest.mark.parametrize('method', ['st', 'st++', 'gkt'])
+def test_block_scope_counts_a_bounded_number_of_graphs_over_many_distinct_subnets(method, single_thread):
+    counts = compile_methods.measure(method, SimpleNamespace(steps=12, backend='eager', img_size=64, batch_size=4,
+                                                             scope='blocks'))
+    assert counts['breaks'] == 0 and not counts['limit']
+    assert counts['subnets'] >= 6  # whole-model compilation would compile a graph for each
+    # per region class, input width and variant (full net or subnet, BN frozen or not): not per subnet
+    assert counts['graphs'] <= 24 and counts['late_graphs'] <= 1
+
+
+@pytest.mark.parametrize('method', ['st', 'st++'])
+def test_block_scope_trains_as_eager_within_float_tolerance(method, single_thread):
+    """The same steps (ST++: inputs of varying size) on a block-compiled copy through AOTAutograd and eagerly."""
+    torch._dynamo.reset()
+    extra = ['--st-min-keep', '1', '--st-min-size', '0.5'] if method == 'st++' else []
+    runs = []
+    for compiled in (False, True):
+        task, optimizer, args = method_training(method, extra, 64)
+        if compiled:
+            regions = compile_regions(task.get_trainable_module(), [b.module for b in task.depth.block_map.blocks],
+                                      backend='aot_eager')
+            assert len(regions) == 11
+        losses = []
+        for step in range(2):
+            metrics = train_one_epoch(0, task, [random_batch(method, 64, 4, seed=step)], optimizer,
+                                      LoopOptions.from_args(args), StepSetup(device=torch.device('cpu')))
+            losses.append(metrics['loss'])
+        runs.append((losses, copy.deepcopy(task.get_trainable_module().state_dict())))
+    torch._dynamo.reset()
+    (eager_losses, eager_weights), (compiled_losses, compiled_weights) = runs
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    for name, value in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_subset(tmp_path_factory.mktemp('fmnist'), train_per_class=4, val_per_class=2)
+
+
+def test_train_py_block_scope_logs_once_and_resumes_bit_for_bit(data, tmp_path, caplog, single_thread):
+    """``--method st --torchcompile aot_eager``: the block scope (st's default), 2 epochs straight and as 1 + 1."""
+    torch._dynamo.reset()
+    extra = ('--method', 'st', '--torchcompile', 'aot_eager', '--epochs', '2', '-b', '8')
+    with caplog.at_level('INFO', logger='train'):
+        straight = run_train(train_argv(data, tmp_path, 'straight', *extra))
+    assert sum('--compile-scope blocks' in r.getMessage() for r in caplog.records) == 1
+    assert len(compiled_regions(straight.task.get_trainable_module())) == 11
+    run_train(train_argv(data, tmp_path, 'split', *extra, '--resume', 'auto', '--stop-epoch', '1'))
+    resumed = run_train(train_argv(data, tmp_path, 'split', *extra, '--resume', 'auto'))
+    torch._dynamo.reset()
+    assert resumed.results[0]['epoch'] == 1 and resumed.task.step == straight.task.step == 10
+    assert_same_weights(state_dict_of(straight), state_dict_of(resumed))
+
+
+def test_compile_scope_without_torchcompile_is_one_line(tmp_path, capsys):
+    assert train.main(['--data-dir', str(tmp_path), '--method', 'st', '--compile-scope', 'blocks']) == 2
+    assert capsys.readouterr().err == ('train.py: error: --compile-scope blocks needs --torchcompile (it says what to '
+                                       'compile)\n')
+
+
+def test_a_deepcopy_of_a_block_compiled_model_runs_its_own_weights(compiled_blocks):
+    """EMA copies the model: the copy's compiled forwards are bound to the copy."""
+    model = compiled_blocks.model.eval()
+    copied = copy.deepcopy(model)
+    assert len(compiled_regions(copied)) == 11
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        for p in copied.parameters():
+            p.mul_(0.5)
+        assert torch.equal(model(x), before) and not torch.allclose(copied(x), before)
+
+
+def test_inductor_block_scope_backpropagates_a_convolution_through_changing_input_sizes(single_thread):
+    """ST++'s resized inputs reach the stem's convolution: with inductor's layout optimisation (off in the block
+    scope) torch 2.14 fails a stride assertion in its backward at the second size."""
+    import torch.nn.functional as F
+    torch._dynamo.reset()
+    stem = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False))  # ResNet's stem
+    assert len(compile_regions(stem, [])) == 1
+    images = torch.randn(4, 3, 64, 64)
+    for side in (64, 53, 57):
+        x = F.interpolate(images, size=(side, side), mode='bilinear', align_corners=False) if side != 64 else images
+        stem(x).sum().backward()
+    torch._dynamo.reset()
+    assert stem[0].weight.grad is not None

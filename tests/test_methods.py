@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 import subnet.methods.stimulative as stimulative
 import train
-from subnet.methods import CosubTask, GroupKnowledgeTask, StimulativeTask
+from subnet.methods import CosubTask, GroupKnowledgeTask, StimulativeTask, method_class
 from subnet.depth import DepthEngine
 from subnet.errors import InputError, ModelNotSupported
 from reference_losses import group_knowledge_loss
 from subnet.losses import GroupKnowledge, kl_distill, standardize_logits
+from subnet.sample_memory import SampleIndexTap
 from subnet.sampling import drop_rates
 from subnet.timm_options import parse_train_args
 from train_helpers import ROOT, TINY_RESNET, TINY_VIT, make_subset, run_train, state_dict_of, torchrun, train_argv
@@ -120,7 +121,9 @@ def test_cosub_defaults_are_deits_stochastic_depth_per_branch_constant_rate_bern
     task = cosub_from_args(args)
     # DeiT's models_v2.py: a DropPath on the attention and on the MLP branch of every block (lines 81-82), each a
     # per-row Bernoulli (timm's DropPath), at the same rate in every block (dpr, line 200)
-    assert (task.impl, task.unit, task.row_sampling) == ('skip', 'branch', 'bernoulli')
+    # auto: skip or mask (the same masks, DeiT III's submodels either way), whichever is faster here
+    assert (task.impl, task.unit, task.row_sampling) == ('auto', 'branch', 'bernoulli')
+    assert task.impl_choice.options == ('skip', 'mask')
     slots = [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in task.trainable_module.blocks]
     assert slots == [(pytest.approx(0.1), pytest.approx(0.1))] * 4
     assert task.unit_rates.tolist() == pytest.approx([0.1] * 8)  # one column per branch
@@ -130,10 +133,11 @@ def test_cosub_defaults_are_deits_stochastic_depth_per_branch_constant_rate_bern
 def test_cosub_under_torchcompile_keeps_a_fixed_count_of_rows_unless_told(caplog):
     with caplog.at_level('INFO', logger='train'):
         task = cosub_from_args(tiny_vit_args('--torchcompile'))
-    assert task.row_sampling == 'fixed' and task.impl == 'skip'  # not the mask mode: compute is still saved
+    assert task.row_sampling == 'fixed' and task.impl == 'auto'  # fixed counts for skip, and for mask while it is timed
     assert sum('--cosub-rows fixed' in r.getMessage() for r in caplog.records) == 1
     assert cosub_from_args(tiny_vit_args('--torchcompile', '--cosub-rows', 'bernoulli')).row_sampling == 'bernoulli'
     assert cosub_from_args(tiny_vit_args('--torchcompile', '--cosub-impl', 'mask')).row_sampling == 'bernoulli'
+    assert cosub_from_args(tiny_vit_args('--torchcompile', '--cosub-impl', 'skip')).row_sampling == 'fixed'
 
 
 def test_cosub_rejects_class_index_targets():
@@ -204,6 +208,41 @@ def test_st_subnets_leave_batchnorm_running_statistics_alone_when_frozen():
     assert not torch.equal(polluted.trainable_module.bn1.running_mean, label_only.bn1.running_mean)
 
 
+def _drawn_sides(task, crop, draws=2000):
+    """The sides of the subnet inputs ``task`` draws for a batch of ``crop`` px (sizes only: a 1-channel image)."""
+    generator, image = torch.Generator().manual_seed(0), torch.zeros(1, 1, crop, crop)
+    return {task.subnet_input(image, generator).shape[-1] for _ in range(draws)}
+
+
+def test_st_plus_plus_recipe_draws_the_official_sizes_on_imagenet_crops():
+    """The shipped ResNet-50 recipe's subnets see exactly the official Dtrans7 sides: randint(int(0.43 crop), crop),
+    {86..200} at its 200-px crops and {96..224} at 224; the pixel floor (64 px for stride 32) changes nothing."""
+    args, _ = parse_train_args(['-c', str(ROOT / 'hparams' / 'stpp_resnet50_200ep.yaml')])
+    model = timm.create_model(args.model, num_classes=10, **args.model_kwargs)
+    task = method_class(args.method).from_args(args, model, nn.CrossEntropyLoss(), input_size=(3, 64, 64),
+                                               verbose=False)
+    assert task.min_side == 64 and task.min_size == 0.43
+    assert _drawn_sides(task, 200) == set(range(86, 201))
+    assert _drawn_sides(task, 224) == set(range(96, 225))
+
+
+def test_st_plus_plus_floor_keeps_small_crops_from_collapsing_to_one_by_one_maps():
+    """At 32 px the official ratio alone feeds 13-px inputs (a stride-32 ResNet's last stage: 1x1); the default floor
+    (twice the output stride, capped at the crop) keeps a ResNet's subnets at the crop and a patch-4 ViT's at
+    8 px or more; an explicit floor applies as given."""
+    ratio_only = st_task(tiny_resnet(), subnets=6, min_keep=1, loss='kl-', norm_ce=True, min_size=0.43, min_side=0)
+    assert min(_drawn_sides(ratio_only, 32)) == 13
+    resnet = st_task(tiny_resnet(), subnets=6, min_keep=1, loss='kl-', norm_ce=True, min_size=0.43)
+    assert resnet.min_side == 64 and _drawn_sides(resnet, 32) == {32}
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2,
+                            num_classes=10, dynamic_img_size=True)
+    vit_task = StimulativeTask(vit, nn.CrossEntropyLoss(), DepthEngine(vit, input_size=(3, 32, 32)), subnets=6,
+                               min_keep=1, loss='kl-', min_size=0.43)
+    assert vit_task.min_side == 8 and _drawn_sides(vit_task, 32) == {12, 16, 20, 24, 28, 32}
+    floored = st_task(tiny_resnet(), subnets=6, min_keep=1, loss='kl-', min_size=0.43, min_side=20)
+    assert _drawn_sides(floored, 32) == set(range(20, 33))
+
+
 def test_st_plus_plus_resizes_the_original_batch_to_patch_multiples_and_standardizes_the_ce():
     model = tiny_vit(dynamic_img_size=True)
     task = st_task(model, subnets=6, min_keep=3, loss='kl-', norm_ce=True, min_size=0.43)
@@ -234,6 +273,39 @@ def test_gkt_with_one_group_is_st_with_r_subnets(monkeypatch):
     st_grads = grads(st.trainable_module)
     for name, grad in grads(gkt.trainable_module).items():
         assert torch.allclose(grad, st_grads[name], atol=1e-6), name
+
+
+def _gkt_on_samples(knowledge, steps, masks):
+    """A GKT task (2 groups, 1 loop, fixed nested subnets) run on (batch, sample indices) pairs; no optimizer, so
+    every step sees the same weights. Returns the task and each step's distillation loss."""
+    model = tiny_resnet()
+    task = GroupKnowledgeTask(model, nn.CrossEntropyLoss(), DepthEngine(model, input_size=(3, 28, 28)), groups=2,
+                              loops=1, knowledge=knowledge,
+                              sampler=lambda parent, g: parent & (masks[0] if parent.all() else masks[1])).train()
+    tap = SampleIndexTap([i for _, ids in steps for i in ids], num_samples=10)
+    for _ in tap:  # the loader draws every batch's indices
+        pass
+    task.sample_indices = tap
+    task.attach_memory(10)
+    kd = [task(images, labels)['gkt_kd'] for (images, labels), _ in steps]
+    return task, kd
+
+
+def test_gkt_knowledge_across_steps_folds_in_what_earlier_steps_stored_for_the_same_samples():
+    """Step 2 shows samples 0 and 1 again (another augmentation) with two new ones: their knowledge is the EMA of
+    what step 1 stored and this step's logits; the new samples' is this step's alone, as on a first sight."""
+    masks = _resnet_masks(tiny_resnet())
+    first, second = batch(seed=1), batch(seed=2)
+    seen_twice, twice_kd = _gkt_on_samples('sample', [(first, [0, 1, 2, 3]), (second, [0, 1, 8, 9])], masks)
+    once, once_kd = _gkt_on_samples('sample', [(first, [0, 1, 2, 3])], masks)
+    fresh, fresh_kd = _gkt_on_samples('sample', [(second, [0, 1, 8, 9])], masks)
+    _, step_kd = _gkt_on_samples('step', [(second, [0, 1, 8, 9])], masks)
+    before, now, memory = once.memory.values, fresh.memory.values, seen_twice.memory.values
+    torch.testing.assert_close(memory[[0, 1]], 0.5 * before[[0, 1]] + 0.5 * now[[0, 1]], rtol=0, atol=1e-6)
+    assert torch.equal(memory[[8, 9]], now[[8, 9]]) and torch.equal(memory[[2, 3]], before[[2, 3]])
+    assert seen_twice.memory.seen.tolist() == [True] * 4 + [False] * 4 + [True] * 2
+    assert torch.equal(fresh_kd[0], step_kd[0])  # first sight: the per-step reading
+    assert not torch.allclose(twice_kd[1], fresh_kd[0])  # group 2 was taught by the remembered knowledge
 
 
 def test_gkt_step_matches_the_group_knowledge_reference_and_nests_its_subnets():
@@ -378,8 +450,9 @@ def test_one_epoch_per_method_checkpoints_a_plain_timm_model(method, model, data
 
 
 def test_train_py_compiles_the_cosub_step_once_with_inductor(data, tmp_path, monkeypatch, single_thread):
-    """``train.py --method cosub --torchcompile`` (inductor, C++ on this CPU) on a tiny ViT: the step keeps a fixed
-    count of rows per branch, so its 5 training steps compile once (no evaluation: --val-split '')."""
+    """``train.py --method cosub --torchcompile --cosub-impl skip`` (inductor, C++ on this CPU) on a tiny ViT: the
+    step keeps a fixed count of rows per branch, so its 5 training steps compile once (no evaluation: --val-split
+    ''). (``auto`` compiles the mask step too while it times both.)"""
     import torch._inductor.compile_fx as inductor
     compilations = []
     compile_fx = inductor.compile_fx
@@ -391,7 +464,7 @@ def test_train_py_compiles_the_cosub_step_once_with_inductor(data, tmp_path, mon
     monkeypatch.setattr(inductor, 'compile_fx', counting_compile_fx)
     torch._dynamo.reset()
     run = run_train(train_argv(data, tmp_path, 'compiled', *METHOD_FLAGS['cosub'], '--torchcompile',
-                               '--val-split', '', '-b', '16', model=TINY_VIT))
+                               '--cosub-impl', 'skip', '--val-split', '', '-b', '16', model=TINY_VIT))
     torch._dynamo.reset()
     assert run.task.row_sampling == 'fixed' and run.task.impl == 'skip' and run.task.step == 5
     assert len(compilations) == 1
@@ -423,9 +496,9 @@ def test_each_method_composes_with_timms_training_options(method, data, tmp_path
         flags += ['--mixup', '0.2']
     if method == 'st++':
         # oneDNN's bf16 convolution backward (PyTorch 2.14 CPU) returns NaN weight gradients at random for a 1x1
-        # input with stride 2 (README, known problems); ST++'s smallest inputs (12 px) bring this tiny ResNet
-        # there, so its subnets here stay at 17 px or more (layer4 then sees 2x2)
-        flags += ['--st-min-size', '0.61']
+        # input with stride 2 (README, known problems); a floor of 17 px keeps this tiny ResNet's layer4 at 2x2
+        # while its subnets still see smaller inputs than the 28-px crop
+        flags += ['--st-min-side', '17']
     run = run_train(train_argv(data, tmp_path, 'all', *flags, '-b', '8'))
     with open(Path(run.output_dir) / 'summary.csv') as f:
         row = next(iter(__import__('csv').DictReader(f)))

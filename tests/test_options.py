@@ -206,8 +206,9 @@ def test_every_shipped_recipe_parses_cleanly_and_passes_the_method_checks(recipe
     if 'quickstart' in recipe:
         assert (root / args.data_dir).is_dir() and args.experiment == recipe[:-len('.yaml')]
     # plain timm training: the quickstart, DeiT III's fine-tuning stage (no source runs cosub there), and the
-    # accuracy study's recipe, which every arm of the study shares (each adds its own --method)
-    assert args.method != 'none' or recipe in ('quickstart.yaml', 'study_fashion_mnist.yaml') \
+    # accuracy studies' recipes, which every arm of a study shares (each adds its own --method)
+    assert args.method != 'none' or recipe in ('quickstart.yaml', 'study_fashion_mnist.yaml',
+                                               'study_vit_fashion_mnist.yaml') \
         or recipe.endswith('_ft224.yaml')
 
 

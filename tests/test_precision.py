@@ -21,7 +21,7 @@ METHODS = {
     'none': [],
     'cosub': ['--mixup', '0.2'],
     'st': ['--st-subnets', '2'],
-    'st++': ['--st-subnets', '2', '--st-min-keep', '1', '--st-min-size', '0.75'],  # subnets see 48 px and more
+    'st++': ['--st-subnets', '2', '--st-min-keep', '1', '--st-min-size', '0.75', '--st-min-side', '0'],  # 48 px+
     'gkt': ['--gkt-groups', '2', '--gkt-loops', '1'],
 }
 SIZE = 64

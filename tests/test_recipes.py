@@ -230,10 +230,10 @@ def measure(b: Built) -> dict:
 
 METHOD_KEYS = {
     'cosub': ('cosub_label_weight',),
-    'st': ('st_subnets', 'st_min_keep', 'st_loss', 'st_norm_ce', 'st_min_size', 'st_amplitude', 'subnet_temperature',
-           'subnet_kd_weight', 'subnet_bn', 'subnet_bn_images'),
-    'gkt': ('gkt_groups', 'gkt_loops', 'gkt_drop', 'gkt_ema', 'subnet_temperature', 'subnet_kd_weight', 'subnet_bn',
-            'subnet_bn_images'),
+    'st': ('st_subnets', 'st_min_keep', 'st_loss', 'st_norm_ce', 'st_min_size', 'st_min_side', 'st_amplitude',
+           'subnet_temperature', 'subnet_kd_weight', 'subnet_bn', 'subnet_bn_images'),
+    'gkt': ('gkt_groups', 'gkt_loops', 'gkt_drop', 'gkt_ema', 'gkt_knowledge', 'subnet_temperature', 'subnet_kd_weight',
+            'subnet_bn', 'subnet_bn_images'),
 }
 METHOD_KEYS['st++'] = METHOD_KEYS['st']
 
@@ -383,6 +383,9 @@ ST_KNOBS = dict(
     st_loss=Fact('kl', 'ST train.py:602-603: KL on raw logits'),
     st_norm_ce=Fact(False, 'ST train.py:451: the full net trains on raw logits without --norm_kd'),
     st_min_size=Fact(1.0, 'ST train.py:475: no --Snet_Dtrans, subnets see the full batch'),
+    st_min_side=Fact(None, 'not in the ST code: our floor, by default twice the output stride (64 px on ResNet-50), '
+                           'below the official smallest side (86 px), so the official sides are drawn '
+                           '(tests/test_methods.py pins them)'),
     subnet_temperature=Fact(1.0, 'ST train.py:51: --Temp 1'),
     st_amplitude=Fact(1.0, 'ST train.py:50: --amplitude 1'),
     subnet_kd_weight=Fact(1.0, 'ST train.py:33: --kl_coef 1'),
@@ -409,6 +412,7 @@ GKT_KNOBS = dict(
     gkt_loops=Fact(2, 'GKT paper, Figure 3: two sampling loops'),
     gkt_drop=Fact(0.2, 'no source: our choice for the "inheriting exponential decay" rule'),
     gkt_ema=Fact(0.5, "ST train.py:55: the same group's --direct_KD_ema default"),
+    gkt_knowledge=Fact('step', "our reading of Figure 3's caption ('different steps': the loops of one step)"),
     subnet_temperature=Fact(1.0, 'ST train.py:51: the same group\'s --Temp default'),
     subnet_kd_weight=Fact(1.0, "ST train.py:33: the same group's --kl_coef default"),
     subnet_bn=Fact('recal', 'ST train.py:331-332, as the ST recipe it borrows'),
@@ -470,6 +474,15 @@ SOURCES = {
     'study_fashion_mnist.yaml': dict(
         quickstart('none', 'AdamW', 3e-3, 0.05, 0.0),
         epochs=Fact(25, STUDY), mixup=Fact(0.2, STUDY + ': cosub needs mixed targets, so every arm gets them')),
+    'study_vit_fashion_mnist.yaml': dict(
+        quickstart('none', 'AdamW', 1e-3, 0.05, 0.0),
+        model=Fact('deit3_small_patch16_224', STUDY + ' --study vit: a DeiT III model (layer scale), scaled down'),
+        layer_scale_init=Fact(1e-4, 'DeiT III models_v2.py init_scale, as cosub_deit3_vit_small.yaml'),
+        epochs=Fact(100, STUDY + ' --study vit: placeholder until its pilot'),
+        start_lr=Fact(1e-5, "timm's default --warmup-lr"),
+        warmup_epochs=Fact(5, STUDY + ' --study vit'), mixup=Fact(0.8, 'DeiT III README_revenge.md: --mixup .8'),
+        cutmix=Fact(1.0, 'DeiT III README_revenge.md: --cutmix 1.0'),
+        eval_resize=Fact(35, "timm's deit3 default crop_pct (0.9) at 32 px")),
 }
 
 

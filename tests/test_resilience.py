@@ -21,6 +21,7 @@ import validate
 from subnet.errors import RunStopped
 from subnet.guard import RunGuard
 from subnet.methods import PlainTask, register_method
+from subnet.models import load_checkpoint_file
 from subnet.run_folder import AtomicCheckpointSaver
 from subnet.unreadable import NOT_COUNTED, ImageFailures, ReadableImages
 from train_helpers import (ROOT, assert_same_weights, make_subset, run_train, signal_at_batch, state_dict_of,
@@ -121,6 +122,23 @@ def test_every_method_resumes_mid_epoch_bit_for_bit(method, data, tmp_path, caps
     assert _summary(tmp_path / 'split') == _summary(tmp_path / 'straight')
 
 
+def test_gkt_knowledge_across_steps_resumes_mid_epoch_bit_for_bit(data, tmp_path, capsys):
+    """Stopped in epoch 1 (every sample's knowledge already stored in epoch 0), resumed: the memory came back with
+    the checkpoint and the run ends bitwise the uninterrupted one."""
+    extra = ('--epochs', '2', '-b', '8', '--method', 'gkt', '--gkt-knowledge', 'sample')
+    uninterrupted = run_train(train_argv(data, tmp_path, 'straight', *extra))
+    argv = train_argv(data, tmp_path, 'split', *extra, '--resume', 'auto')
+    with signal_at_batch(7):
+        assert train.main(argv) == 143
+    assert 'saved' in _last_line(capsys)
+    saved = load_checkpoint_file(str(tmp_path / 'split' / 'recovery-1-1.pth.tar'), 'test')['task_state']
+    assert bool(saved['sample_knowledge']['seen'].all())  # 40 images, all seen in epoch 0
+    resumed = run_train(argv)
+    assert_same_weights(state_dict_of(uninterrupted), state_dict_of(resumed))
+    assert _summary(tmp_path / 'split') == _summary(tmp_path / 'straight')
+    assert torch.equal(resumed.task.memory.values, uninterrupted.task.memory.values)
+
+
 def test_ctrl_c_exits_130_names_the_checkpoint_it_wrote_and_resume_path_continues_from_it(data, tmp_path, straight,
                                                                                      capsys):
     argv = train_argv(data, tmp_path, 'x', *PLAIN)
@@ -163,11 +181,13 @@ def test_kill_9_then_resume_from_a_timed_recovery_file_is_the_uninterrupted_run(
            'tmp.pth.tar' in (folder / 'log.txt').read_text()
 
 
-def test_two_process_gloo_run_stopped_on_one_rank_resumes_bit_for_bit(data, tmp_path):
+@pytest.mark.parametrize('method', [(), ('--method', 'gkt', '--gkt-knowledge', 'sample')], ids=['plain', 'gkt-sample'])
+def test_two_process_gloo_run_stopped_on_one_rank_resumes_bit_for_bit(method, data, tmp_path):
+    """Also GKT's knowledge across steps: each rank's memory holds what both ranks stored (rank 0 saves it)."""
     def torchrun_train(name: str, result: Path, **env) -> subprocess.CompletedProcess:
         result.mkdir()
         argv = train_argv(data, tmp_path, name, '--epochs', '2', '-b', '4', '--reprob', '0.25', '--drop-path', '0.1',
-                          '--resume', 'auto')
+                          '--resume', 'auto', *method)
         return subprocess.run(torchrun(str(ROOT / 'tests' / 'ddp_harness.py'), str(result), '--', *argv),
                               env=dict(ENV, **env), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert torchrun_train('straight', tmp_path / 'a').returncode == 0

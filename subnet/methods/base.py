@@ -47,6 +47,9 @@ class Method:
     options: Tuple[Callable[[argparse.ArgumentParser], None], ...] = ()
     drop_schedule: str = 'linear'  # the model's drop-path rates unless --drop-schedule says: timm's ramp
     depth: Optional[DepthEngine] = None  # the depth engine of a task that runs subnets
+    # --torchcompile's default --compile-scope (subnet/compile.py): 'model' (timm's), or 'blocks' for a method
+    # whose subnet changes every step, where compiling the whole model would compile every new subnet
+    compile_scope: str = 'model'
     result_parts: Tuple[ResultPart, ...] = ()  # the scalars train_step returns besides loss, output
 
     @classmethod
@@ -76,6 +79,10 @@ class Method:
         step.backward(result['loss'])
         return result
 
+    def attach_train_loader(self, loader) -> None:
+        """Called once the training loader and the run guard exist, for a method that follows samples across
+        steps (``gkt --gkt-knowledge sample``)."""
+
     def before_eval(self, batches: Iterable[torch.Tensor]) -> None:
         """Called before every evaluation with (lazily loaded) training image batches."""
 
@@ -84,6 +91,8 @@ class SubnetTask(Method, ClassificationTask):
     """A method that runs subnets: the depth engine and the step counter (checkpointed). Its ``train_step`` runs
     and back-propagates its passes; calling the task, ``task(input, target)``, runs that step with a bare ``Step``
     (every pass just back-propagated, no autocast), for use outside train.py's loop."""
+
+    compile_scope = 'blocks'
 
     def __init__(self, model: nn.Module, criterion: nn.Module, depth: DepthEngine, seed: int = 42,
                  device=None, dtype=None, verbose: bool = True):

@@ -12,6 +12,7 @@ stochastic depth", which DeiT never released); the depth engine does the work.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional
 
@@ -20,6 +21,7 @@ import torch
 from ..blocks import UNITS
 from ..depth import DepthEngine
 from ..errors import InputError
+from ..fastest import FastestChoice
 from ..losses import CosubLoss
 from ..results import loss_part
 from ..sampling import ROW_SAMPLINGS, draw_keep
@@ -30,7 +32,8 @@ __all__ = ['CosubTask', 'cosub_options']
 
 _logger = logging.getLogger('train')
 
-IMPLEMENTATIONS = ('skip', 'mask', 'timm')
+IMPLEMENTATIONS = ('auto', 'skip', 'mask', 'timm')
+MEASURED = ('skip', 'mask')  # what 'auto' chooses between: the same masks either way
 
 
 def cosub_options(parser) -> None:
@@ -38,10 +41,12 @@ def cosub_options(parser) -> None:
     g.add_argument('--cosub-label-weight', type=float, default=0.5, metavar='LAMBDA',
                    help="weight of the label terms; the peer terms get 1 - LAMBDA (default: 0.5, DeiT's "
                         'engine.py: four terms of 0.25)')
-    g.add_argument('--cosub-impl', default='skip', choices=IMPLEMENTATIONS,
-                   help="'skip': a dropped branch is not computed for the rows that drop it (fast, default); "
-                        "'mask': the same masks multiplied in (full cost); 'timm': timm's own per-branch "
-                        "DropPath, DeiT's implementation (every branch computed, then multiplied)")
+    g.add_argument('--cosub-impl', default='auto', choices=IMPLEMENTATIONS,
+                   help="'skip': a dropped branch is not computed for the rows that drop it; 'mask': the same "
+                        "masks multiplied in (full cost, a static graph); 'auto': time a few first steps of each "
+                        'on this model and batch and keep the faster, logged and kept in the checkpoint '
+                        "(default); 'timm': timm's own per-branch DropPath, DeiT's implementation (every branch "
+                        'computed, then multiplied)')
     g.add_argument('--cosub-drop-unit', default='branch', choices=UNITS,
                    help="what drops: each residual 'branch' on its own (a ViT block's attention and MLP, as "
                         "DeiT's models_v2.py puts a DropPath on each; default), or a whole 'block'. Blocks with "
@@ -58,18 +63,21 @@ class CosubTask(SubnetTask):
 
     ``drop_rate``: one rate per block (the model's own, see ``drop_rates_for``), shared by the block's branches.
     ``impl='skip'`` runs each branch (``unit='branch'``) or block only on the rows that keep it; 'mask'
-    multiplies by the same masks at full cost; 'timm' is timm's per-branch DropPath, DeiT's own implementation
-    (masks from the global RNG, drawn inside the forward). ``row_sampling``: 'bernoulli' or 'fixed' (see ``draw_keep``).
+    multiplies by the same masks at full cost; 'auto' times the first steps of each and keeps the faster
+    (``subnet.fastest``; ``impl_clock`` replaces its clock); 'timm' is timm's per-branch DropPath, DeiT's own
+    implementation (masks from the global RNG, drawn inside the forward). ``row_sampling``: 'bernoulli' or 'fixed'
+    (see ``draw_keep``).
     """
 
     options = (cosub_options,)
     result_parts = (loss_part('cosub_label', 'the two submodels\' label (BCE) loss'),
                     loss_part('cosub_peer', 'each submodel\'s BCE against the other\'s sigmoid'))
+    compile_scope = 'model'  # one graph for every draw (fixed-count rows): faster than compiling each block
     drop_schedule = 'constant'  # DeiT III's models_v2.py: the same drop-path rate in every block
 
     def __init__(self, model, depth: DepthEngine, drop_rate: torch.Tensor, impl: str = 'skip', unit: str = 'branch',
                  row_sampling: str = 'bernoulli', label_weight: float = 0.5, target_threshold: Optional[float] = None,
-                 rank: int = 0, **kwargs):
+                 rank: int = 0, impl_clock=None, **kwargs):
         super().__init__(model, CosubLoss(label_weight, target_threshold), depth, **kwargs)
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"cosub implementation must be one of {', '.join(IMPLEMENTATIONS)}, not {impl!r}")
@@ -79,6 +87,9 @@ class CosubTask(SubnetTask):
         self.unit_rates = depth.block_map.per_unit(self.drop_rate, unit)  # also checks the unit
         self.impl, self.unit, self.row_sampling = impl, unit, row_sampling
         self.rank = rank
+        # 'auto': skip or mask, whichever runs this model's steps faster (measured on the first steps)
+        self.impl_choice = FastestChoice(MEASURED, clock=impl_clock, what='--cosub-impl',
+                                         verbose=kwargs.get('verbose', True)) if impl == 'auto' else None
 
     @classmethod
     def check_args(cls, args) -> None:
@@ -112,11 +123,12 @@ class CosubTask(SubnetTask):
         """``--cosub-rows``, or its default: Bernoulli, and a fixed count under --torchcompile with skip, whose
         per-step row counts would otherwise recompile the model every step."""
         if args.cosub_rows is not None:
-            if args.cosub_rows == 'bernoulli' and args.torchcompile and args.cosub_impl == 'skip' and verbose:
+            if args.cosub_rows == 'bernoulli' and args.torchcompile and args.cosub_impl in ('skip', 'auto') \
+                    and verbose:
                 _logger.warning('--cosub-rows bernoulli changes shapes every step: torch.compile recompiles until '
                                 'its recompile limit, then runs that frame eagerly; --cosub-rows fixed compiles once')
             return args.cosub_rows
-        if args.torchcompile and args.cosub_impl == 'skip':
+        if args.torchcompile and args.cosub_impl in ('skip', 'auto'):
             if verbose:
                 _logger.info('cosub under --torchcompile: each branch keeps a fixed count of rows (--cosub-rows '
                              'fixed), so the shapes never change and the step compiles once.')
@@ -132,12 +144,30 @@ class CosubTask(SubnetTask):
                    target_threshold=args.bce_target_thresh, rank=args.rank, seed=args.seed, device=device,
                    dtype=dtype, verbose=verbose)
 
+    @contextlib.contextmanager
     def submodels(self, batch: int):
-        """Stochastic depth for ``batch`` rows, each row its own submodel (masks differ per rank: other images)."""
+        """Stochastic depth for ``batch`` rows, each row its own submodel (masks differ per rank: other images);
+        under ``impl='auto'`` the step inside is timed while the trial lasts."""
         if self.impl == 'timm':
-            return self.depth.timm_drop_path(self.drop_rate)
+            with self.depth.timm_drop_path(self.drop_rate):
+                yield
+            return
         keep_mask, keep_prob = draw_keep(batch, self.unit_rates, self.row_sampling, self.next_generator(self.rank))
-        return self.depth.per_sample(keep_mask, keep_prob, mode=self.impl, unit=self.unit)
+        timed = self.impl_choice.timed(self.device) if self.impl_choice is not None \
+            else contextlib.nullcontext(self.impl)
+        with timed as impl, self.depth.per_sample(keep_mask, keep_prob, mode=impl, unit=self.unit):
+            yield
+
+    def get_task_state(self, module=None, ema: bool = False) -> dict:
+        state = super().get_task_state(module, ema)
+        if self.impl_choice is not None and not ema:
+            state['cosub_impl'] = self.impl_choice.state_dict()
+        return state
+
+    def load_task_state(self, state, strict: bool = True, module=None, ema: bool = False) -> None:
+        super().load_task_state(state, strict, module, ema)
+        if state and not ema and self.impl_choice is not None and 'cosub_impl' in state:
+            self.impl_choice.load_state_dict(state['cosub_impl'])
 
     def train_step(self, input: torch.Tensor, target: torch.Tensor, step: Step) -> dict:
         if target.ndim != 2:

@@ -39,14 +39,29 @@ def stimulative_options(parser) -> None:
                         "(default: on with kl-)")
     g.add_argument('--st-min-size', type=float, default=None, metavar='FRACTION',
                    help='subnet inputs are resized to a random side in [FRACTION * crop, crop] (st: 1.0, st++: 0.43)')
+    g.add_argument('--st-min-side', type=int, default=None, metavar='PIXELS',
+                   help="floor on a subnet input's side, capped at the crop (default: twice the model's output "
+                        'stride, 64 px on a ResNet, so its last stage keeps at least a 2x2 map; the official runs '
+                        'never go below 86 px, so ImageNet crops are unchanged; 0: the ratio alone)')
     g.add_argument('--st-amplitude', type=float, default=1.0, metavar='A', help='scale of the standardised logits')
+
+
+def output_stride(model) -> int:
+    """How much the model shrinks its input by its last feature map (timm's ``feature_info`` reduction: 32 for a
+    ResNet, the patch size for a ViT); 32 when the model does not say."""
+    info = getattr(model, 'feature_info', None)
+    if isinstance(info, (list, tuple)) and info and isinstance(info[-1], dict) and 'reduction' in info[-1]:
+        return int(info[-1]['reduction'])
+    return 32
 
 
 class StimulativeTask(DistillFromFullNet):
     """ST: one subnet per step, any prefix depth per stage, plain KL to the full net of the same step.
 
     ST++'s smaller inputs are the original batch resized once per subnet to a random side in
-    [⌊min_size·crop⌋, crop], not re-normalised (the official code resizes cumulatively, subnet k seeing
+    [max(⌊min_size·crop⌋, min(min_side, crop)), crop], not re-normalised. The floor ``min_side`` (ours; default
+    twice the model's output stride) keeps small images from collapsing to 1x1 maps: the official ratio was tuned
+    on ImageNet crops, where it never goes below 86 px (the official code resizes cumulatively, subnet k seeing
     r₁…r_k, and normalises again each time: an accident of overwriting its input tensor in the loop).
     """
 
@@ -60,7 +75,7 @@ class StimulativeTask(DistillFromFullNet):
 
     def __init__(self, model, criterion, depth: DepthEngine, subnets: int = None, min_keep: int = None,
                  loss: str = None, norm_ce: bool = None, min_size: float = None, temperature: float = 1.0,
-                 amplitude: float = 1.0, kl_weight: float = 1.0, **kwargs):
+                 amplitude: float = 1.0, kl_weight: float = 1.0, min_side: int = None, **kwargs):
         super().__init__(model, criterion, depth, **kwargs)
         given = dict(subnets=subnets, min_keep=min_keep, loss=loss, norm_ce=norm_ce, min_size=min_size)
         settings = {k: self.DEFAULTS[k] if v is None else v for k, v in given.items()}
@@ -71,6 +86,7 @@ class StimulativeTask(DistillFromFullNet):
         self.kl_weight = kl_weight
         patch = getattr(getattr(depth.model, 'patch_embed', None), 'patch_size', None)
         self.size_multiple = int(patch[0] if isinstance(patch, (tuple, list)) else patch or 1)
+        self.min_side = 2 * output_stride(depth.model) if min_side is None else min_side
 
     # ---- command line
     @classmethod
@@ -90,6 +106,8 @@ class StimulativeTask(DistillFromFullNet):
             raise InputError('--st-subnets and --st-min-keep must be >= 1')
         if not 0 < args.st_min_size <= 1:
             raise InputError(f'--st-min-size must be in (0, 1], got {args.st_min_size}')
+        if args.st_min_side is not None and args.st_min_side < 0:
+            raise InputError(f'--st-min-side must be >= 0, got {args.st_min_side}')
 
     @classmethod
     def model_kwargs(cls, args) -> dict:
@@ -120,7 +138,8 @@ class StimulativeTask(DistillFromFullNet):
         return cls(model, criterion, depth, subnets=args.st_subnets,
                    min_keep=args.st_min_keep, loss=args.st_loss, norm_ce=args.st_norm_ce, min_size=args.st_min_size,
                    temperature=args.subnet_temperature, amplitude=args.st_amplitude, kl_weight=args.subnet_kd_weight,
-                   seed=args.seed, device=device, dtype=dtype, verbose=verbose, **cls.distillation_kwargs(args))
+                   min_side=args.st_min_side, seed=args.seed, device=device, dtype=dtype, verbose=verbose,
+                   **cls.distillation_kwargs(args))
 
     # ---- the step
     def standardized(self, logits: torch.Tensor) -> torch.Tensor:
@@ -131,12 +150,19 @@ class StimulativeTask(DistillFromFullNet):
             return direction_kl(student, teacher, self.temperature, self.amplitude)
         return kl_distill(student, teacher, self.temperature)
 
+    def side_range(self, crop: int) -> tuple:
+        """The smallest and largest side a subnet input may have for a square ``crop``."""
+        if self.min_size >= 1.0:
+            return crop, crop
+        return max(int(crop * self.min_size), min(self.min_side, crop)), crop
+
     def subnet_input(self, input: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The batch resized to a random side (rounded to the patch size of ViT-like models)."""
         crop = input.shape[-1]
-        if self.min_size >= 1.0:
+        low, high = self.side_range(crop)
+        if low >= high:
             return input
-        side = int(torch.randint(int(crop * self.min_size), crop + 1, (1,), generator=generator))
+        side = int(torch.randint(low, high + 1, (1,), generator=generator))
         side = max(self.size_multiple, round(side / self.size_multiple) * self.size_multiple)
         if side == crop:
             return input

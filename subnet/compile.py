@@ -1,0 +1,116 @@
+"""``--torchcompile`` per method: the whole model, or each residual block (``--compile-scope model|blocks``).
+
+Compiling the whole model traces the subnet the depth engine installed: a new subnet is a new graph, so methods
+whose subnet changes every step (ST, ST++, GKT) keep compiling. The block scope is PyTorch's regional compilation:
+each block's own class ``forward`` is compiled and installed as that block's instance-level ``forward``; the
+modules outside the blocks that hold parameters (the stem, the head) are compiled the same way. The depth engine
+puts its own instance-level forward in front of a block it skips or runs on some rows and calls the compiled one
+underneath (``InstanceForward.previous``), so which blocks run is plain Python around compiled code and a new
+subnet compiles nothing. Blocks of one class share dynamo's cache entries (the same code, guarded on structure,
+not on identity), so the graphs are bounded by the distinct block types, their variants (full net, inside a
+subnet, BatchNorm statistics frozen or not, training or eval) and their widths; sizes that vary from step to step
+(ST++'s subnet inputs, per-row skipping) are made symbolic by dynamo's automatic dynamic shapes after the second
+size seen (dynamic shapes, not a set of sizes: ST++'s sizes stay exactly its uniform draw), so they add a few
+graphs per region (dynamo specializes a size of 1), not one per size.
+
+The compiled forward is a bound method in the module's ``__dict__``: ``deepcopy`` (EMA) binds it to the copy,
+and ``state_dict`` does not see it.
+"""
+from __future__ import annotations
+
+import logging
+import types
+import weakref
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .blocks import find_blocks, unwrap_model
+
+__all__ = ['SCOPES', 'compile_scope', 'compile_regions', 'compile_task', 'compiled_regions']
+
+_logger = logging.getLogger('train')
+
+SCOPES = ('model', 'blocks')
+_COMPILED = weakref.WeakSet()  # the compiled class forwards compile_regions made (a deepcopy shares them)
+
+
+def compile_scope(args, method_cls) -> str:
+    """``--compile-scope``, or the method's default (``Method.compile_scope``)."""
+    return getattr(args, 'compile_scope', None) or method_cls.compile_scope
+
+
+def _regions(module: nn.Module, blocks: set, out: List[nn.Module]) -> List[nn.Module]:
+    """The blocks, and each largest module outside them that holds parameters and contains no block (stem, head,
+    a downsampling layer between stages); containers of blocks are walked, not compiled."""
+    for child in module.children():
+        if child in blocks:
+            out.append(child)
+        elif any(m in blocks for m in child.modules()):
+            _regions(child, blocks, out)
+        elif next(child.parameters(), None) is not None:
+            out.append(child)
+    return out
+
+
+def compile_regions(model: nn.Module, block_modules: Sequence[nn.Module], *, backend='inductor',
+                    mode: Optional[str] = None, dynamic: Optional[bool] = None) -> List[nn.Module]:
+    """Compile each block of ``model`` and each parameter-holding module outside them, in place; return them.
+
+    One compiled function per class (dynamo caches per code object anyway); each region gets it bound as its
+    instance-level ``forward``.
+    """
+    model = unwrap_model(model)
+    regions = _regions(model, set(block_modules), [])
+    options = _inductor_options(mode) if backend == 'inductor' else None
+    if options is not None:
+        mode = None  # torch.compile takes a mode or options, not both: the mode's options are in ``options``
+    compiled: Dict[type, object] = {}
+    for region in regions:
+        if 'forward' in region.__dict__:
+            raise ValueError(f'{type(region).__name__} already has an instance-level forward: compile the regions '
+                             f'outside any depth context, once')
+        cls = type(region)
+        if cls not in compiled:
+            compiled[cls] = torch.compile(cls.forward, backend=backend, mode=mode, dynamic=dynamic, options=options)
+            _COMPILED.add(compiled[cls])
+        region.__dict__['forward'] = types.MethodType(compiled[cls], region)
+    return regions
+
+
+def _inductor_options(mode: Optional[str]) -> dict:
+    """Inductor's options for ``mode``, with its layout optimisation off: with dynamic shapes it breaks the backward
+    of a convolution whose input size changed (torch 2.14 on the CPU, a stride assertion; a bare ``nn.Conv2d``
+    shows it); ``--channels-last`` still gives convolution nets their layout."""
+    from torch._inductor import list_mode_options  # the options behind torch.compile's ``mode`` names
+    return dict(list_mode_options(mode or 'default'), layout_optimization=False)
+
+
+def compiled_regions(model: nn.Module) -> List[nn.Module]:
+    """The modules of ``model`` that ``compile_regions`` compiled (their forward is a bound compiled function)."""
+    return [m for m in unwrap_model(model).modules()
+            if isinstance(m.__dict__.get('forward'), types.MethodType) and m.__dict__['forward'].__func__ in _COMPILED]
+
+
+def compile_task(task, scope: str, *, backend='inductor', mode: Optional[str] = None,
+                 input_size: Optional[Sequence[int]] = None, verbose: bool = True) -> None:
+    """``--torchcompile`` for a task: timm's ``task.compile`` (the whole model) or its blocks and the rest.
+
+    The block scope uses the task's depth engine's blocks, or finds them (``--method none``)."""
+    if scope not in SCOPES:
+        raise ValueError(f"compile scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    if scope == 'model':
+        if verbose:
+            _logger.info(f'Compiling the whole model (--compile-scope model) with backend={backend}, mode={mode}')
+        task.compile(backend=backend, mode=mode)
+        return
+    model = task.get_trainable_module()
+    depth = getattr(task, 'depth', None)
+    block_map = depth.block_map if depth is not None else find_blocks(model, input_size)
+    regions = compile_regions(model, [b.module for b in block_map.blocks], backend=backend, mode=mode)
+    if verbose:
+        kinds = sorted({type(r).__name__ for r in regions})
+        _logger.info(f'Compiling each block (--compile-scope blocks) with backend={backend}, mode={mode}: '
+                     f'{len(block_map.blocks)} blocks and {len(regions) - len(block_map.blocks)} other modules, '
+                     f'{len(kinds)} classes ({", ".join(kinds)}); a new subnet compiles nothing')
