@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.utils.data
 
+from .sample_seeds import SampleKey
+
 __all__ = ['SampleIndexTap', 'install_index_tap', 'LogitMemory']
 
 
@@ -32,7 +34,8 @@ class SampleIndexTap(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[int]:
         self.queue.clear()  # a new pass over the data (an epoch, or a BN-recalibration read): nothing is pending
         for index in self.sampler:
-            self.queue.append(int(index))
+            # the seeded training sampler (sample_seeds.py) hands out keys that carry the dataset index
+            self.queue.append(index.index if isinstance(index, SampleKey) else int(index))
             yield index
 
     def take(self, count: int) -> torch.Tensor:
