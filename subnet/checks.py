@@ -5,7 +5,7 @@ preflight, before anything is built or written, except ``check_dataset_classes``
 list (read by timm's dataset factory) and runs as soon as the loaders exist, still before the run folder is made.
 """
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 from timm import utils
 
@@ -50,14 +50,20 @@ def check_output_folder(args) -> None:
 def class_to_idx(dataset) -> Optional[dict]:
     """{class name: label} of a dataset read by a timm reader that names its classes (image folders and tars);
     None otherwise. Loaders and wrappers (``.dataset``) are looked through."""
+    for layer in _wrapped(dataset):
+        mapping = getattr(getattr(layer, 'reader', None), 'class_to_idx', None)
+        if mapping:
+            return dict(mapping)
+    return None
+
+
+def _wrapped(dataset) -> Iterator:
+    """``dataset`` and what it wraps (loaders and dataset wrappers keep theirs in ``.dataset``), outermost first."""
     seen = set()
     while dataset is not None and id(dataset) not in seen:
         seen.add(id(dataset))
-        mapping = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
-        if mapping:
-            return dict(mapping)
+        yield dataset
         dataset = getattr(dataset, 'dataset', None)
-    return None
 
 
 def _names(names) -> str:
@@ -89,16 +95,13 @@ def check_eval_classes(args, train_dataset, eval_dataset) -> None:
 def dataset_classes(dataset) -> Optional[int]:
     """How many classes a training dataset holds, when its reader knows (image folders and tars, torchvision
     datasets); None otherwise. Loaders and wrappers (``.dataset``) are looked through."""
-    seen = set()
-    while dataset is not None and id(dataset) not in seen:
-        seen.add(id(dataset))
-        class_to_idx = getattr(getattr(dataset, 'reader', None), 'class_to_idx', None)
+    for layer in _wrapped(dataset):
+        class_to_idx = getattr(getattr(layer, 'reader', None), 'class_to_idx', None)
         if class_to_idx:
             return len(class_to_idx)
-        classes = getattr(dataset, 'classes', None)
+        classes = getattr(layer, 'classes', None)
         if isinstance(classes, (list, tuple)) and classes:
             return len(classes)
-        dataset = getattr(dataset, 'dataset', None)
     return None
 
 

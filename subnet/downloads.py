@@ -38,7 +38,7 @@ def model_download(model_name: str, pretrained: bool, weights_file_option: str) 
     the option, the cache, and ``weights_file_option`` (the script's way to give weights as a file)."""
     try:
         yield
-    except _hub_offline_errors() + (urllib.error.URLError,) as e:
+    except _hub_offline_errors() + (urllib.error.URLError,):
         hub_model = model_name.startswith(('hf-hub:', 'hf_hub:'))
         option = f'--model {model_name}' if hub_model or not pretrained else '--pretrained'
         cache, offline = _hub_state()

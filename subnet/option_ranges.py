@@ -75,22 +75,22 @@ class Values:
     ordered: bool = False
 
 
-def _optimizer_known(name: str) -> bool:
-    """timm's create_optimizer_v2 reads ``lookahead_<name>`` as <name> wrapped in Lookahead, any letter case."""
-    base = name.lower().removeprefix('lookahead_')
+def _accepted(lookup, name: str, rejects) -> bool:
+    """Whether timm's ``lookup`` takes ``name`` (it raises one of ``rejects`` when it does not)."""
     try:
-        get_optimizer_info(base)
-    except ValueError:
+        lookup(name)
+    except rejects:
         return False
     return True
+
+
+def _optimizer_known(name: str) -> bool:
+    """timm's create_optimizer_v2 reads ``lookahead_<name>`` as <name> wrapped in Lookahead, any letter case."""
+    return _accepted(get_optimizer_info, name.lower().removeprefix('lookahead_'), ValueError)
 
 
 def _interpolation(name: str) -> bool:
-    try:
-        str_to_interp_mode(name)
-    except KeyError:
-        return False
-    return True
+    return _accepted(str_to_interp_mode, name, KeyError)
 
 
 def _augment_policy(name: str) -> bool:

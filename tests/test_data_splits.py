@@ -10,15 +10,12 @@ import validate
 from subnet.run_folder import holds_run
 from train_helpers import make_subset, run_train, train_argv
 
+pytestmark = pytest.mark.usefixtures('single_thread')  # the 2 shared cores are not oversubscribed
+
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     return make_subset(tmp_path_factory.mktemp('fmnist'), train_per_class=2, val_per_class=1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(single_thread):
-    """On one thread: the 2 shared cores are not oversubscribed."""
 
 
 def _copy(data, tmp_path):

@@ -18,7 +18,7 @@ from timm.utils import ModelEmaV3
 from subnet.blocks import find_blocks
 from subnet.depth import DepthEngine
 from subnet.sampling import (
-    bernoulli_keep, draw_keep, drop_rates, fixed_count_keep, stage_prefix_keep, step_generator, unit_drop_rates)
+    bernoulli_keep, draw_keep, drop_rates, stage_prefix_keep, step_generator, unit_drop_rates)
 
 from conftest import (
     LAYERNORM_FAMILIES, TINY_FAMILIES, calibrate_batch_norm, create_tiny, mask_reference, tiny_input_size)

@@ -7,7 +7,9 @@ import math
 import pytest
 
 import train
-from train_helpers import make_subset, run_train, train_argv
+from train_helpers import last_error_line, make_subset, run_train, train_argv
+
+pytestmark = pytest.mark.usefixtures('single_thread')  # the 2 shared cores are not oversubscribed
 
 PLAIN = ('--epochs', '2', '-b', '8')
 DIVERGING = ('--lr', '1e6', '--clip-grad', '1')  # stays finite for an epoch: loss ~1e13, weights ~1e11
@@ -16,17 +18,6 @@ DIVERGING = ('--lr', '1e6', '--clip-grad', '1')  # stays finite for an epoch: lo
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     return make_subset(tmp_path_factory.mktemp('fmnist'), train_per_class=4, val_per_class=1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(single_thread):
-    """On one thread: the 2 shared cores are not oversubscribed."""
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and not any('Traceback' in line for line in err), err[-20:]
-    return err[-1]
 
 
 def _files(folder) -> dict:
@@ -38,7 +29,7 @@ def test_finite_weights_that_blow_up_stop_with_exit_3_and_the_last_good_checkpoi
     run_train(argv + ['--stop-epoch', '1'])
     before = _files(tmp_path / 'x')
     assert train.main(argv + ['--resume', 'auto', '--no-resume-opt', *DIVERGING]) == 3
-    line = _one_line(capsys)
+    line = last_error_line(capsys)
     assert line.startswith('train.py: error: the run diverged: weight ') and ', beyond --divergence-limit 1000 x ' \
         'the largest starting weight (' in line and line.endswith(
             ', at the end of epoch 1: stopped without saving, the run folder keeps its last good checkpoint; lower '
@@ -48,7 +39,7 @@ def test_finite_weights_that_blow_up_stop_with_exit_3_and_the_last_good_checkpoi
 
 def test_no_recovery_file_holds_diverged_weights(data, tmp_path, capsys):
     assert train.main(train_argv(data, tmp_path, 'x', *PLAIN, *DIVERGING, '--recovery-interval', '2')) == 3
-    assert ' when saving a checkpoint: stopped without saving' in _one_line(capsys)
+    assert ' when saving a checkpoint: stopped without saving' in last_error_line(capsys)
     assert not list((tmp_path / 'x').glob('*.pth.tar'))
 
 
@@ -69,7 +60,7 @@ def test_a_non_finite_or_absurd_evaluation_loss_stops_before_the_checkpoint(loss
                                                                             monkeypatch):
     _evaluation_loss(monkeypatch, loss)
     assert train.main(train_argv(data, tmp_path, 'x', *PLAIN)) == 3
-    assert _one_line(capsys).startswith(f'train.py: error: the run diverged: {said}: stopped without saving')
+    assert last_error_line(capsys).startswith(f'train.py: error: the run diverged: {said}: stopped without saving')
     assert not list((tmp_path / 'x').glob('*.pth.tar'))
 
 
@@ -78,7 +69,7 @@ def test_a_user_can_loosen_the_limit_and_it_is_checked(data, tmp_path, capsys, m
     run = run_train(train_argv(data, tmp_path, 'x', '--divergence-limit', '1e6'))
     assert run.results[0]['validation']['loss'] == 1e5
     assert train.main(train_argv(data, tmp_path, 'y', '--divergence-limit', '1')) == 2
-    assert _one_line(capsys) == 'train.py: error: --divergence-limit must be > 1, got 1.0'
+    assert last_error_line(capsys) == 'train.py: error: --divergence-limit must be > 1, got 1.0'
 
 
 def test_a_checkpoint_with_diverged_ema_weights_is_refused_and_buffers_are_not_weights():

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 import validate
@@ -17,7 +16,7 @@ from subnet.export import DEPTH_KEYWORDS, EXPORT_FIELDS, ExportError, SubnetExpo
 from subnet.speed import SPEED_FIELDS, images_per_second, speed_fields
 from train_helpers import make_subset, run_train, train_argv
 
-from conftest import TINY_FAMILIES, create_tiny, tiny_input_size
+from conftest import TINY_FAMILIES, tiny_input_size
 
 # the families of TINY_FAMILIES that timm builds from a depth keyword, and those it cannot
 EXPORTABLE = ['resnet18', 'resnet50', 'convnext_atto', 'vit_tiny_patch16_224', 'deit_tiny_patch16_224',

@@ -3,7 +3,6 @@
 names it, and continues from the furthest intact checkpoint; a folder with none intact stops with one line and keeps
 every file. Checkpoints with checksums still load in plain timm."""
 import argparse
-import os
 import random
 import shutil
 import signal
@@ -18,17 +17,14 @@ import train
 from subnet.intact import CHECKSUM_KEY, read_checkpoint
 from train_helpers import make_subset, run_train, signal_at_batch, train_argv
 
+pytestmark = pytest.mark.usefixtures('single_thread')  # the 2 shared cores are not oversubscribed
+
 PLAIN = ('--epochs', '2', '-b', '8')
 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     return make_subset(tmp_path_factory.mktemp('fmnist'), train_per_class=4, val_per_class=2)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(single_thread):
-    """On one thread: the 2 shared cores are not oversubscribed."""
 
 
 @pytest.fixture(scope='module')

@@ -13,23 +13,14 @@ import train
 import validate
 from subnet.option_ranges import INTERPOLATIONS, RANGES, SCHEDULERS, check_ranges, check_together
 from subnet.timm_options import parse_train_args, train_parser, validate_parser
-from train_helpers import ROOT, make_subset, run_train, signal_at_batch, train_argv
+from train_helpers import ROOT, last_error_line, make_subset, run_train, signal_at_batch, train_argv
+
+pytestmark = pytest.mark.usefixtures('single_thread')  # the 2 shared cores are not oversubscribed
 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     return make_subset(tmp_path_factory.mktemp('fmnist'), train_per_class=4, val_per_class=1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(single_thread):
-    """On one thread: the 2 shared cores are not oversubscribed."""
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and not any('Traceback' in line for line in err), err
-    return err[-1]
 
 
 BAD = {
@@ -80,14 +71,14 @@ def test_a_value_out_of_range_is_one_line_exit_2_and_nothing_written(case, data,
         argv = train_argv(data, tmp_path, 'x', model=['--model', 'resnet18', '--img-size', '28', '--num-classes',
                                                      '10'])
     assert train.main(argv + extra) == 2
-    assert _one_line(capsys).startswith(f'train.py: error: {message}')
+    assert last_error_line(capsys).startswith(f'train.py: error: {message}')
     written = [p.name for p in (tmp_path / 'x').iterdir()] if (tmp_path / 'x').exists() else []
     assert written in ([], ['.lock'])  # the *-kwargs cases fail while building, with the folder locked
 
 
 def test_validate_checks_the_same_table(capsys):
     assert validate.main(['--model', 'resnet18', '--interpolation', 'cubic', '--device', 'cpu']) == 2
-    assert _one_line(capsys).startswith("validate.py: error: --interpolation must be '' (the model's) or one of ")
+    assert last_error_line(capsys).startswith("validate.py: error: --interpolation must be '' (the model's) or one of ")
 
 
 @pytest.mark.parametrize('argv', [['--cutmix', '2'], ['--method', 'gkt', '--gkt-drop', '1'], ['--opt', 'AdamW'],
@@ -128,7 +119,7 @@ def test_resuming_mid_epoch_with_another_batch_size_stops_before_the_first_step(
     before = {p.name: p.read_bytes() for p in (tmp_path / 'x').iterdir() if p.is_file() and p.name != '.lock'}
     capsys.readouterr()
     assert train.main(argv + ['--resume', 'auto', '-b', '4']) == 2
-    assert _one_line(capsys) == (f'train.py: error: --resume {recovery} stopped in epoch 0 after 3 batches of '
+    assert last_error_line(capsys) == (f'train.py: error: --resume {recovery} stopped in epoch 0 after 3 batches of '
                                  f'--batch-size 8; this run has --batch-size 4: continue with --batch-size 8, or '
                                  f'resume from a checkpoint written at the end of an epoch')
     assert {p.name: p.read_bytes() for p in (tmp_path / 'x').iterdir() if p.is_file() and p.name != '.lock'} == before

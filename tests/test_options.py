@@ -12,7 +12,6 @@ import yaml
 
 import train
 import validate
-from subnet.errors import UsageError
 from subnet.timm_options import parse_train_args, train_parser, validate_parser
 
 DATA = Path(__file__).parent / 'data'

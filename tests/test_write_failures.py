@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import train
-from train_helpers import make_subset, run_train, signal_at_batch, train_argv
+from train_helpers import last_error_line, make_subset, run_train, signal_at_batch, train_argv
+
+pytestmark = pytest.mark.usefixtures('single_thread')  # the 2 shared cores are not oversubscribed
 
 PLAIN = ('--epochs', '2', '-b', '8')
 
@@ -19,11 +21,6 @@ PLAIN = ('--epochs', '2', '-b', '8')
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     return make_subset(tmp_path_factory.mktemp('fmnist'), train_per_class=4, val_per_class=1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(single_thread):
-    """On one thread: the 2 shared cores are not oversubscribed."""
 
 
 def _fail_saves_after(monkeypatch, allowed: int, error: OSError):
@@ -40,12 +37,6 @@ def _fail_saves_after(monkeypatch, allowed: int, error: OSError):
     monkeypatch.setattr(torch, 'save', hook)
 
 
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and not any('Traceback' in line for line in err), err[-20:]
-    return err[-1]
-
-
 def _temporary(folder):
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(('tmp.pth.tar', '.tmp')))
 
@@ -56,7 +47,7 @@ def test_a_failed_epoch_checkpoint_stops_with_one_line_and_resume_continues(code
     folder, argv = tmp_path / 'x', train_argv(data, tmp_path, 'x', *PLAIN)
     _fail_saves_after(monkeypatch, 1, OSError(code, os.strerror(code)))
     assert train.main(argv) == 4
-    assert _one_line(capsys) == (
+    assert last_error_line(capsys) == (
         f'train.py: error: cannot write the checkpoint of epoch 1 in {folder}: {os.strerror(code).lower()}; the '
         f'partial file is removed, intact: checkpoint-0.pth.tar, last.pth.tar, model_best.pth.tar (last.pth.tar: 1 '
         f'of 2 epochs done); make room (or fix the folder) and run the same command with --resume auto')
@@ -72,7 +63,7 @@ def test_a_failed_write_asked_for_by_a_signal_still_exits_128_plus_the_signal(da
     _fail_saves_after(monkeypatch, 1, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     with signal_at_batch(7):
         assert train.main(argv) == 128 + signal.SIGTERM
-    line = _one_line(capsys)
+    line = last_error_line(capsys)
     assert line.startswith(f'train.py: error: cannot write a recovery checkpoint of epoch 1 in {folder}: no space '
                            f'left on device; the partial file is removed, intact: ') and \
         line.endswith('--resume auto (stopped by SIGTERM)')
@@ -98,7 +89,7 @@ def test_a_really_full_disk_stops_with_one_line_and_resume_continues_once_there_
     try:
         folder, argv = disk / 'x', train_argv(data, disk, 'x', *PLAIN)
         assert train.main(argv) == 4  # epoch 0's checkpoint (1.6 MB) fits, epoch 1's does not
-        line = _one_line(capsys)
+        line = last_error_line(capsys)
         assert line.startswith(f'train.py: error: cannot write the checkpoint of epoch 1 in {folder}: no space left '
                                f'on device; the partial file is removed, intact: checkpoint-0.pth.tar, '
                                f'last.pth.tar, model_best.pth.tar (last.pth.tar: 1 of 2 epochs done)'), line
@@ -122,6 +113,6 @@ def test_an_epoch_checkpoint_that_fails_after_a_stop_signal_exits_128_plus_the_s
         return save(obj, f, *args, **kwargs)
     monkeypatch.setattr(torch, 'save', signal_then_fail)
     assert train.main(train_argv(data, tmp_path, 'x', *PLAIN)) == 128 + signal.SIGTERM
-    line = _one_line(capsys)
+    line = last_error_line(capsys)
     assert line.startswith(f'train.py: error: cannot write the checkpoint of epoch 1 in {tmp_path / "x"}: no space '
                            f'left on device') and line.endswith(' (stopped by SIGTERM)')

@@ -153,3 +153,10 @@ def broadcast_from_rank0(mask: torch.Tensor) -> torch.Tensor:
     buffer = buffer.cuda() if on_cuda else buffer.clone()
     dist.broadcast(buffer, src=0)
     return buffer.to(mask.device).to(mask.dtype)
+
+
+def last_error_line(capsys) -> str:
+    """The last line a script wrote to stderr, after checking that it printed no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and not any('Traceback' in line for line in err), err[-20:]
+    return err[-1]
