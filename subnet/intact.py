@@ -28,8 +28,10 @@ __all__ = ['CHECKSUM_KEY', 'part_checksum', 'checksums', 'damaged_part', 'read_c
 _logger = logging.getLogger('train')
 
 CHECKSUM_KEY = 'payload_crc32'
-# the parts of a checkpoint a checksum covers, when present
-CHECKED_PARTS = ('state_dict', 'state_dict_ema', 'optimizer', 'epoch_position')
+# the parts of a checkpoint a checksum covers, when present: weights, the method's state (its RNG streams, GKT's
+# sample memory), optimizer, fp16 grad scaler, mid-epoch position
+CHECKED_PARTS = ('state_dict', 'state_dict_ema', 'task_state', 'task_state_ema', 'optimizer', 'amp_scaler',
+                 'epoch_position')
 # what torch.load raises for a file that is not a whole checkpoint (cut short, random bytes, empty)
 LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError,
                IndexError, TypeError, AttributeError)

@@ -14,7 +14,7 @@ import timm
 import torch
 
 import train
-from subnet.intact import CHECKSUM_KEY, read_checkpoint
+from subnet.intact import CHECKSUM_KEY, checksums, damaged_part, read_checkpoint
 from train_helpers import make_subset, run_train, signal_at_batch, train_argv
 
 pytestmark = pytest.mark.usefixtures('single_thread')  # the 2 shared cores are not oversubscribed
@@ -140,3 +140,22 @@ def test_checkpoints_with_checksums_load_in_plain_timm(finished):
                               checkpoint_path=path)
     assert torch.equal(model.fc.weight, checkpoint['state_dict']['fc.weight'])
     timm.models.load_checkpoint(model, path)
+
+
+@pytest.mark.parametrize('part', ['state_dict', 'task_state', 'optimizer', 'amp_scaler', 'epoch_position'])
+def test_the_checksum_covers_the_weights_the_methods_state_the_optimizer_the_scaler_and_the_position(part):
+    """A change inside any covered part is caught, the method's state (its RNG streams, GKT's sample memory) too."""
+    state = {'state_dict': {'w': torch.ones(3)}, 'task_state': {'rng': torch.arange(4, dtype=torch.uint8)},
+             'optimizer': {'state': {0: {'momentum_buffer': torch.zeros(3)}}}, 'amp_scaler': {'scale': 1024.0},
+             'epoch_position': {'batches': 3, 'rng': torch.arange(2)}}
+    checkpoint = dict(state, **{CHECKSUM_KEY: checksums(state)})
+    assert damaged_part(checkpoint) is None
+    inner = checkpoint[part]
+    key = next(iter(inner)) if part != 'optimizer' else 'state'
+    if part == 'optimizer':
+        inner['state'][0]['momentum_buffer'][1] = 1e-7
+    elif torch.is_tensor(inner[key]):
+        inner[key].view(-1)[-1] += 1
+    else:
+        inner[key] = inner[key] * 2 if isinstance(inner[key], float) else inner[key] + 1
+    assert damaged_part(checkpoint) == part
