@@ -37,7 +37,7 @@ METHODS = {
     'none': [],
     'cosub': ['--mixup', '0.2', '--torchcompile', '--cosub-impl', 'skip'],
     'st': [],
-    'st++': ['--st-min-keep', '1', '--st-min-size', '0.75'],
+    'st++': ['--st-min-keep', '1'],  # ResNet-18's stages hold 2 blocks: ST++'s 3 would keep them all
     'gkt': [],
 }
 DEFAULT_SCOPES = {'none': 'model', 'cosub': 'model', 'st': 'blocks', 'st++': 'blocks', 'gkt': 'blocks'}
@@ -72,11 +72,12 @@ def steps_for(cli) -> int:
 def train_steps(method: str, task, optimizer, args, cli, after_step=None, steps=None) -> list:
     """Step times of ``steps`` (``cli.steps``) steps on seeded random batches (the same batches every run)."""
     setup, times = StepSetup(device=torch.device('cpu')), []
+    clock = time.process_time if getattr(cli, 'clock', 'wall') == 'cpu' else time.perf_counter
     for step in range(steps or cli.steps):
         batch = random_batch(method, cli.img_size, cli.batch_size, seed=step)
-        start = time.perf_counter()
+        start = clock()
         train_one_epoch(0, task, [batch], optimizer, LoopOptions.from_args(args), setup)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
         if after_step is not None:
             after_step()
     return times
@@ -127,16 +128,25 @@ def main():
     parser.add_argument('--model-steps', type=int, default=None,
                         help='steps of the whole-model scope rows (default: --steps)')
     parser.add_argument('--backend', default='inductor')
-    parser.add_argument('--img-size', type=int, default=64)
-    parser.add_argument('--batch-size', type=int, default=4)
-    parser.add_argument('--threads', type=int, default=0)
+    # 224 px: the crop timm trains ResNets at (its default input size, ImageNet's); batch 8 keeps a step about a
+    # second on one CPU thread. At 64 px, batch 4 (a 30 ms step) each compiled region's fixed call cost shows
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch intra-op threads, and inductor compiles in this process when 1 (default: 1)')
+    parser.add_argument('--clock', default='cpu', choices=('wall', 'cpu'),
+                        help="'cpu': this process's CPU time (default; with one thread on a shared machine, what our "
+                             "thread ran, other jobs' load not counted), or 'wall' time")
     cli = parser.parse_args()
     if cli.threads:
         torch.set_num_threads(cli.threads)
+    if cli.threads == 1:
+        from torch._inductor import config as inductor_config
+        inductor_config.compile_threads = 1  # compile in this process: the cpu clock counts compilation
     logging.getLogger('train').setLevel(logging.ERROR)
     print(f'torch {torch.__version__}, backend {cli.backend}, {cli.steps} steps per method, slim ResNet-18 at '
-          f'{cli.img_size} px, batch {cli.batch_size}, {torch.get_num_threads()} threads; recompile limit '
-          f'{torch._dynamo.config.recompile_limit}; * the method\'s default scope')
+          f'{cli.img_size} px, batch {cli.batch_size}, {torch.get_num_threads()} threads, {cli.clock} time; recompile '
+          f'limit {torch._dynamo.config.recompile_limit}; * the method\'s default scope')
     print()
     print('| method | scope | steps | distinct subnets | frames | graphs | recompiles | graphs in the last half | '
           'first step | later steps (mean) | last half (mean) | eager step (mean) | later / eager | '

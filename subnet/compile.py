@@ -2,16 +2,17 @@
 
 Compiling the whole model traces the subnet the depth engine installed: a new subnet is a new graph, so methods
 whose subnet changes every step (ST, ST++, GKT) keep compiling. The block scope is PyTorch's regional compilation:
-each block's own class ``forward`` is compiled and installed as that block's instance-level ``forward``; the
-modules outside the blocks that hold parameters (the stem, the head) are compiled the same way. The depth engine
-puts its own instance-level forward in front of a block it skips or runs on some rows and calls the compiled one
-underneath (``InstanceForward.previous``), so which blocks run is plain Python around compiled code and a new
-subnet compiles nothing. Blocks of one class share dynamo's cache entries (the same code, guarded on structure,
-not on identity), so the graphs are bounded by the distinct block types, their variants (full net, inside a
-subnet, BatchNorm statistics frozen or not, training or eval) and their widths; sizes that vary from step to step
-(ST++'s subnet inputs, per-row skipping) are made symbolic by dynamo's automatic dynamic shapes after the second
-size seen (dynamic shapes, not a set of sizes: ST++'s sizes stay exactly its uniform draw), so they add a few
-graphs per region (dynamo specializes a size of 1), not one per size.
+each block's forward is compiled and installed as that block's instance-level ``forward``; the modules outside the
+blocks that hold parameters (the stem, the head) are compiled the same way. The depth engine puts its own
+instance-level forward in front of a block it skips or runs on some rows and calls the compiled one underneath
+(``InstanceForward.previous``), so which blocks run is plain Python around compiled code and a new subnet compiles
+nothing. Each region is its own dynamo frame (``_own_forward``), so the graphs are bounded by the regions and
+their variants (full net, inside a subnet, BatchNorm statistics frozen or not, training or eval), not by the
+subnets; sizes that vary from step to step (ST++'s subnet inputs, per-row skipping) are made symbolic by dynamo's
+automatic dynamic shapes after the second size a region sees (dynamic shapes, not a set of sizes: ST++'s sizes
+stay exactly its uniform draw), so they add a few graphs per region (dynamo specializes a size of 1), not one per
+size. Each compiled region costs a fixed amount per call (dynamo's guard check, AOTAutograd's forward and backward
+wrappers): tiny steps are slower compiled (README, Speed).
 
 The compiled forward is a bound method in the module's ``__dict__``: ``deepcopy`` (EMA) binds it to the copy,
 and ``state_dict`` does not see it.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 import types
 import weakref
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ __all__ = ['SCOPES', 'compile_scope', 'compile_regions', 'compile_task', 'compil
 _logger = logging.getLogger('train')
 
 SCOPES = ('model', 'blocks')
-_COMPILED = weakref.WeakSet()  # the compiled class forwards compile_regions made (a deepcopy shares them)
+_COMPILED = weakref.WeakSet()  # the compiled region forwards compile_regions made (a deepcopy shares them)
 
 
 def compile_scope(args, method_cls) -> str:
@@ -58,7 +59,7 @@ def compile_regions(model: nn.Module, block_modules: Sequence[nn.Module], *, bac
                     mode: Optional[str] = None, dynamic: Optional[bool] = None) -> List[nn.Module]:
     """Compile each block of ``model`` and each parameter-holding module outside them, in place; return them.
 
-    One compiled function per class (dynamo caches per code object anyway); each region gets it bound as its
+    Each region gets its own compiled copy of its class's ``forward`` (``_own_forward``), bound as its
     instance-level ``forward``.
     """
     model = unwrap_model(model)
@@ -66,17 +67,40 @@ def compile_regions(model: nn.Module, block_modules: Sequence[nn.Module], *, bac
     options = _inductor_options(mode) if backend == 'inductor' else None
     if options is not None:
         mode = None  # torch.compile takes a mode or options, not both: the mode's options are in ``options``
-    compiled: Dict[type, object] = {}
+    names = {m: n for n, m in model.named_modules()}
     for region in regions:
         if 'forward' in region.__dict__:
             raise ValueError(f'{type(region).__name__} already has an instance-level forward: compile the regions '
                              f'outside any depth context, once')
-        cls = type(region)
-        if cls not in compiled:
-            compiled[cls] = torch.compile(cls.forward, backend=backend, mode=mode, dynamic=dynamic, options=options)
-            _COMPILED.add(compiled[cls])
-        region.__dict__['forward'] = types.MethodType(compiled[cls], region)
+        compiled = torch.compile(_own_forward(type(region), names[region]), backend=backend, mode=mode,
+                                 dynamic=dynamic, options=options)
+        _COMPILED.add(compiled)
+        region.__dict__['forward'] = types.MethodType(compiled, region)
     return regions
+
+
+def _own_forward(cls: type, name: str):
+    """A function calling ``cls.forward``, with a code object of its own named after the region
+    (``BasicBlock.forward[layer1.0]``): the frame dynamo compiles for that region alone.
+
+    Dynamo keeps compiled graphs per code object, and its automatic-dynamic decisions per code name and line. Sharing
+    one frame across regions (one compiled ``cls.forward`` per class; torch.nn's own forwards, which dynamo enters
+    through one shared wrapper) made the blocks of different widths and spatial sizes one frame: dynamo saw its
+    sizes change from block to block and made them symbolic (guards evaluated in Python, slower kernels), and each
+    call walked the cache entries of every block (timm's drop-path rates differ per block, so each block had its
+    own graphs anyway). Per region, a fixed input size keeps static shapes and a call checks only its own entries
+    (full net, subnet with BN frozen, eval); ST++'s varying sizes still make that region's sizes symbolic.
+    """
+    forward = cls.forward
+
+    def region_forward(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+
+    label = f'{forward.__qualname__}[{name}]'
+    code = region_forward.__code__.replace(co_name=label, co_qualname=label)
+    own = types.FunctionType(code, region_forward.__globals__, label, None, region_forward.__closure__)
+    own.__qualname__ = label
+    return own
 
 
 def _inductor_options(mode: Optional[str]) -> dict:

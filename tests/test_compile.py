@@ -105,6 +105,38 @@ def test_block_scope_compiles_blocks_stem_and_head_and_no_new_subnet_or_input_si
     assert sized[-1] <= 2 * len(compiled_blocks.regions)
 
 
+def test_block_scope_compiles_each_region_on_its_own_with_static_shapes_at_a_fixed_input_size(single_thread):
+    """Blocks of one class but other widths, spatial sizes and drop-path rates are separate frames: sharing one
+    (one compiled class forward) made dynamo see the sizes change from block to block and make them symbolic."""
+    torch._dynamo.reset()
+    symbolic, graphs = [], []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        symbolic.extend(size for value in example_inputs if torch.is_tensor(value) for size in value.shape
+                        if isinstance(size, torch.SymInt))
+        symbolic.extend(value for value in example_inputs if isinstance(value, torch.SymInt))
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', channels=(8, 16, 32, 64), stem_width=8, num_classes=10,
+                              drop_path_rate=0.1).train()
+    depth = DepthEngine(model, input_size=(3, 64, 64))
+    regions = compile_regions(model, [b.module for b in depth.block_map.blocks], backend=backend)
+    codes = {region.forward.__func__._torchdynamo_orig_callable.__code__ for region in regions}
+    assert len(codes) == len(regions) == 11
+    keep = [True] * depth.num_blocks
+    keep[[b.index for b in depth.block_map.blocks if b.skippable][0]] = False
+    for _ in range(2):
+        model(torch.randn(2, 3, 64, 64)).sum().backward()
+        with frozen_running_stats(model), depth.subnet(keep):
+            model(torch.randn(2, 3, 64, 64)).sum().backward()
+    torch._dynamo.reset()
+    # a graph per region for the full net; for the subnet pass (BN frozen: momentum 0) one per kept region that
+    # holds a BN (7 blocks and the stem's BN; conv1 and fc reuse theirs): all with static shapes
+    assert len(graphs) == 11 + 8 and symbolic == []
+
+
 @pytest.mark.parametrize('method', ['st', 'st++', 'gkt'])
 def test_block_scope_counts_a_bounded_number_of_graphs_over_many_distinct_subnets(method, single_thread):
     counts = compile_methods.measure(method, SimpleNamespace(steps=12, backend='eager', img_size=64, batch_size=4,
