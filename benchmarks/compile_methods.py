@@ -6,13 +6,16 @@ Each method's task is built as train.py builds it and compiled as ``--torchcompi
 trained for ``--steps`` steps through the real epoch loop on random batches; the same steps also run uncompiled.
 Columns: the distinct subnets the depth engine was given; the frames dynamo compiled (``unique_graphs``); the graphs
 the backend was handed (a counting wrapper around it); recompiles, the frames compiled after the first step (a new
-subnet or input size that needed a graph); the graphs compiled in the second half of the steps (0: the count has
-stopped growing); the first step (compilation included), the mean of the later steps and of the last half of the
-steps, the mean eager step (its first step left out too) and the ratios. train.py imports ``timm.optim``, which
-raises dynamo's recompile limit to 1,000,000, and so does this script.
+subnet, input size or region variant that needed a graph); the graphs compiled in the second half of the steps (0:
+the count has stopped growing); the first step (compilation included), the mean of the later steps (the later
+compilations included) and of the last half of the steps, the mean eager step (its first step left out too) and
+the ratios. train.py imports ``timm.optim``, which raises dynamo's recompile limit to 1,000,000, and so does this
+script. By default one thread and the process's CPU time (inductor then compiles in this process, so compilation
+is counted): on a machine shared with other jobs, wall time mostly measures their load.
 
-    python benchmarks/compile_methods.py --steps 24 --model-steps 8 --threads 1 --methods st,st++,gkt  # inductor
-    python benchmarks/compile_methods.py --steps 24 --backend eager          # dynamo's decisions alone, fast
+    python benchmarks/compile_methods.py --methods st,st++,gkt                  # both scopes, inductor
+    python benchmarks/compile_methods.py --scopes model --steps 3 --methods st++,gkt   # the whole model: slow
+    python benchmarks/compile_methods.py --backend eager                        # dynamo's decisions alone, fast
 """
 import argparse
 import logging
