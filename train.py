@@ -42,14 +42,14 @@ from timm.utils import trim_summary, unwrap_model
 
 from subnet import checks, downloads, global_batch, intact, logs, option_ranges, plots, resume, run_folder
 from subnet.compile import compile_scope, compile_task
-from subnet.criterion import build_criterion
+from subnet.criterion import build_criterion, is_multilabel
 from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
                          set_loader_epoch)
 from subnet.device import (check_precision_args, limit_workers, model_dtype as dtype_of, training_device,
                            training_precision, use_default_device)
 from subnet.divergence import DivergenceLimit
 from subnet.errors import EXIT_USAGE, InputError, RunStopped, UsageError, WriteFailed
-from subnet.evaluation import SubnetMonitor, evaluate
+from subnet.evaluation import SubnetMonitor, evaluate, evaluator_class
 from subnet.guard import RunGuard
 from subnet.loop import LoopOptions, StepSetup, train_one_epoch
 from subnet.methods import method_class
@@ -60,10 +60,27 @@ from subnet.timm_options import parse_train_args, train_option_sources
 
 _logger = logging.getLogger('train')
 
+# the dataset readers of timm 1.0.31 whose targets may be label lists, multi-hot vectors or binary fields
+MULTILABEL_READERS = ('hfds', 'hfids', 'wds', 'tfds')
+
 
 def check_method_args(args) -> None:
     """The chosen method's configuration checks (one line each); they may fill the method's defaults."""
     method_class(args.method).check_args(args)
+
+
+def check_task_args(args) -> None:
+    """``--task multilabel`` needs a reader that gives label lists, and every task ranks checkpoints by a metric
+    its evaluator produces."""
+    metrics = evaluator_class(args).metric_names
+    if args.eval_metric not in metrics:
+        raise UsageError(f'--eval-metric {args.eval_metric} is not a metric the {args.task} evaluation produces '
+                         f'(one of {", ".join(metrics)})')
+    kind = args.dataset.partition('/')[0].lower() if '/' in args.dataset else ''
+    if is_multilabel(args) and kind not in MULTILABEL_READERS:
+        raise UsageError(f'--task multilabel needs a dataset whose targets are label lists, read by timm\'s '
+                         f'{"/, ".join(MULTILABEL_READERS)}/ readers (--dataset hfds/NAME --target-key FIELD); '
+                         f'{"an image folder" if not kind else f"a {kind}/ dataset"} holds one class per image')
 
 
 def preflight(args) -> None:
@@ -77,8 +94,7 @@ def preflight(args) -> None:
     check_precision_args(args, amp_needs_fp32_model=True)
     if args.aug_splits == 1:
         raise UsageError('--aug-splits 1 makes no sense: use 0 (off) or 2 or more')
-    if args.jsd_loss and args.aug_splits < 2:
-        raise UsageError('--jsd-loss needs --aug-splits 2 or more')
+    check_task_args(args)
     checks.check_distributed_options(args)
     if args.compile_scope and not args.torchcompile:
         raise UsageError(f'--compile-scope {args.compile_scope} needs --torchcompile (it says what to compile)')
@@ -340,7 +356,7 @@ def build(args) -> Training:
     checks.check_eval_classes(args, loaders.train, loaders.eval)
     derive_lr(args, loaders.batch_size_reference)
 
-    criterion = build_criterion(args, num_aug_splits, mixup_kwargs(args) is not None).to(device)
+    criterion = build_criterion(args, args.num_classes).to(device)
     task = method_class(args.method).from_args(args, model, criterion, device=device, dtype=model_dtype,
                                                input_size=data_config['input_size'], verbose=utils.is_primary(args))
     optimizer = build_optimizer(args, task)

@@ -33,10 +33,11 @@ from timm import utils
 from timm.data import RealLabelsImagenet, create_dataset, resolve_data_config
 from timm.layers import apply_test_time_pool, set_fast_norm
 from timm.models import create_model, is_model, list_models, load_checkpoint
+from timm.task.evaluator import MultiLabelClassificationEvaluator
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
 
 from subnet import checks, downloads, evaluation, export, logs, option_ranges, plots
-from subnet.data import FixedSample, check_image_folders, loader_images
+from subnet.data import FixedSample, check_image_folders, loader_images, target_options
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
 from subnet.errors import InputError, UsageError
@@ -51,7 +52,7 @@ _NON_IN1K_FILTERS = ['*_in21k', '*_in22k', '*in12k', '*_dino', '*fcmae', '*seer'
 
 # validate.py options (dests) filled from a checkpoint's training args when not given on the command line
 _FROM_TRAINING = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'gp', 'img_size', 'input_size', 'crop_pct',
-                  'mean', 'std', 'interpolation')
+                  'mean', 'std', 'interpolation', 'task', 'target_format', 'multilabel_threshold')
 
 
 def adopt_training_args(args, argv) -> None:
@@ -121,7 +122,7 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
             root=root, name=args.dataset, split=split, download=args.dataset_download,
             load_bytes=args.tf_preprocessing, class_map=args.class_map, num_samples=args.num_samples,
             input_key=args.input_key, input_img_mode=input_img_mode, target_key=args.target_key,
-            trust_remote_code=args.dataset_trust_remote_code, seed=args.seed)
+            trust_remote_code=args.dataset_trust_remote_code, seed=args.seed, **target_options(args))
     dataset = readable(dataset, training=False)
     if sample and not isinstance(dataset, torch.utils.data.IterableDataset):
         dataset = FixedSample(dataset, sample, args.seed)
@@ -172,15 +173,26 @@ def prepare(args) -> tuple:
     return device, model_dtype, amp_autocast
 
 
+def _metric_fields(metrics: dict) -> tuple:
+    """The task's result fields and their `` * `` log line: timm's top-1/top-5 (and their errors), or for
+    multi-label the evaluator's mAP and F1 scores under its own names."""
+    if 'map' in metrics:
+        names = MultiLabelClassificationEvaluator.metric_names[1:]
+        fields = OrderedDict((name, round(metrics[name], 4)) for name in names)
+        return fields, ' * ' + ' '.join(f'{name} {fields[name]:.3f}' for name in names)
+    top1, top5 = metrics['top1'], metrics['top5']
+    fields = OrderedDict(top1=round(top1, 4), top1_err=round(100 - top1, 4), top5=round(top5, 4),
+                         top5_err=round(100 - top5, 4))
+    return fields, (f' * Acc@1 {fields["top1"]:.3f} ({fields["top1_err"]:.3f}) '
+                    f'Acc@5 {fields["top5"]:.3f} ({fields["top5_err"]:.3f})')
+
+
 def result_row(args, metrics: dict, scores: dict, param_count: int, data_config: dict, crop_pct) -> OrderedDict:
     """timm's result row of one evaluation, logged as timm's `` * Acc@1`` line."""
-    top1, top5 = metrics['top1'], metrics['top5']
-    result = OrderedDict(model=args.model, top1=round(top1, 4), top1_err=round(100 - top1, 4),
-                         top5=round(top5, 4), top5_err=round(100 - top5, 4), **scores,
+    fields, line = _metric_fields(metrics)
+    result = OrderedDict(model=args.model, **fields, **scores,
                          param_count=round(param_count / 1e6, 2), img_size=data_config['input_size'][-1],
                          crop_pct=crop_pct, interpolation=data_config['interpolation'])
-    line = (f' * Acc@1 {result["top1"]:.3f} ({result["top1_err"]:.3f}) '
-            f'Acc@5 {result["top5"]:.3f} ({result["top5_err"]:.3f})')
     if metrics.get('unreadable_images'):  # a column only then: timm's result fields otherwise
         result['unreadable_images'] = metrics['unreadable_images']
         line += f' | {metrics["unreadable_images"]} unreadable images left out'
@@ -195,6 +207,7 @@ def result_row(args, metrics: dict, scores: dict, param_count: int, data_config:
 def validate(args):
     """Validate one model (and checkpoint); returns timm's result row, or with --subnets a list of rows (the
     full net's first, then one per subnet with the SUBNET_FIELDS appended)."""
+    check_task_options(args)  # after a checkpoint's training args were adopted: its --task among them
     device, model_dtype, amp_autocast = prepare(args)
     model, data_config, test_time_pool, param_count = build_model(args, device, model_dtype)
     patch_size = naflex_patch_size(model) if args.naflex_loader else None
@@ -302,6 +315,22 @@ def write_results(path: str, results, format: str = 'csv') -> None:
     os.replace(tmp, path)
 
 
+def check_task_options(args) -> None:
+    """Options of single-label evaluation that a multi-label one cannot take."""
+    if args.task != 'multilabel':
+        if args.target_format == 'multihot':
+            raise UsageError('--target-format multihot reads multi-hot label vectors: it needs --task multilabel')
+        return
+    for option, given in (('--metrics-avg', args.metrics_avg), ('--real-labels', args.real_labels),
+                          ('--valid-labels', args.valid_labels)):
+        if given:
+            raise UsageError(f'{option} scores single-label predictions: it does not apply to --task multilabel '
+                             f'(which reports mAP and micro, macro and sample F1)')
+    if not args.dataset or args.dataset.partition('/')[0].lower() not in ('hfds', 'hfids', 'wds', 'tfds'):
+        raise UsageError("--task multilabel needs a dataset whose targets are label lists, read by timm's hfds/, "
+                         'hfids/, wds/ or tfds/ readers (--dataset hfds/NAME --target-key FIELD)')
+
+
 def check_subnet_options(args) -> None:
     """Mistakes in the subnet options, caught before any model is built."""
     if args.bn_recal < 0:
@@ -377,7 +406,8 @@ def run(argv) -> int:
                 groups.append((checkpoint or config_args.model, rows))
         except KeyboardInterrupt:
             pass
-        groups.sort(key=lambda group: group[1][0]['top1'], reverse=True)
+        metric = evaluation.task_metric(args)
+        groups.sort(key=lambda group: group[1][0][metric], reverse=True)
         results = [row for _, rows in groups for row in rows]
     else:
         adopt_training_args(args, argv)

@@ -21,7 +21,7 @@ from timm.optim import get_optimizer_info, list_optimizers
 
 from .errors import UsageError
 
-__all__ = ['Interval', 'OneOf', 'Values', 'RANGES', 'SCHEDULERS', 'EVAL_METRICS', 'check_ranges', 'check_together',
+__all__ = ['Interval', 'OneOf', 'Values', 'RANGES', 'SCHEDULERS', 'check_ranges', 'check_together',
            'check_resumed_position']
 
 
@@ -111,8 +111,6 @@ def _augment_policy(name: str) -> bool:
 
 # timm's create_scheduler_v2 (1.0.31) builds these; any other name raises there, after the model and data
 SCHEDULERS = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'none')
-# what the evaluation reports (top-1/top-5 accuracy, loss) and may rank checkpoints by
-EVAL_METRICS = ('top1', 'top5', 'loss')
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 
 POSITIVE = Interval(0, low_open=True)
@@ -164,6 +162,8 @@ RANGES = {
     '--cutmix-minmax': Values(PROBABILITY, counts=(2,), ordered=True), '--mixup-prob': PROBABILITY,
     '--mixup-switch-prob': PROBABILITY, '--mixup-mode': OneOf(('batch', 'pair', 'elem'), 'batch, pair or elem'),
     '--mixup-off-epoch': NON_NEGATIVE, '--smoothing': RATE,
+    '--multilabel-threshold': Interval(0, 1, low_open=True, high_open=True), '--loss-weight-power': NON_NEGATIVE,
+    '--poly-gamma': NON_NEGATIVE,
     '--train-interpolation': OneOf(('random',) + INTERPOLATIONS, f"random or one of {', '.join(INTERPOLATIONS)}",
                                    _interpolation),
     '--drop': RATE, '--drop-connect': RATE, '--drop-path': RATE, '--drop-block': RATE,
@@ -174,7 +174,6 @@ RANGES = {
     # run control
     '--worker-seeding': OneOf(('all', 'part'), 'all or part'), '--log-interval': AT_LEAST_ONE,
     '--val-interval': AT_LEAST_ONE, '--recovery-interval': NON_NEGATIVE, '--checkpoint-hist': AT_LEAST_ONE,
-    '--eval-metric': OneOf(EVAL_METRICS, f"one the evaluation reports: {', '.join(EVAL_METRICS)}"),
     '--tta': NON_NEGATIVE, '--train-batches-per-epoch': AT_LEAST_ONE,
     '--train-img-sizes': Values(AT_LEAST_ONE), '--train-batch-sizes': Values(AT_LEAST_ONE),
     '--train-size-probs': Values(NON_NEGATIVE), '--train-size-schedule-spread': PROBABILITY,

@@ -21,9 +21,14 @@ from typing import List, Optional, Set, Tuple
 import yaml
 from timm.utils import ParseKwargs
 
+from timm.data.readers.targets import TARGET_FORMATS
+from timm.loss import LOSS_TYPES
+from timm.task.evaluator import MultiLabelClassificationEvaluator
+
+from .criterion import TASKS, is_multilabel, resolve_loss_args
 from .methods import import_extra_methods
 from .subnet_options import add_train_options, add_validate_options
-from .errors import UsageError, first_line
+from .errors import InputError, UsageError, first_line
 
 _logger = logging.getLogger('train')
 
@@ -328,6 +333,54 @@ def _timm_1031_options(parser: argparse.ArgumentParser) -> None:
                    help='also keep milestone-<N>.pth.tar after N completed epochs (forces an eval)')
 
 
+def _task_options(parser: argparse.ArgumentParser) -> None:
+    """timm 1.0.31's task and loss options (its README's "What's New", its tests/test_multilabel.py)."""
+    g = parser.add_argument_group('Task and loss (timm 1.0.31)')
+    _task_reading_options(g)
+    g.add_argument('--loss', default=None, choices=LOSS_TYPES,
+                   help='training loss (default: ce, or bce for --task multilabel); --bce-loss / --jsd-loss are its '
+                        'legacy spellings')
+    g.add_argument('--loss-pos-weight', default=None, type=str, metavar='WEIGHTS',
+                   help="positive-term weights (bce, multi-label asl): a number, a comma list, a file, or 'neg_pos' "
+                        '(computed from --class-stats)')
+    g.add_argument('--loss-class-weight', default=None, type=str, metavar='WEIGHTS',
+                   help="per-class weights (bce, multi-label asl): a number, a comma list, a file, or 'inv_freq' / "
+                        "'effective_num' (computed from --class-stats)")
+    g.add_argument('--loss-weight-power', default=1.0, type=float, metavar='P',
+                   help='exponent of the weights computed from class stats (0.5: square root; default: 1)')
+    g.add_argument('--class-stats', default=None, type=str, metavar='FILE',
+                   help='JSON file of per-class positive counts and the sample count (pos_counts, num_samples), '
+                        'for the computed weights and the db loss')
+    g.add_argument('--poly-gamma', default=0.0, type=float, help='focusing parameter of the multi-label poly loss')
+    g.add_argument('--poly-epsilon', default=2.0, type=float,
+                   help="Poly-1 coefficient (default: 2, timm's create_classification_loss)")
+
+
+def _task_reading_options(parser) -> None:
+    """What a dataset's targets are: the same options in train.py and validate.py."""
+    parser.add_argument('--task', default='classification', choices=TASKS,
+                        help="'classification' (one class per image, softmax) or 'multilabel' (any number of "
+                             'classes per image, a sigmoid per class; evaluated by mAP and F1)')
+    parser.add_argument('--target-format', default=None, choices=TARGET_FORMATS,
+                        help="'indices' (a list of class indices, the default) or 'multihot' (a 0/1 vector per image)")
+    parser.add_argument('--multilabel-threshold', default=0.5, type=float, metavar='P',
+                        help='sigmoid probability at which a label counts as predicted, for the F1 metrics')
+
+
+def resolve_task_args(args: argparse.Namespace, given: Set[str], parser: argparse.ArgumentParser) -> None:
+    """After parsing: the task's defaults for what the user left unset (``--smoothing`` 0 and ``--eval-metric map``
+    for multi-label), the legacy loss flags mapped onto ``--loss``, and the loss refusals, each one parser error."""
+    if is_multilabel(args):
+        if 'smoothing' not in given:
+            args.smoothing = 0.0
+        if 'eval_metric' not in given:
+            args.eval_metric = MultiLabelClassificationEvaluator.default_metric
+    try:
+        resolve_loss_args(args)
+    except InputError as e:
+        parser.error(str(e))
+
+
 def train_parser() -> argparse.ArgumentParser:
     """timm's train.py parser, then subnet's own groups (``subnet/subnet_options.py``, the method registry)."""
     parser = OneLineParser(prog='train.py', description='Train a timm model, optionally with a submodel method.')
@@ -337,6 +390,7 @@ def train_parser() -> argparse.ArgumentParser:
     # abbreviations resolve to these first (timm main's flags), then to 1.0.31's and ours
     parser.timm_flags = frozenset(s for a in parser._actions for s in a.option_strings)
     _timm_1031_options(parser)
+    _task_options(parser)
     add_train_options(parser)
     return parser
 
@@ -487,6 +541,8 @@ def parse_train_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespa
     parser.set_defaults(**defaults)
     args = parser.parse_args(remaining)
     merge_config_kwargs(args, defaults, parser)
+    given = given_on_command_line(_train_config(argv)[3], remaining) | set(defaults)
+    resolve_task_args(args, given, parser)
     # the namespace as given (lr: null when it will be derived), replayable with -c, as timm writes it
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     return args, args_text
@@ -591,5 +647,6 @@ def validate_parser() -> argparse.ArgumentParser:
     p.add_argument('--naflex-loader', action='store_true', default=False, help='NaFlex loader')
     p.add_argument('--naflex-max-seq-len', type=int, default=576, help='NaFlex sequence length')
     p.timm_flags = frozenset(s for a in p._actions for s in a.option_strings)
+    _task_reading_options(p.add_argument_group('Task (timm 1.0.31)'))
     add_validate_options(p)
     return p

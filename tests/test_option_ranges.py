@@ -41,8 +41,8 @@ BAD = {
               + ", got 'bogus'"),
     'opt': (['--opt', 'adamww'], "--opt must be one of timm's optimizers (timm.optim.list_optimizers(), optionally "
             "with a lookahead_ prefix), got 'adamww' (closest: adamw, "),
-    'eval-metric': (['--eval-metric', 'bogus'], "--eval-metric must be one the evaluation reports: top1, top5, loss, "
-                    "got 'bogus'"),
+    'eval-metric': (['--eval-metric', 'bogus'], '--eval-metric bogus is not a metric the classification evaluation '
+                    'produces (one of loss, top1, top5)'),
     'mean': (['--mean', '1', '2'], '--mean takes 1 value or one per input channel (3), got 2'),
     'model-kwargs': (['--model-kwargs', 'depth=abc'], "resnet18 cannot be built with --model-kwargs depth='abc' "
                      "(ResNet.__init__() got an unexpected keyword argument 'depth')"),

@@ -85,7 +85,7 @@ def build_recipe(name: str) -> Built:
         model = train.build_model(args)
     data_config = resolve_data_config(vars(args), model=model, verbose=False)
     loaders = build_loaders(args, data_config, torch.device('cpu'), None, 0)
-    criterion = build_criterion(args, 0, mixup_kwargs(args) is not None)
+    criterion = build_criterion(args, args.num_classes)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     gpus = header_gpus(path)
     images = IMAGENET_TRAIN_IMAGES if 'quickstart' not in name else len(loaders.train.dataset)

@@ -65,7 +65,7 @@ def method_training(method: str, extra=(), size: int = 64, amp: bool = False):
     torch.manual_seed(0)
     model = timm.create_model('resnet18', channels=(8, 16, 32, 64), stem_width=8, num_classes=10,
                               zero_init_last=False, drop_path_rate=args.drop_path)
-    criterion = build_criterion(args, 0, mixup_active=method == 'cosub')
+    criterion = build_criterion(args, 10)
     task = method_class(method).from_args(args, model, criterion, input_size=(3, size, size), verbose=False)
     optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=args.lr, momentum=0.9)
     return task, optimizer, args
