@@ -262,3 +262,13 @@ def test_library_modules_raise_input_error_never_usage_error():
     offenders = {p.relative_to(package).as_posix(): lines for p in checked if (lines := _usage_error_uses(p))}
     assert offenders == {}, f'library modules build UsageError (raise InputError/ValueError instead): {offenders}'
     assert _usage_error_uses(package / 'checks.py'), 'the check itself must see a raise in the parsing layer'
+
+
+def test_each_deliberate_difference_the_peer_suite_expects_is_in_the_readme():
+    """tests/peer/timm_peer.py marks timm's tests of our differences strict-xfail; the README says each, and why."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('timm_peer', DATA.parent / 'peer' / 'timm_peer.py')
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    readme = (DATA.parents[1] / 'README.md').read_text()
+    assert peer.DIFFERENCES and all(f'`{key.split("::")[1]}`' in readme for key in peer.DIFFERENCES)
