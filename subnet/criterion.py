@@ -22,8 +22,8 @@ from .errors import InputError
 __all__ = ['TASKS', 'is_multilabel', 'resolve_loss_args', 'loss_kwargs', 'build_criterion']
 
 TASKS = ('classification', 'multilabel')
-# --smoothing when not given: timm's 0.1 for softmax classification; none for multi-label, where smoothing pulls
-# each label towards 0.5 (timm 1.0.31's README: "label smoothing ... default 0 for multi-label")
+# --smoothing when not given: timm's 0.1 for softmax classification; 0 for multi-label (timm 1.0.31's README, "What's
+# New", September 2026: "Label smoothing moves each target towards 0.5 and defaults to 0 for multi-label")
 DEFAULT_SMOOTHING = {'classification': 0.1, 'multilabel': 0.0}
 
 
