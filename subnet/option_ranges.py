@@ -216,9 +216,12 @@ def _problem(rule, value) -> Optional[str]:
     return f'must be {rule.describe()}, got {value}'
 
 
-def check_ranges(args: argparse.Namespace) -> None:
-    """Every value of ``args`` that ``RANGES`` declares is in its range: else one line naming the first that is not."""
+def check_ranges(args: argparse.Namespace, flags: Optional[Sequence[str]] = None) -> None:
+    """Every value of ``args`` that ``RANGES`` declares (or only those of ``flags``) is in its range: else one line
+    naming the first that is not."""
     for flag, rule in RANGES.items():
+        if flags is not None and flag not in flags:
+            continue
         value = getattr(args, _dest(flag), None)
         if value is None:
             continue

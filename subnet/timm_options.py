@@ -28,6 +28,7 @@ from timm.loss import LOSS_TYPES
 from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificationEvaluator
 
 from .criterion import TASKS, is_multilabel, resolve_loss_args
+from .option_ranges import check_ranges
 from .methods import import_extra_methods
 from .subnet_options import add_train_options, add_validate_options
 from .errors import InputError, UsageError, first_line
@@ -391,9 +392,14 @@ def resolve_task_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         evaluator = MultiLabelClassificationEvaluator if is_multilabel(args) else ClassificationEvaluator
         args.eval_metric = evaluator.default_metric
     try:
+        check_ranges(args, _LOSS_VALUES)  # before the loss is built on paper, which would assert on them
         resolve_loss_args(args)
-    except InputError as e:
+    except (UsageError, InputError) as e:
         parser.error(str(e))
+
+
+# the numbers resolve_loss_args gives timm's loss factory
+_LOSS_VALUES = ('--smoothing', '--bce-target-thresh', '--bce-pos-weight', '--loss-weight-power', '--poly-gamma')
 
 
 def train_parser() -> argparse.ArgumentParser:

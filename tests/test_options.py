@@ -227,12 +227,14 @@ def test_every_shipped_recipe_parses_cleanly_and_passes_the_method_checks(recipe
     assert keys <= set(vars(args)), f'{recipe}: keys train.py does not know: {keys - set(vars(args))}'
     train.check_method_args(args)
     assert train.resolve_model_name(args.model)
-    if 'quickstart' in recipe:
-        assert (root / args.data_dir).is_dir() and args.experiment == recipe[:-len('.yaml')]
-    # plain timm training: the quickstart, DeiT III's fine-tuning stage (no source runs cosub there), and the
-    # accuracy studies' recipes, which every arm of a study shares (each adds its own --method)
-    assert args.method != 'none' or recipe in ('quickstart.yaml', 'study_fashion_mnist.yaml',
-                                               'study_vit_fashion_mnist.yaml') \
+    if 'quickstart' in recipe:  # its shipped data: an image folder, or a local Parquet dataset for hfds/
+        data = root / (args.data_dir or args.dataset.partition('/')[2])
+        assert data.is_dir() and args.experiment == recipe[:-len('.yaml')]
+    # plain timm training: the quickstarts (the multi-label one also runs cosub, with --method cosub), DeiT III's
+    # fine-tuning stage (no source runs cosub there), and the accuracy studies' recipes, which every arm of a study
+    # shares (each adds its own --method)
+    assert args.method != 'none' or recipe in ('quickstart.yaml', 'multilabel_quickstart.yaml',
+                                               'study_fashion_mnist.yaml', 'study_vit_fashion_mnist.yaml') \
         or recipe.endswith('_ft224.yaml')
 
 
