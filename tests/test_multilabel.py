@@ -233,3 +233,15 @@ def test_unreadable_multilabel_images_are_left_out_of_the_metrics():
     target = torch.tensor([[1., 0.], [0., 1.], [NOT_COUNTED, NOT_COUNTED]])
     kept_output, kept_target, dropped = drop_not_counted(evaluator, output, target)
     assert dropped == 1 and torch.equal(kept_target, target[:2]) and torch.equal(kept_output, output[:2])
+
+
+def test_class_weights_counts_each_class_once_per_sample_for_class_stats(hf_folder, tmp_path):
+    import class_weights
+    stats = tmp_path / 'stats.json'
+    assert class_weights.main(['--dataset', f'hfds/{hf_folder}', '--task', 'multilabel', '--target-key', 'labels',
+                               '--output', str(stats)]) == 0
+    written = json.loads(stats.read_text())
+    expected = [sum(c in set(labels) for labels in LABELS) for c in range(4)]
+    assert written == dict(num_samples=len(LABELS), pos_counts=expected, class_names=list(CLASSES))
+    args, _ = parse_train_args(['--task', 'multilabel', '--class-stats', str(stats), '--loss', 'db'])
+    assert build_criterion(args, 4) is not None  # timm's loader takes the file

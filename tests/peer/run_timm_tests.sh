@@ -6,11 +6,10 @@
 #
 #   tests/peer/run_timm_tests.sh [pytest options]      (PYTHON, default .venv/bin/python; offline once cached)
 #
-# What runs: tests/test_train_resume.py whole, and the tests of tests/test_multilabel.py that drive train.py or
-# validate.py (they need Hugging Face `datasets` for their hfds/ fixture). Not run: tests/test_sweep.py imports
-# timm's sweep.py at module level, which is published nowhere (not in the sdist, the wheel or the repository), so
-# it cannot be collected; and test_multilabel.py's test_class_weights_script drives timm's class_weights.py script,
-# which we do not ship.
+# What runs: tests/test_train_resume.py whole, and the tests of tests/test_multilabel.py that drive train.py,
+# validate.py or class_weights.py (they need Hugging Face `datasets` for their hfds/ fixture). Not run:
+# tests/test_sweep.py imports timm's sweep.py at module level, which is published nowhere (not in the sdist, the wheel
+# or the repository), so it cannot be collected.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
@@ -35,4 +34,5 @@ OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONPATH="$ROOT:$ROOT/tests/peer${PYTH
     "$MULTILABEL::test_train_cli_rejects_metric_the_evaluator_does_not_produce" \
     "$MULTILABEL::test_multilabel_train_cli_multihot" \
     "$MULTILABEL::test_multilabel_train_and_validate_cli" \
-    "$MULTILABEL::test_train_cli_loss_flags"
+    "$MULTILABEL::test_train_cli_loss_flags" \
+    "$MULTILABEL::test_class_weights_script"
