@@ -413,8 +413,7 @@ def run(argv) -> int:
                 groups.append((checkpoint or config_args.model, rows))
         except KeyboardInterrupt:
             pass
-        metric = evaluation.task_metric(args)
-        groups.sort(key=lambda group: group[1][0][metric], reverse=True)
+        groups.sort(key=lambda group: group[1][0]['map' if 'map' in group[1][0] else 'top1'], reverse=True)
         results = [row for _, rows in groups for row in rows]
     else:
         adopt_training_args(args, argv)
@@ -427,7 +426,8 @@ def run(argv) -> int:
             else [g for g, _ in groups]
         models = sorted({rows[0]['model'] for _, rows in groups})
         against = 'FLOPs' if args.plot_x == 'flops' else f'measured time per image (batch {args.speed_batch})'
-        title = f'{", ".join(models)}: subnet top-1 against {against}{recalibration_note(_rows(results))}'
+        metric = 'mAP' if 'map' in _rows(results)[0] else 'top-1'
+        title = f'{", ".join(models)}: subnet {metric} against {against}{recalibration_note(_rows(results))}'
         curves = list(zip(labels, (rows for _, rows in groups)))
         _logger.info(f'Wrote {plots.plot_subnets(curves, args.plot, title, x=args.plot_x)}')
     print(f'--result\n{json.dumps(results, indent=4)}')

@@ -7,6 +7,8 @@ field per class.
 import csv
 import io
 import json
+import os
+import subprocess
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from subnet.criterion import build_criterion
 from subnet.losses import cosub_loss
 from subnet.timm_options import parse_train_args
 from subnet.unreadable import NOT_COUNTED, drop_not_counted
-from train_helpers import TINY_RESNET, last_error_line, method_training
+from train_helpers import ROOT, TINY_RESNET, last_error_line, method_training, torchrun
 
 datasets = pytest.importorskip('datasets')
 
@@ -245,3 +247,22 @@ def test_class_weights_counts_each_class_once_per_sample_for_class_stats(hf_fold
     assert written == dict(num_samples=len(LABELS), pos_counts=expected, class_names=list(CLASSES))
     args, _ = parse_train_args(['--task', 'multilabel', '--class-stats', str(stats), '--loss', 'db'])
     assert build_criterion(args, 4) is not None  # timm's loader takes the file
+
+
+def test_two_process_evaluation_covers_the_whole_split_once_without_the_samplers_padding(hf_folder, tmp_path):
+    """11 validation images on 2 ranks: the sampler pads rank 1 with a repeat, which must not count. The gathered
+    mAP and F1 equal validate.py's on one process."""
+    argv = [a if a != 'ml' else 'ddp' for a in _run(hf_folder, tmp_path, 'ml', '--val-split', 'validation[:11]',
+                                                     '-vb', '4')]
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
+    done = subprocess.run(torchrun(str(ROOT / 'train.py'), *argv), env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = _summary(tmp_path / 'ddp' / 'summary.csv')[0]
+    argv = ['--checkpoint', str(tmp_path / 'ddp' / 'last.pth.tar'), '--dataset', f'hfds/{hf_folder}', '--split',
+            'validation[:11]', '--target-key', 'labels', '--device', 'cpu', '--workers', '0', '-b', '5',
+            '--results-file', str(tmp_path / 'results.json'), '--results-format', 'json']
+    assert validate.cli(argv) == 0
+    result = json.loads((tmp_path / 'results.json').read_text())
+    for name in ('map', 'micro_f1', 'macro_f1', 'sample_f1'):
+        assert result[name] == pytest.approx(float(row[f'eval_{name}']), abs=1e-3), name
