@@ -3,8 +3,9 @@
 Entry points:
 
 - ``eval_loader``: timm's evaluation loader (standard or NaFlex) for a dataset;
-- ``evaluate``: one pass of a model over a loader; loss, top-1, top-5 (timm's evaluator: exact counts, padding
-  trimmed) and ``unreadable_images``. ``TrainReport`` / ``ValidateReport`` say how the pass reports itself (timm's
+- ``evaluate``: one pass of a model over a loader; the task's metrics (timm's evaluators: loss, top-1, top-5, or
+  for ``--task multilabel`` loss, mAP and micro/macro/sample F1 over the whole set; padding trimmed) and
+  ``unreadable_images``. ``TrainReport`` / ``ValidateReport`` say how the pass reports itself (timm's
   train.py and validate.py log lines); ``Labels`` holds validate.py's label options;
 - ``build_subnets`` / ``SubnetEvaluation``: the fixed subnets a SPEC (``subnet/spec.py``) names, each measured with
   its blocks installed by the depth engine (``validate.py --subnets``); ``SubnetMonitor`` does the same at every
