@@ -16,6 +16,10 @@ subnet after the full net's (without --bn-recal the plain validation's row), wit
 compare; ``--plot FILE.png`` draws top-1 against FLOPs, one colour per checkpoint (a folder, or a glob pattern
 such as ``'output/train/*/model_best.pth.tar'`` to compare runs). ``--export DIR`` writes each subnet as a
 checkpoint that plain timm loads and times it against the full net (``subnet/export.py``).
+
+As a module it offers timm's API: ``parser``, ``validate(args)`` (one model, its result row) and ``main()``
+(``sys.argv`` when given no argv; bad input raises UsageError, a ValueError); ``create_model`` is looked up here at
+call time, so a caller may replace it. ``cli`` is the command line: bad input is one line and exit status 2.
 """
 import argparse
 import csv
@@ -32,8 +36,8 @@ import torch.nn as nn
 from timm import utils
 from timm.data import RealLabelsImagenet, create_dataset, resolve_data_config
 from timm.layers import apply_test_time_pool, set_fast_norm
-from timm.models import create_model, is_model, list_models, load_checkpoint
-from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
+from timm.models import create_model, is_model, list_models, load_checkpoint, reparameterize_model
+from timm.utils import check_batch_size_retry, decay_batch_step, natural_key
 
 from subnet import checks, downloads, evaluation, export, logs, option_ranges, plots
 from subnet.data import FixedSample, check_image_folders, loader_images
@@ -46,6 +50,9 @@ from subnet.models import check_state_dict_fits, load_checkpoint_file, naflex_pa
 from subnet.timm_options import given_on_command_line, validate_parser
 
 _logger = logging.getLogger('validate')
+
+# timm's module-level parser (each parse here builds its own, so changing this one changes nothing)
+parser = validate_parser()
 
 _NON_IN1K_FILTERS = ['*_in21k', '*_in22k', '*in12k', '*_dino', '*fcmae', '*seer']
 
@@ -398,16 +405,26 @@ def run(argv) -> int:
 
 
 def main(argv=None) -> int:
+    """timm's ``main``: validate as the command line (``sys.argv`` by default) says; raises UsageError or the
+    library's InputError (both ValueError) on bad input."""
     argv = sys.argv[1:] if argv is None else list(argv)
     logs.setup_logging(primary=True)
     try:
         return run(argv)
-    except (UsageError, InputError) as e:
-        print(f'validate.py: error: {e}', file=sys.stderr)
-        return 2
     finally:
         logs.close_log_file()
 
 
+def cli(argv=None) -> int:
+    """The command line: ``main``, with bad input as one ``validate.py: error:`` line and exit status 2."""
+    try:
+        return main(argv)
+    except (UsageError, InputError) as e:
+        print(f'validate.py: error: {e}', file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse's own exit (its line already printed), or --help
+        return e.code
+
+
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli())

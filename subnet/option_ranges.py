@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence, Tuple
 from timm.data import str_to_interp_mode
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.optim import get_optimizer_info, list_optimizers
+from timm.task import ClassificationEvaluator
 
 from .errors import UsageError
 
@@ -111,8 +112,11 @@ def _augment_policy(name: str) -> bool:
 
 # timm's create_scheduler_v2 (1.0.31) builds these; any other name raises there, after the model and data
 SCHEDULERS = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'none')
-# what the evaluation reports (top-1/top-5 accuracy, loss) and may rank checkpoints by
-EVAL_METRICS = ('top1', 'top5', 'loss')
+# what the evaluation reports and may rank checkpoints by: timm's evaluator's metric names (top1, top5, loss), as
+# timm 1.0.31's train.py checks --eval-metric
+EVAL_METRICS = tuple(ClassificationEvaluator.metric_names)
+# the decay shapes timm 1.0.31's WSDLRScheduler takes (it raises ValueError for any other, after the model and data)
+LR_DECAY_FNS = ('linear', '1-sqrt', 'cosine', 'power', 'exp')
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 
 POSITIVE = Interval(0, low_open=True)
@@ -149,7 +153,8 @@ RANGES = {
     '--epochs': AT_LEAST_ONE, '--epoch-repeats': NON_NEGATIVE, '--start-epoch': NON_NEGATIVE,
     '--decay-milestones': Values(NON_NEGATIVE, ordered=True), '--decay-epochs': POSITIVE,
     '--warmup-epochs': NON_NEGATIVE, '--cooldown-epochs': NON_NEGATIVE, '--patience-epochs': NON_NEGATIVE,
-    '--decay-rate': POSITIVE,
+    '--decay-rate': POSITIVE, '--lr-decay-fn': OneOf(LR_DECAY_FNS, f"one of {', '.join(LR_DECAY_FNS)}"),
+    '--lr-stable-timescale': POSITIVE,
     # augmentation, regularization, losses
     '--scale': Values(NON_NEGATIVE, counts=(2,), ordered=True), '--ratio': Values(POSITIVE, counts=(2,), ordered=True),
     '--aa': OneOf((), "a policy timm builds: rand-m9-mstd0.5 (RandAugment), augmix-m5-w4-d2, original, v0, 3a, ...",
@@ -232,11 +237,33 @@ def check_together(args: argparse.Namespace) -> None:
         values = getattr(args, _dest(flag), None)
         if values is not None and len(values) not in (1, channels):
             raise UsageError(f'{flag} takes 1 value or one per input channel ({channels}), got {len(values)}')
-    if getattr(args, 'sched', None) == 'rsqrt' and not args.warmup_epochs:
-        raise UsageError('--sched rsqrt decays from the end of warmup: give it --warmup-epochs 1 or more')
+    sched = getattr(args, 'sched', None)
+    if sched == 'rsqrt' and not args.warmup_epochs and not args.lr_stable_timescale:
+        raise UsageError('--sched rsqrt decays from the end of warmup: give it --warmup-epochs 1 or more (or '
+                         '--lr-stable-timescale)')
+    if sched in ('wsd', 'rsqrt'):
+        _check_decay_phase(args)
+    if sched == 'plateau' and args.sched_on_updates:
+        raise UsageError('--sched plateau steps once per epoch (on the eval metric): drop --sched-on-updates')
     low, high = getattr(args, 'min_lr', None), getattr(args, 'lr', None)
     if low is not None and high is not None and low > high:
         raise UsageError(f'--min-lr {low:g} is above --lr {high:g}: the schedule would raise the learning rate')
+
+
+def _check_decay_phase(args: argparse.Namespace) -> None:
+    """wsd/rsqrt fit stable + decay into --epochs (less the warmup unless --warmup-prefix), as timm's
+    create_scheduler_v2 does; a decay that does not fit is one line here instead of its ValueError after the build."""
+    length = args.epochs if args.warmup_prefix else args.epochs - args.warmup_epochs
+    within = '--epochs' if args.warmup_prefix else '--epochs - --warmup-epochs'
+    if length <= 0:
+        raise UsageError(f'--sched {args.sched} needs epochs after the warmup: {within} is {length}')
+    decay = 0.2 if args.decay_epochs is None else args.decay_epochs
+    decay_epochs = decay * length if 0 < decay < 1 else decay
+    if not args.sched_on_updates:
+        decay_epochs = round(decay_epochs)  # stepped per epoch: whole epochs
+    if not 0 < decay_epochs <= length:
+        raise UsageError(f'--sched {args.sched}: the decay phase (--decay-epochs {decay:g}, {decay_epochs:g} epochs) '
+                         f'must be longer than 0 and at most {within} ({length}); a value below 1 is a fraction of it')
 
 
 def check_resumed_position(args: argparse.Namespace, checkpoint: dict, path: str) -> None:

@@ -1,16 +1,18 @@
 """timm's command-line options for train.py and validate.py, and its ``-c/--config`` YAML mechanism.
 
-The option names, types, defaults, nargs and abbreviations are timm's (main at aa4b5850, plus the 1.0.31
-``--resume auto``, ``--stop-epoch`` and ``--save-epochs``), so any timm command line or hparams file works
-unchanged; ``tests/test_options.py`` checks them against a dump of timm's own parsers. Parsers are built
-fresh for every parse, so parsing twice in one process (tests, sweeps) never leaks YAML defaults.
+The option names, types, defaults, nargs and abbreviations are timm 1.0.31's, so any timm command line or hparams
+file works unchanged; ``tests/test_options.py`` checks them against ``tests/data/timm_*_options.json`` (timm main
+at aa4b5850 dumped, plus what 1.0.31's tests, library and README show of its additions: run control, the ``wsd``
+schedule, ``--pretrained-cfg-overlay``, the task and loss options). Parsers are built fresh for every parse, so
+parsing twice in one process (tests, sweeps) never leaks YAML defaults.
 
 YAML follows timm 1.0.31: keys are the underscore names, command line > YAML > built-in default, and values
 are converted the way the command line would convert them, except that ``--model-kwargs`` and ``--opt-kwargs``
 add their keys to the YAML's mapping instead of replacing it (``merge_config_kwargs``). Keys of options timm
 itself has retired (old files carry ``apex_amp``, ``native_amp``, ...) are ignored with a warning. Anything
-else stops with one line: an unknown key (a misspelt ``methd: st`` would otherwise train plain timm), naming the
-closest option; a value of the wrong type; a file that is not UTF-8 text or not a YAML mapping.
+else stops with one line: an unknown key (a misspelt ``methd: st`` would otherwise train plain timm; timm 1.0.31
+only warns), naming the closest option; a value of the wrong type; a file that is not UTF-8 text or not a YAML
+mapping.
 """
 import argparse
 import difflib
@@ -28,7 +30,7 @@ from .errors import UsageError, first_line
 _logger = logging.getLogger('train')
 
 # keys timm's own train.py once wrote that no longer are options: ignored with a warning, so old files still load
-_RETIRED_KEYS = {'apex_amp', 'native_amp', 'aot_autograd', 'amp_impl', 'pretrained_cfg_overlay', 'config'}
+_RETIRED_KEYS = {'apex_amp', 'native_amp', 'aot_autograd', 'amp_impl', 'config'}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -91,6 +93,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--pretrained', action='store_true', default=False, help='start from pretrained weights')
     g.add_argument('--pretrained-path', default=None, type=str,
                    help='pretrained weights file to load in place of the hub ones (head adapted)')
+    g.add_argument('--pretrained-cfg-overlay', nargs='*', default={}, action=ParseKwargs,
+                   help="pretrained_cfg keys to override, k=v ... (e.g. hf_hub_id=..., file=...; timm 1.0.31)")
     g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
                    help='load these weights into the model before training')
     g.add_argument('--resume', default='', type=str, metavar='PATH',
@@ -168,7 +172,9 @@ def _optimizer_options(parser: argparse.ArgumentParser) -> None:
 
 def _schedule_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('Learning rate schedule parameters')
-    g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR schedule (default: cosine)')
+    g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER',
+                   help="LR schedule (default: cosine); wsd: warmup-stable-decay; none: the optimizer's lr as it is; "
+                        "plateau is deprecated in timm 1.0.31")
     g.add_argument('--sched-on-updates', action='store_true', default=False,
                    help='step the schedule every optimizer update instead of every epoch')
     g.add_argument('--lr', type=float, default=None, metavar='LR',
@@ -192,12 +198,20 @@ def _schedule_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--start-epoch', default=None, type=int, metavar='N', help='first epoch (overrides resume)')
     g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
                    help='multistep milestones')
-    g.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epochs between step decays')
+    # timm 1.0.31's create_scheduler_v2 resolves None per schedule: 90 for step, 0.2 of the schedule for wsd/rsqrt
+    g.add_argument('--decay-epochs', type=float, default=None, metavar='N',
+                   help='step: epochs between decays (default 90); wsd/rsqrt: length of the decay phase, < 1 a '
+                        'fraction of the schedule (default 0.2)')
     g.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='warmup epochs')
     g.add_argument('--warmup-prefix', action='store_true', default=False, help='warmup before, not inside, epochs')
     g.add_argument('--cooldown-epochs', type=int, default=0, metavar='N', help='epochs at min LR after the cycle')
     g.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='plateau patience')
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='LR decay rate')
+    g.add_argument('--lr-decay-fn', type=str, default=None, metavar='FN',
+                   help="wsd/rsqrt decay shape: linear, 1-sqrt, cosine, power or exp (default: 1-sqrt for wsd, "
+                        "linear for rsqrt; timm 1.0.31)")
+    g.add_argument('--lr-stable-timescale', type=float, default=None, metavar='N',
+                   help='rsqrt: timescale of the stable phase in epochs (default: --warmup-epochs; timm 1.0.31)')
 
 
 def _augment_options(parser: argparse.ArgumentParser) -> None:
@@ -321,6 +335,7 @@ def _distillation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _timm_1031_options(parser: argparse.ArgumentParser) -> None:
+    """1.0.31's run control; its other additions sit in the groups timm's README names them with."""
     g = parser.add_argument_group('Run control (timm 1.0.31)')
     g.add_argument('--stop-epoch', type=int, default=None, metavar='N',
                    help='stop after N epochs without changing the schedule (then --resume auto continues)')
@@ -332,11 +347,10 @@ def train_parser() -> argparse.ArgumentParser:
     """timm's train.py parser, then subnet's own groups (``subnet/subnet_options.py``, the method registry)."""
     parser = OneLineParser(prog='train.py', description='Train a timm model, optionally with a submodel method.')
     for add in (_dataset_options, _model_options, _device_options, _optimizer_options, _schedule_options,
-                _augment_options, _norm_ema_options, _misc_options, _distillation_options):
+                _augment_options, _norm_ema_options, _misc_options, _distillation_options, _timm_1031_options):
         add(parser)
-    # abbreviations resolve to these first (timm main's flags), then to 1.0.31's and ours
+    # an abbreviation that several options share resolves to timm's one: ours never make timm's ambiguous
     parser.timm_flags = frozenset(s for a in parser._actions for s in a.option_strings)
-    _timm_1031_options(parser)
     add_train_options(parser)
     return parser
 

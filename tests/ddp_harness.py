@@ -57,7 +57,7 @@ if __name__ == '__main__':
         signums = [signal.Signals[name] for name in (rest[0].split(',') if rest else ['SIGTERM'])]
         with signal_at_batch(int(batch) if rank == int(signal_rank) else 0, *signums,
                              pause=float(rest[1]) if len(rest) > 1 else 0.):
-            code = train.main(argv)
+            code = train.cli(argv)
         (out / f'exit{rank}.txt').write_text(str(code))
         sys.exit(code)
     run = run_train(argv)
