@@ -36,9 +36,9 @@ import torch.nn as nn
 from timm import utils
 from timm.data import RealLabelsImagenet, create_dataset, resolve_data_config
 from timm.layers import apply_test_time_pool, set_fast_norm
-from timm.models import create_model, is_model, list_models, load_checkpoint
+from timm.models import create_model, is_model, list_models, load_checkpoint, reparameterize_model
 from timm.task.evaluator import MultiLabelClassificationEvaluator
-from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
+from timm.utils import check_batch_size_retry, decay_batch_step, natural_key
 
 from subnet import checks, downloads, evaluation, export, logs, option_ranges, plots
 from subnet.data import FixedSample, check_image_folders, loader_images, target_options

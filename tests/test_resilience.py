@@ -24,8 +24,8 @@ from subnet.methods import PlainTask, register_method
 from subnet.models import load_checkpoint_file
 from subnet.run_folder import AtomicCheckpointSaver
 from subnet.unreadable import NOT_COUNTED, ImageFailures, ReadableImages
-from train_helpers import (ROOT, assert_same_weights, make_subset, run_train, signal_at_batch, state_dict_of,
-                           torchrun, train_argv)
+from train_helpers import (ROOT, assert_same_weights, make_subset, run_job, run_train, signal_at_batch,
+                           state_dict_of, torchrun, train_argv)
 
 # 40 training images in batches of 8: 5 batches an epoch; random erasing (the prefetcher's own RNG draws) and
 # drop-path on, so every RNG the run draws from matters
@@ -188,8 +188,8 @@ def test_two_process_gloo_run_stopped_on_one_rank_resumes_bit_for_bit(method, da
         result.mkdir()
         argv = train_argv(data, tmp_path, name, '--epochs', '2', '-b', '4', '--reprob', '0.25', '--drop-path', '0.1',
                           '--resume', 'auto', *method)
-        return subprocess.run(torchrun(str(ROOT / 'tests' / 'ddp_harness.py'), str(result), '--', *argv),
-                              env=dict(ENV, **env), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return run_job(torchrun(str(ROOT / 'tests' / 'ddp_harness.py'), str(result), '--', *argv),
+                       dict(ENV, **env), 300)
     assert torchrun_train('straight', tmp_path / 'a').returncode == 0
     stopped = torchrun_train('split', tmp_path / 'b', SUBNET_SIGNAL_AT='1:7')  # rank 1 only: rank 0 learns it
     assert [(tmp_path / 'b' / f'exit{r}.txt').read_text() for r in (0, 1)] == ['143', '143'], stopped.stderr[-3000:]

@@ -183,3 +183,14 @@ def test_gradient_accumulation_scales_the_last_short_window_by_its_own_length():
     assert [b for b in range(10) if windows.ends_update(b)] == [3, 7, 9] and windows.updates == 3
     assert [windows.size(b) for b in range(10)] == [4] * 8 + [2] * 2
     assert [_Windows(8, 4).size(b) for b in range(8)] == [4] * 8
+
+
+def test_the_eval_crop_of_a_non_square_input_keeps_its_shape(data):
+    """timm 1.0.31 fixed the eval centre crop of non-square inputs in create_loader, which our evaluation uses."""
+    from subnet.evaluation import eval_loader
+    dataset = timm.data.create_dataset('', root=str(data / 'val'))
+    config = dict(input_size=(3, 24, 32), interpolation='bilinear', mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875)
+    loader = eval_loader(dataset, config, batch_size=4, device=torch.device('cpu'), model_dtype=None, num_workers=0,
+                         use_prefetcher=False, pin_memory=False)
+    images, _ = next(iter(loader))
+    assert images.shape == (4, 3, 24, 32)

@@ -1,7 +1,6 @@
 """train.py end to end on a slice of the shipped data: timm's outputs, checkpoints, resume, DDP, bad input."""
 import csv
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ import validate
 from subnet import run_folder
 from subnet.device import fall_back_to_cpu, use_default_device
 from subnet.timm_options import parse_train_args, train_option_sources, train_options_given
-from train_helpers import (ROOT, SHIPPED, assert_same_weights, make_subset, run_train, state_dict_of, torchrun,
-                           train_argv)
+from train_helpers import (ROOT, SHIPPED, assert_same_weights, make_subset, run_job, run_train, state_dict_of,
+                           torchrun, train_argv)
 
 TIMM_SUMMARY_COLUMNS = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
 TIMM_CHECKPOINT_KEYS = {'epoch', 'arch', 'version', 'state_dict', 'optimizer', 'args', 'metric', 'saver'}
@@ -149,7 +148,7 @@ def test_two_process_gloo_run_ends_with_identical_weights_on_both_ranks(data, tm
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
     argv = train_argv(data, tmp_path, 'ddp', '--epochs', '1')
     cmd = torchrun(str(ROOT / 'tests' / 'ddp_harness.py'), str(tmp_path), '--', *argv)
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_job(cmd, env, 300)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
     assert_same_weights(rank0, rank1)

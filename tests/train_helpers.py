@@ -4,8 +4,11 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -49,6 +52,52 @@ def torchrun(*args: str) -> list:
     """The command line of a 2-process CPU torchrun on a free port."""
     return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', free_port(),
             *args]
+
+
+def run_job(cmd: list, env: dict, timeout: float, cwd=ROOT) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)``, for jobs that start processes of their own (torchrun
+    workers in their own sessions, their loader workers). It waits for ``cmd`` itself, not for whatever still holds
+    its output, and a job that outlives ``timeout`` fails the test with what it was doing: every process the job
+    started (found by a marker in their environment) prints its Python stacks (tests/ddp_harness.py registers
+    faulthandler on SIGUSR2), and the failure shows the process tree and the end of the output."""
+    marker = uuid.uuid4().hex
+    with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+        job = subprocess.Popen(cmd, env=dict(env, SUBNET_TEST_JOB=marker), cwd=cwd, stdout=out, stderr=err,
+                               text=True)
+        try:
+            job.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pids = _marked_processes(marker)
+            for pid in pids:  # one at a time, so the stacks come in the process list's order; not torchrun (dies)
+                if pid != job.pid:
+                    _signal_all([pid], signal.SIGUSR2)
+                    time.sleep(0.5)
+            tree = subprocess.run(['ps', '-o', 'pid,ppid,stat,etime,args', '-p', ','.join(map(str, pids)) or '0'],
+                                  capture_output=True, text=True).stdout
+            _signal_all(_marked_processes(marker), signal.SIGKILL)
+            job.wait()
+            err.seek(0)
+            raise AssertionError(f'{" ".join(cmd[:6])} ... still ran after {timeout} s; its processes:\n{tree}\n'
+                                 f'the end of its stderr (with their stacks):\n{err.read()[-12000:]}') from None
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmd, job.returncode, out.read(), err.read())
+
+
+def _marked_processes(marker: str) -> list:
+    found = []
+    for entry in Path('/proc').iterdir():
+        try:
+            if entry.name.isdigit() and f'SUBNET_TEST_JOB={marker}'.encode() in (entry / 'environ').read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
+def _signal_all(pids: list, signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
 
 def method_training(method: str, extra=(), size: int = 64, amp: bool = False):
