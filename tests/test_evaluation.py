@@ -343,7 +343,7 @@ def _exit_code(main, argv):
     (['--subnets', 'first:9'], 'first9: resnet18 has only 8 blocks'),  # known once the model is built
 ])
 def test_bad_subnet_options_give_one_line_and_exit_2(argv, message, runs, data, capsys, one_thread):
-    code = _exit_code(validate.main, ['--checkpoint', str(runs['resnet'] / 'last.pth.tar'), '--data-dir',
+    code = _exit_code(validate.cli, ['--checkpoint', str(runs['resnet'] / 'last.pth.tar'), '--data-dir',
                                       str(data), '--workers', '0', '--device', 'cpu', *argv])
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
