@@ -48,8 +48,10 @@ def resolve_loss_args(args: argparse.Namespace) -> None:
                              f'--loss {args.loss}')
         args.loss = legacy[0]
     if args.bce_pos_weight is not None:
-        if args.loss_pos_weight is not None:
-            raise InputError('--bce-pos-weight is the legacy spelling of --loss-pos-weight: give one of them')
+        # an args.yaml written here holds both, equal: it replays
+        if args.loss_pos_weight not in (None, str(args.bce_pos_weight)):
+            raise InputError(f'--bce-pos-weight (the legacy spelling of --loss-pos-weight) conflicts with '
+                             f'--loss-pos-weight {args.loss_pos_weight}')
         args.loss_pos_weight = str(args.bce_pos_weight)
     if args.smoothing is None:
         args.smoothing = DEFAULT_SMOOTHING[args.task]

@@ -158,8 +158,11 @@ def test_loss_configurations_timm_refuses_stop_the_parse_with_one_line(extra, me
 
 
 def test_legacy_loss_flags_map_onto_loss_and_the_losses_are_timms(tmp_path):
-    args, _ = parse_train_args(['--task', 'multilabel', '--bce-loss', '--bce-pos-weight', '2'])
+    args, text = parse_train_args(['--task', 'multilabel', '--bce-loss', '--bce-pos-weight', '2'])
     assert (args.loss, args.loss_pos_weight) == ('bce', '2.0')
+    replay = tmp_path / 'args.yaml'  # the run folder's args.yaml, with both spellings, replays
+    replay.write_text(text)
+    assert vars(parse_train_args(['-c', str(replay)])[0]) == vars(args)
     assert parse_train_args(['--jsd-loss', '--aug-splits', '3'])[0].loss == 'jsd'
     from timm.loss import (AsymmetricLossMultiLabel, BinaryCrossEntropy, DistributionBalancedLoss, PolyCrossEntropy,
                            SoftTargetCrossEntropy)
