@@ -50,9 +50,9 @@ from timm.utils import trim_summary, unwrap_model
 
 from subnet import checks, downloads, global_batch, intact, logs, option_ranges, plots, resume, run_folder
 from subnet.compile import compile_scope, compile_task
-from subnet.criterion import build_criterion, is_multilabel
-from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
-                         set_loader_epoch)
+from subnet.criterion import build_criterion
+from subnet.data import (Loaders, build_loaders, check_image_folders, check_multilabel_reader, loader_images,
+                         mixup_kwargs, seed_epoch, set_loader_epoch)
 from subnet.device import (check_precision_args, limit_workers, model_dtype as dtype_of, training_device,
                            training_precision, use_default_device)
 from subnet.divergence import DivergenceLimit
@@ -67,9 +67,6 @@ from subnet.spec import SubnetSpecError
 from subnet.timm_options import config_parser as _config_parser, parse_train_args, train_option_sources, train_parser
 
 _logger = logging.getLogger('train')
-
-# the dataset readers of timm 1.0.31 whose targets may be label lists, multi-hot vectors or binary fields
-MULTILABEL_READERS = ('hfds', 'hfids', 'wds', 'tfds')
 
 # timm's module-level parsers, for tools that read the options and their defaults (``vars(parser.parse_args([]))``);
 # parsing here never changes them: every parse builds its own (``subnet/timm_options.py``), so no YAML default leaks
@@ -101,17 +98,13 @@ def check_method_args(args) -> None:
 
 
 def check_task_args(args) -> None:
-    """``--task multilabel`` needs a reader that gives label lists, and every task ranks checkpoints by a metric
-    its evaluator produces."""
+    """Every task ranks checkpoints by a metric its evaluator produces; ``--task multilabel`` needs a reader
+    that gives label lists."""
     metrics = evaluator_class(args).metric_names
     if args.eval_metric not in metrics:
         raise UsageError(f'--eval-metric {args.eval_metric} is not a metric the {args.task} evaluation produces '
                          f'(one of {", ".join(metrics)})')
-    kind = args.dataset.partition('/')[0].lower() if '/' in args.dataset else ''
-    if is_multilabel(args) and kind not in MULTILABEL_READERS:
-        raise UsageError(f'--task multilabel needs a dataset whose targets are label lists, read by timm\'s '
-                         f'{"/, ".join(MULTILABEL_READERS)}/ readers (--dataset hfds/NAME --target-key FIELD); '
-                         f'{"an image folder" if not kind else f"a {kind}/ dataset"} holds one class per image')
+    check_multilabel_reader(args)
 
 
 def preflight(args) -> None:

@@ -41,7 +41,8 @@ from timm.task.evaluator import MultiLabelClassificationEvaluator
 from timm.utils import check_batch_size_retry, decay_batch_step, natural_key
 
 from subnet import checks, downloads, evaluation, export, logs, option_ranges, plots
-from subnet.data import FixedSample, check_image_folders, loader_images, target_options
+from subnet.criterion import check_target_format
+from subnet.data import FixedSample, check_image_folders, check_multilabel_reader, loader_images, target_options
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
 from subnet.errors import InputError, UsageError
@@ -323,19 +324,16 @@ def write_results(path: str, results, format: str = 'csv') -> None:
 
 
 def check_task_options(args) -> None:
-    """Options of single-label evaluation that a multi-label one cannot take."""
+    """The task's targets can be read, and options of single-label evaluation are not given to a multi-label one."""
+    check_target_format(args)
+    check_multilabel_reader(args)
     if args.task != 'multilabel':
-        if args.target_format == 'multihot':
-            raise UsageError('--target-format multihot reads multi-hot label vectors: it needs --task multilabel')
         return
     for option, given in (('--metrics-avg', args.metrics_avg), ('--real-labels', args.real_labels),
                           ('--valid-labels', args.valid_labels)):
         if given:
             raise UsageError(f'{option} scores single-label predictions: it does not apply to --task multilabel '
                              f'(which reports mAP and micro, macro and sample F1)')
-    if not args.dataset or args.dataset.partition('/')[0].lower() not in ('hfds', 'hfids', 'wds', 'tfds'):
-        raise UsageError("--task multilabel needs a dataset whose targets are label lists, read by timm's hfds/, "
-                         'hfids/, wds/ or tfds/ readers (--dataset hfds/NAME --target-key FIELD)')
 
 
 def check_subnet_options(args) -> None:

@@ -19,7 +19,7 @@ from timm.loss import create_classification_loss, load_class_stats, resolve_clas
 
 from .errors import InputError
 
-__all__ = ['TASKS', 'is_multilabel', 'resolve_loss_args', 'loss_kwargs', 'build_criterion']
+__all__ = ['TASKS', 'is_multilabel', 'check_target_format', 'resolve_loss_args', 'loss_kwargs', 'build_criterion']
 
 TASKS = ('classification', 'multilabel')
 # --smoothing when not given: timm's 0.1 for softmax classification; 0 for multi-label (timm 1.0.31's README, "What's
@@ -55,13 +55,18 @@ def resolve_loss_args(args: argparse.Namespace) -> None:
         args.loss_pos_weight = str(args.bce_pos_weight)
     if args.smoothing is None:
         args.smoothing = DEFAULT_SMOOTHING[args.task]
-    if args.target_format == 'multihot' and not is_multilabel(args):
-        raise InputError('--target-format multihot reads multi-hot label vectors: it needs --task multilabel')
+    check_target_format(args)
     kwargs = loss_kwargs(args, num_classes=None)
     try:
         create_classification_loss(**kwargs)
     except ValueError as e:
         raise InputError(f'--loss {kwargs["loss_type"]}: {e}') from None
+
+
+def check_target_format(args) -> None:
+    """``--target-format multihot`` reads label vectors, which only a multi-label task has."""
+    if args.target_format == 'multihot' and not is_multilabel(args):
+        raise InputError('--target-format multihot reads multi-hot label vectors: it needs --task multilabel')
 
 
 def _class_stats(args) -> Optional[tuple]:

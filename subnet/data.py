@@ -148,6 +148,20 @@ class FixedSample(DatasetView):
         return self.dataset[self.indices[index]]
 
 
+# the readers of timm 1.0.31 that give label lists, multi-hot vectors or one binary field per class
+MULTILABEL_READERS = ('hfds', 'hfids', 'wds', 'tfds')
+
+
+def check_multilabel_reader(args) -> None:
+    """``--task multilabel`` needs a dataset whose reader gives several labels per image: an image folder (or a
+    torchvision dataset) gives one class, which would fail deep in the first batch."""
+    kind = args.dataset.partition('/')[0].lower() if '/' in (args.dataset or '') else ''
+    if is_multilabel(args) and kind not in MULTILABEL_READERS:
+        raise InputError(f"--task multilabel needs a dataset whose targets are label lists, read by timm's "
+                         f'{"/, ".join(MULTILABEL_READERS)}/ readers (--dataset hfds/NAME --target-key FIELD); '
+                         f'{f"a {kind}/ dataset" if kind else "an image folder"} holds one class per image')
+
+
 def target_options(args) -> dict:
     """``create_dataset``'s target arguments for the task: multi-label targets (class-index lists, multi-hot
     vectors with ``--target-format multihot``, or one binary field per class from ``--target-key a,b,c``, as the

@@ -115,6 +115,9 @@ def test_a_multihot_format_without_the_multilabel_task_and_a_folder_dataset_are_
     assert validate.cli(['--task', 'multilabel', '--data-dir', str(tmp_path), '--model', 'resnet18',
                          '--device', 'cpu']) == 2
     assert 'needs a dataset whose targets are label lists' in last_error_line(capsys)
+    assert validate.cli(['--task', 'multilabel', '--dataset', f'hfds/{hf_folder}', '--metrics-avg', 'micro',
+                         '--model', 'resnet18', '--device', 'cpu']) == 2
+    assert '--metrics-avg scores single-label predictions' in last_error_line(capsys)
 
 
 def test_an_eval_metric_the_task_does_not_produce_is_one_line(hf_folder, tmp_path, capsys):
