@@ -21,15 +21,14 @@ import sys
 from typing import List, Optional, Set, Tuple
 
 import yaml
-from timm.utils import ParseKwargs
-
 from timm.data.readers.targets import TARGET_FORMATS
 from timm.loss import LOSS_TYPES
 from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificationEvaluator
+from timm.utils import ParseKwargs
 
 from .criterion import TASKS, is_multilabel, resolve_loss_args
-from .option_ranges import check_ranges
 from .methods import import_extra_methods
+from .option_ranges import check_ranges
 from .subnet_options import add_train_options, add_validate_options
 from .errors import InputError, UsageError, first_line
 

@@ -12,7 +12,6 @@ import subprocess
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import train

@@ -34,7 +34,7 @@ from torchvision import transforms
 
 import train
 from subnet.criterion import build_criterion
-from subnet.data import build_loaders, mixup_kwargs
+from subnet.data import build_loaders
 from subnet.device import training_precision
 from subnet.timm_options import parse_train_args
 
