@@ -245,6 +245,8 @@ def _top1_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
     if not drawn:
         ax.text(0.5, 0.5, 'no evaluation in this run', ha='center', va='center', transform=ax.transAxes)
     ax.set_ylabel(_METRIC_LABELS[metric].lower() if metric == 'top1' else _METRIC_LABELS[metric])
+    if metric == 'map':
+        ax.set_title('mAP', fontsize=11)
 
 
 def _subnet_columns(columns: Dict[str, List[float]]) -> List[str]:
@@ -260,6 +262,8 @@ def _subnet_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
     for column, colour in zip(subnet_columns, _colours(len(subnet_columns))):
         _line(ax, epochs, columns[column], column[len('subnet_'):-len(f'_{metric}')], color=colour)
     ax.set_ylabel(_METRIC_LABELS[metric].lower() if metric == 'top1' else _METRIC_LABELS[metric])
+    if metric == 'map':
+        ax.set_title('Subnet mAP (--subnet-eval)', fontsize=11)
 
 
 def _lr_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
@@ -301,8 +305,8 @@ def plot_summary(path: str, title: Optional[str] = None) -> str:
     panels = [panel for panel in SUMMARY_PANELS if panel.shown(columns)]
     figure = Figure(figsize=(4.6 * len(panels), 4.2), dpi=120, layout='constrained')
     for panel, ax in zip(panels, figure.subplots(1, len(panels), squeeze=False)[0]):
+        ax.set_title(panel.title, fontsize=11)  # before drawing: a panel may retitle itself (mAP for multi-label)
         panel.draw(ax, epochs, columns)
-        ax.set_title(panel.title, fontsize=11)
         ax.set_xlabel('epoch')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)

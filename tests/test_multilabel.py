@@ -78,6 +78,7 @@ def test_multilabel_training_and_validation_report_map_and_f1_under_timms_names(
         assert 0 <= float(row[f'eval_{name}']) <= 100 and f'model_{name}' in row
     assert 'eval_top1' not in row and 'eval_top5' not in row
     assert 0 <= float(row['subnet_prefix0.5_map']) <= 100  # the subnet columns carry the task's metric
+    assert (tmp_path / 'ml' / 'summary.png').is_file()  # its mAP panels drawn from those columns
     # validate.py: the task (and the model) adopted from the checkpoint, the same mAP under timm's field names
     argv = ['--checkpoint', str(tmp_path / 'ml' / 'model_best.pth.tar'), '--use-ema', '--dataset',
             f'hfds/{hf_folder}', '--target-key', 'labels', '--device', 'cpu', '--workers', '0',
