@@ -152,10 +152,30 @@ class FixedSample(DatasetView):
 MULTILABEL_READERS = ('hfds', 'hfids', 'wds', 'tfds')
 
 
+def reader_of(dataset: Optional[str]) -> str:
+    """The reader prefix of ``--dataset`` that timm's ``create_dataset`` acts on; '' for an image folder or tar,
+    which is what timm reads for a name without one (``--dataset foo`` reads --data-dir as a folder)."""
+    prefix, sep, _ = (dataset or '').partition('/')
+    prefix = prefix.lower() if sep else ''
+    return prefix if prefix in ('torch',) + MULTILABEL_READERS else ''
+
+
+def check_dataset_root(dataset: Optional[str], root: Optional[str], splits: dict, class_map: str = '',
+                       root_may_be_split: bool = False) -> None:
+    """The folder a dataset is read from: an image folder's splits (``check_image_folders``), and a torch/
+    dataset's root, without which torchvision fails with a TypeError."""
+    reader = reader_of(dataset)
+    if not reader:
+        check_image_folders(root, splits, class_map, root_may_be_split)
+    elif reader == 'torch' and not root:
+        raise InputError(f'--dataset {dataset} needs --data-dir DIR: the folder it is read from (or downloaded '
+                         f'into, with --dataset-download)')
+
+
 def check_multilabel_reader(args) -> None:
     """``--task multilabel`` needs a dataset whose reader gives several labels per image: an image folder (or a
     torchvision dataset) gives one class, which would fail deep in the first batch."""
-    kind = args.dataset.partition('/')[0].lower() if '/' in (args.dataset or '') else ''
+    kind = reader_of(args.dataset)
     if is_multilabel(args) and kind not in MULTILABEL_READERS:
         raise InputError(f"--task multilabel needs a dataset whose targets are label lists, read by timm's "
                          f'{"/, ".join(MULTILABEL_READERS)}/ readers (--dataset hfds/NAME --target-key FIELD); '
