@@ -272,3 +272,16 @@ def test_two_process_evaluation_covers_the_whole_split_once_without_the_samplers
     result = json.loads((tmp_path / 'results.json').read_text())
     for name in ('map', 'micro_f1', 'macro_f1', 'sample_f1'):
         assert result[name] == pytest.approx(float(row[f'eval_{name}']), abs=1e-3), name
+
+
+def test_class_weights_bad_input_is_one_line(hf_folder, tmp_path, capsys):
+    import class_weights
+    for argv, message in (([], 'no dataset given'),
+                          (['--data-dir', str(tmp_path / 'nowhere')], 'does not exist'),
+                          (['--dataset', f'hfds/{hf_folder}', '--task', 'multilabel', '--target-key', 'labels',
+                            '--num-classes', '3'], 'outside the 3 classes counted')):
+        with pytest.raises(SystemExit) as stop:
+            class_weights.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and 'Traceback' not in err
+        assert message in err.splitlines()[-1], err
