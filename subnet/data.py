@@ -216,7 +216,28 @@ def build_dataset(args, split: str, is_training: bool, input_img_mode: str, num_
         if 'Found 0 images' in str(e):
             raise InputError(str(e).split('. Supported')[0]) from None
         raise
+    check_first_target(dataset, args.dataset, split, args.target_key)
     return readable(dataset, training=is_training)
+
+
+def check_first_target(dataset, name: str, split: str, target_key: Optional[str]) -> None:
+    """A --target-key the data lacks, or targets that are not what --target-format says, fail in timm's reader or
+    ``MultiLabelTarget`` in the first batch, as a traceback: the first target, read now without its image (readers
+    with ``iter_targets``: hfds/), fails here in one line instead."""
+    targets = getattr(getattr(dataset, 'reader', None), 'iter_targets', None)
+    if targets is None:
+        return
+    target = None
+    try:
+        target = next(iter(targets()), None)
+        if target is not None and dataset.target_transform is not None:
+            dataset.target_transform(target)
+    except KeyError as e:
+        raise InputError(f'--target-key {target_key}: the {split} split of {name} has no field {e}') from None
+    except ValueError as e:
+        raise InputError(f'the first target of the {split} split of {name} ({target!r}, --target-key '
+                         f'{target_key}) does not fit: {e} (--target-format multihot is for 0/1 vectors of '
+                         f'--num-classes entries; lists of class indices need none)') from None
 
 
 def mixup_kwargs(args) -> Optional[dict]:
