@@ -132,7 +132,7 @@ def test_an_eval_metric_the_task_does_not_produce_is_one_line(hf_folder, tmp_pat
     assert not (tmp_path / 'm').exists()
 
 
-def test_a_missing_target_field_or_a_wrong_target_format_is_one_line_before_training(hf_folder, tmp_path, capsys):
+def test_a_missing_target_field_a_wrong_target_format_or_too_few_classes_is_one_line(hf_folder, tmp_path, capsys):
     """timm's reader and MultiLabelTarget raise these in the first batch; we read the first target up front."""
     assert train.cli(_run(hf_folder, tmp_path, 'k', '--target-key', 'nosuch')) == 2
     assert last_error_line(capsys) == (f"train.py: error: --target-key nosuch: the train split of hfds/{hf_folder} "
@@ -140,6 +140,9 @@ def test_a_missing_target_field_or_a_wrong_target_format_is_one_line_before_trai
     assert train.cli(_run(hf_folder, tmp_path, 'f', '--target-format', 'multihot')) == 2
     assert last_error_line(capsys).startswith(f'train.py: error: the first target of the train split of '
                                               f'hfds/{hf_folder} ([0], --target-key labels) does not fit: Dense')
+    assert train.cli(_run(hf_folder, tmp_path, 'c', '--num-classes', '3')) == 2
+    assert last_error_line(capsys) == (f'train.py: error: the model has 3 classes (--num-classes) but the training '
+                                       f'data (hfds/{hf_folder}) has 4: use --num-classes 4')
     checkpoint = tmp_path / 'tiny.pth'  # without one, validate.py would fetch pretrained weights
     torch.save(timm.create_model('resnet18', num_classes=4, channels=(8, 16, 32, 64), stem_width=8).state_dict(),
                checkpoint)
