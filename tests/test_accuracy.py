@@ -194,4 +194,11 @@ def test_the_vit_study_trains_its_own_recipe_and_arms_end_to_end(tmp_path, capsy
     assert code == 0, err[-2000:]
     report = (output / 'report.md').read_text()
     assert [row[0] for row in table(report, '## Results')] == ['plain', 'cosub']
-    assert 'study_vit_fashion_mnist.yaml' in report
+    assert 'study_vit_fashion_mnist.yaml' in report and 'second part: cosub on a small Vision Transformer' in report
+    # over-fitting is measured: each full net is also evaluated on its training images, with its own command
+    for run in accuracy.plan(accuracy.parse_args(argv)):
+        record = run.record('study-eval.json')
+        assert record['fit_command'] == list(run.fit_command) and run.fit_command[6:8] == ('--split', 'train')
+        assert len(record['fit_rows']) == 1 and shlex.join(run.fit_command) in report
+        train_top1 = record['fit_rows'][0]['top1']
+        assert [row[-3] for row in table(report, '## Every run') if row[0] == run.arm.label] == [f'{train_top1:.1f}']
