@@ -17,9 +17,12 @@ recipe; a run that was interrupted is continued with ``--resume auto``), and eva
 ``study-eval.json`` (validate.py's rows for the run, with the same command, since it was last trained).
 Nothing already written is overwritten but the report, which is written under a temporary name and renamed.
 
-    python benchmarks/accuracy.py             # the study: about 80 min on a quiet 2-core CPU -> docs/results.*
-                                              # (before the gkt-sample arm was added)
-    python benchmarks/accuracy.py --study vit # the second study: plain, stochastic depth, cosub on a small ViT
+    python benchmarks/accuracy.py --jobs 2    # the study, 7 arms x 3 seeds -> docs/results.*: its 6 arms of
+                                              # 2026-11-24 took 57 min on a quiet 2-core CPU; with the floored
+                                              # ST++ and gkt-sample arms' measured costs, about 1 h 40 min
+    python benchmarks/accuracy.py --study vit --jobs 2  # the second study, plain, stochastic depth and cosub on
+                                              # a small ViT -> docs/results-vit.*: 55 min of training and 2 of
+                                              # evaluation on a 2-core CPU shared with other work
     python benchmarks/accuracy.py --quick     # 2 epochs, 2 seeds, a few minutes -> output/accuracy-quick/
     python benchmarks/accuracy.py --list      # print every command, run nothing
 
@@ -80,9 +83,12 @@ ARMS = (
     Arm('st', 'ST', ('--method', 'st'), 1.15),
     # the floor (twice the ResNet's output stride, the default) said explicitly, so that a folder trained before
     # the floor existed (same command without it: the official ratio alone, 13-px inputs) is not taken for this arm
-    Arm('stpp', 'ST++', ('--method', 'st++', '--st-min-side', '64'), 2.6),
+    # (cost: with the floor every subnet sees the full 32-px crop; the first 51 steps took 1.53 s each against
+    # plain's 0.20 s, on the same machine under the same load: 2.5x the unfloored arm's 3.0)
+    Arm('stpp', 'ST++', ('--method', 'st++', '--st-min-side', '64'), 7.7),
     Arm('gkt', 'GKT', ('--method', 'gkt'), 2.8),
-    Arm('gkt-sample', 'GKT, knowledge across steps', ('--method', 'gkt', '--gkt-knowledge', 'sample'), 2.8),
+    # (cost: 0.88 s per step over the first 51 steps against plain's 0.20 s, measured as stpp's)
+    Arm('gkt-sample', 'GKT, knowledge across steps', ('--method', 'gkt', '--gkt-knowledge', 'sample'), 4.4),
 )
 # the second study: where cosub claims its gains, a small DeiT III-style ViT trained long with mixup and cutmix
 VIT_ARMS = (
