@@ -13,6 +13,13 @@ loop (train an epoch, evaluate, checkpoint) → report. The epoch loop is ``subn
 keeps a long run alive (signals, mid-epoch resume, unreadable images, non-finite losses) is one ``RunGuard``
 (``subnet/guard.py``); one run per folder and atomic checkpoints are ``subnet/run_folder.py``.
 
+As a module it offers timm 1.0.31's API (tools such as timm's sweep.py and its tests import train.py): ``parser``
+and ``config_parser``, ``_parse_args()`` → (args, args.yaml text), ``main()``, each reading ``sys.argv`` when
+given no argv; ``create_model`` is looked up here at call time, so a caller may replace it. A command line that
+does not parse exits 2 with one line from the parse (SystemExit, as argparse); a configuration refused after it
+raises ``UsageError`` (a ValueError, as timm's main raises ValueError) from ``main``; ``cli`` is the command line,
+which prints either as one ``train.py: error:`` line.
+
 Exit status: 0 done (or nothing left to do); 2 bad input, or a dataset with too many unreadable images; 3 a loss
 or weight that is not finite, or a run that diverged (``--divergence-limit``; nothing saved); 4 a checkpoint could
 not be written (disk full, permissions; the partial file removed); 128 + N stopped by signal N (SIGINT 130, SIGTERM
@@ -25,6 +32,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional
@@ -43,27 +51,60 @@ from timm.utils import trim_summary, unwrap_model
 from subnet import checks, downloads, global_batch, intact, logs, option_ranges, plots, resume, run_folder
 from subnet.compile import compile_scope, compile_task
 from subnet.criterion import build_criterion
-from subnet.data import (Loaders, build_loaders, check_image_folders, loader_images, mixup_kwargs, seed_epoch,
-                         set_loader_epoch)
+from subnet.data import (Loaders, build_loaders, check_image_folders, check_multilabel_reader, loader_images,
+                         mixup_kwargs, seed_epoch, set_loader_epoch)
 from subnet.device import (check_precision_args, limit_workers, model_dtype as dtype_of, training_device,
                            training_precision, use_default_device)
 from subnet.divergence import DivergenceLimit
 from subnet.errors import EXIT_USAGE, InputError, RunStopped, UsageError, WriteFailed
-from subnet.evaluation import SubnetMonitor, evaluate
+from subnet.evaluation import SubnetMonitor, evaluate, evaluator_class
 from subnet.guard import RunGuard
 from subnet.loop import LoopOptions, StepSetup, train_one_epoch
 from subnet.methods import method_class
 from subnet.models import (accepted_kwargs, check_state_dict_fits, constant_drop_path, load_checkpoint_file,
                            load_initial_checkpoint, model_drop_path_rate, naflex_patch_size, resolve_model_name)
 from subnet.spec import SubnetSpecError
-from subnet.timm_options import parse_train_args, train_option_sources
+from subnet.timm_options import config_parser as _config_parser, parse_train_args, train_option_sources, train_parser
 
 _logger = logging.getLogger('train')
+
+# timm's module-level parsers, for tools that read the options and their defaults (``vars(parser.parse_args([]))``);
+# parsing here never changes them: every parse builds its own (``subnet/timm_options.py``), so no YAML default leaks
+parser = train_parser()
+config_parser = _config_parser()
+
+
+def check_command_line(args) -> None:
+    """The option combinations timm's ``_parse_args`` refuses (SystemExit there, as a parse error)."""
+    if args.resume == 'auto' and not args.experiment:
+        raise UsageError('--resume auto needs --experiment NAME (the run folder to continue)')
+
+
+def _parse_args(argv=None) -> tuple:
+    """timm's ``_parse_args``: the command line (``sys.argv`` by default) and its ``-c`` YAML, as (args, the
+    args.yaml text). What does not parse, or a combination timm refuses there, exits 2 with one line."""
+    try:
+        args, args_text = parse_train_args(argv)
+        check_command_line(args)
+    except (UsageError, InputError) as e:  # the -c file, --extra-methods, check_command_line
+        print(f'train.py: error: {e}', file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    return args, args_text
 
 
 def check_method_args(args) -> None:
     """The chosen method's configuration checks (one line each); they may fill the method's defaults."""
     method_class(args.method).check_args(args)
+
+
+def check_task_args(args) -> None:
+    """Every task ranks checkpoints by a metric its evaluator produces; ``--task multilabel`` needs a reader
+    that gives label lists."""
+    metrics = evaluator_class(args).metric_names
+    if args.eval_metric not in metrics:
+        raise UsageError(f'--eval-metric {args.eval_metric} is not a metric the {args.task} evaluation produces '
+                         f'(one of {", ".join(metrics)})')
+    check_multilabel_reader(args)
 
 
 def preflight(args) -> None:
@@ -72,13 +113,10 @@ def preflight(args) -> None:
     option_ranges.check_together(args)
     if args.stop_epoch is not None and not 0 < args.stop_epoch <= args.epochs:
         raise UsageError(f'--stop-epoch {args.stop_epoch} must be between 1 and --epochs ({args.epochs})')
-    if args.resume == 'auto' and not args.experiment:
-        raise UsageError('--resume auto needs --experiment NAME (the run folder to continue)')
     check_precision_args(args, amp_needs_fp32_model=True)
     if args.aug_splits == 1:
         raise UsageError('--aug-splits 1 makes no sense: use 0 (off) or 2 or more')
-    if args.jsd_loss and args.aug_splits < 2:
-        raise UsageError('--jsd-loss needs --aug-splits 2 or more')
+    check_task_args(args)
     checks.check_distributed_options(args)
     if args.compile_scope and not args.torchcompile:
         raise UsageError(f'--compile-scope {args.compile_scope} needs --torchcompile (it says what to compile)')
@@ -120,8 +158,10 @@ def build_model(args) -> nn.Module:
     """timm's ``create_model`` with train.py's arguments (and the method's kwargs), checked initial weights."""
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
     factory_kwargs = {}
-    if args.pretrained_path:
-        factory_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
+    overlay = dict(dict(file=args.pretrained_path, num_classes=-1) if args.pretrained_path else {},
+                   **args.pretrained_cfg_overlay)  # --pretrained-cfg-overlay wins per key
+    if overlay:
+        factory_kwargs['pretrained_cfg_overlay'] = overlay
     if args.fuser:
         utils.set_jit_fuser(args.fuser)
     if args.fast_norm:
@@ -162,7 +202,7 @@ def build_model_explained(args) -> nn.Module:
     model classes raise TypeError/ValueError/AssertionError deep inside their constructors)."""
     try:
         return build_model(args)
-    except InputError:  # the library's own one-line error, already saying what is wrong
+    except (InputError, UsageError):  # a one-line error already saying what is wrong
         raise
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         given = ([f'--model-kwargs {" ".join(f"{k}={v!r}" for k, v in args.model_kwargs.items())}']
@@ -340,7 +380,7 @@ def build(args) -> Training:
     checks.check_eval_classes(args, loaders.train, loaders.eval)
     derive_lr(args, loaders.batch_size_reference)
 
-    criterion = build_criterion(args, num_aug_splits, mixup_kwargs(args) is not None).to(device)
+    criterion = build_criterion(args, args.num_classes).to(device)
     task = method_class(args.method).from_args(args, model, criterion, device=device, dtype=model_dtype,
                                                input_size=data_config['input_size'], verbose=utils.is_primary(args))
     optimizer = build_optimizer(args, task)
@@ -423,19 +463,28 @@ def open_primary_folder(training: Training, args_text: str) -> None:
 
 
 def build_schedule(training: Training) -> None:
-    """timm's scheduler, moved on to the start epoch."""
+    """timm's scheduler (none for ``--sched none``), moved on to the start epoch. What the library warns of while
+    building it (``--sched plateau`` is deprecated in 1.0.31) is logged once, into log.txt too."""
     args = training.args
     updates_per_epoch = (len(training.loaders.train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    training.lr_scheduler, training.num_epochs = create_scheduler_v2(
-        training.optimizer, **scheduler_kwargs(args, decreasing_metric=training.decreasing),
-        updates_per_epoch=updates_per_epoch)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter('always', FutureWarning)
+        training.lr_scheduler, training.num_epochs = create_scheduler_v2(
+            training.optimizer, **scheduler_kwargs(args, decreasing_metric=training.decreasing),
+            updates_per_epoch=updates_per_epoch)
+    for message in dict.fromkeys(str(w.message) for w in warned):
+        if utils.is_primary(args):
+            _logger.warning(f'--sched {args.sched}: {message}')
     done_in_epoch = training.epoch_start.updates if training.epoch_start is not None else 0
     if training.lr_scheduler is not None and (training.start_epoch > 0 or done_in_epoch):
         if args.sched_on_updates:
             training.lr_scheduler.step_update(training.start_epoch * updates_per_epoch + done_in_epoch)
         else:
             training.lr_scheduler.step(training.start_epoch)
-    if utils.is_primary(args):
+    if utils.is_primary(args) and training.lr_scheduler is None:
+        _logger.info(f'Scheduled epochs: {training.num_epochs}. No LR schedule (--sched none): the optimizer keeps '
+                     f'lr {args.lr:g}.')
+    elif utils.is_primary(args):
         explain = ('(warmup_epochs + epochs + cooldown_epochs). Warmup added to total when warmup_prefix=True'
                    if args.warmup_prefix else
                    '(epochs + cooldown_epochs). Warmup within epochs when warmup_prefix=False')
@@ -566,7 +615,8 @@ class TrainRun:
 
 
 def run(argv=None) -> TrainRun:
-    """Train as the command line says; raises UsageError (or the library's InputError) on bad input."""
+    """Train as the command line says; exits 2 on a command line that does not parse, raises UsageError (or the
+    library's InputError) on a configuration refused after it, RunStopped on a planned stop."""
     rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0)))
     logs.setup_logging(primary=rank == 0, to_file_later=True)
     try:
@@ -584,7 +634,7 @@ def with_signal_status(failed: WriteFailed, signum: int) -> WriteFailed:
 
 
 def _train(argv) -> TrainRun:
-    args, args_text = parse_train_args(argv)
+    args, args_text = _parse_args(argv)
     if args.plot_summary:  # a picture of a finished (or running) run, no training
         png = plots.plot_summary(args.plot_summary)
         _logger.info(f'Wrote {png}')
@@ -643,16 +693,12 @@ def log_wandb(row: dict) -> None:
 
 
 def main(argv=None) -> int:
-    """Run, and turn every planned ending into one line and its exit status (see the module docstring)."""
+    """timm's ``main``: train as the command line (``sys.argv`` by default) says. Returns 0, or the exit status of a
+    planned stop, with its one line (see the module docstring). A command line that does not parse exits 2
+    (SystemExit); a configuration refused after parsing raises UsageError or InputError, both ValueError."""
     try:
         run(argv)
         return 0
-    except (UsageError, InputError) as e:
-        message = str(e)
-        if 'Original Traceback' in message:  # raised in a DataLoader worker: keep the original line
-            message = message.strip().splitlines()[-1].split('Error: ', 1)[-1]  # drop 'subnet.errors.InputError: '
-        print(f'train.py: error: {message}', file=sys.stderr)
-        return EXIT_USAGE
     except RunStopped as e:
         print(f'train.py: {e}', file=sys.stderr)
         return e.exit_code
@@ -661,5 +707,19 @@ def main(argv=None) -> int:
         return 128 + signal.SIGINT
 
 
+def cli(argv=None) -> int:
+    """The command line: ``main``, with bad input as one ``train.py: error:`` line and exit status 2."""
+    try:
+        return main(argv)
+    except (UsageError, InputError) as e:
+        message = str(e)
+        if 'Original Traceback' in message:  # raised in a DataLoader worker: keep the original line
+            message = message.strip().splitlines()[-1].split('Error: ', 1)[-1]  # drop 'subnet.errors.InputError: '
+        print(f'train.py: error: {message}', file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:  # the parse's own exit (its line already printed), or --help
+        return e.code
+
+
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli())

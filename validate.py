@@ -16,6 +16,10 @@ subnet after the full net's (without --bn-recal the plain validation's row), wit
 compare; ``--plot FILE.png`` draws top-1 against FLOPs, one colour per checkpoint (a folder, or a glob pattern
 such as ``'output/train/*/model_best.pth.tar'`` to compare runs). ``--export DIR`` writes each subnet as a
 checkpoint that plain timm loads and times it against the full net (``subnet/export.py``).
+
+As a module it offers timm's API: ``parser``, ``validate(args)`` (one model, its result row) and ``main()``
+(``sys.argv`` when given no argv; bad input raises UsageError, a ValueError); ``create_model`` is looked up here at
+call time, so a caller may replace it. ``cli`` is the command line: bad input is one line and exit status 2.
 """
 import argparse
 import csv
@@ -32,11 +36,13 @@ import torch.nn as nn
 from timm import utils
 from timm.data import RealLabelsImagenet, create_dataset, resolve_data_config
 from timm.layers import apply_test_time_pool, set_fast_norm
-from timm.models import create_model, is_model, list_models, load_checkpoint
-from timm.utils import check_batch_size_retry, decay_batch_step, natural_key, reparameterize_model
+from timm.models import create_model, is_model, list_models, load_checkpoint, reparameterize_model
+from timm.task.evaluator import MultiLabelClassificationEvaluator
+from timm.utils import check_batch_size_retry, decay_batch_step, natural_key
 
 from subnet import checks, downloads, evaluation, export, logs, option_ranges, plots
-from subnet.data import FixedSample, check_image_folders, loader_images
+from subnet.criterion import check_target_format
+from subnet.data import FixedSample, check_image_folders, check_multilabel_reader, loader_images, target_options
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
 from subnet.errors import InputError, UsageError
@@ -47,11 +53,14 @@ from subnet.timm_options import given_on_command_line, validate_parser
 
 _logger = logging.getLogger('validate')
 
+# timm's module-level parser (each parse here builds its own, so changing this one changes nothing)
+parser = validate_parser()
+
 _NON_IN1K_FILTERS = ['*_in21k', '*_in22k', '*in12k', '*_dino', '*fcmae', '*seer']
 
 # validate.py options (dests) filled from a checkpoint's training args when not given on the command line
 _FROM_TRAINING = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'gp', 'img_size', 'input_size', 'crop_pct',
-                  'mean', 'std', 'interpolation')
+                  'mean', 'std', 'interpolation', 'task', 'target_format', 'multilabel_threshold')
 
 
 def adopt_training_args(args, argv) -> None:
@@ -121,7 +130,7 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
             root=root, name=args.dataset, split=split, download=args.dataset_download,
             load_bytes=args.tf_preprocessing, class_map=args.class_map, num_samples=args.num_samples,
             input_key=args.input_key, input_img_mode=input_img_mode, target_key=args.target_key,
-            trust_remote_code=args.dataset_trust_remote_code, seed=args.seed)
+            trust_remote_code=args.dataset_trust_remote_code, seed=args.seed, **target_options(args))
     dataset = readable(dataset, training=False)
     if sample and not isinstance(dataset, torch.utils.data.IterableDataset):
         dataset = FixedSample(dataset, sample, args.seed)
@@ -172,15 +181,26 @@ def prepare(args) -> tuple:
     return device, model_dtype, amp_autocast
 
 
+def _metric_fields(metrics: dict) -> tuple:
+    """The task's result fields and their `` * `` log line: timm's top-1/top-5 (and their errors), or for
+    multi-label the evaluator's mAP and F1 scores under its own names."""
+    if 'map' in metrics:
+        names = MultiLabelClassificationEvaluator.metric_names[1:]
+        fields = OrderedDict((name, round(metrics[name], 4)) for name in names)
+        return fields, ' * ' + ' '.join(f'{name} {fields[name]:.3f}' for name in names)
+    top1, top5 = metrics['top1'], metrics['top5']
+    fields = OrderedDict(top1=round(top1, 4), top1_err=round(100 - top1, 4), top5=round(top5, 4),
+                         top5_err=round(100 - top5, 4))
+    return fields, (f' * Acc@1 {fields["top1"]:.3f} ({fields["top1_err"]:.3f}) '
+                    f'Acc@5 {fields["top5"]:.3f} ({fields["top5_err"]:.3f})')
+
+
 def result_row(args, metrics: dict, scores: dict, param_count: int, data_config: dict, crop_pct) -> OrderedDict:
     """timm's result row of one evaluation, logged as timm's `` * Acc@1`` line."""
-    top1, top5 = metrics['top1'], metrics['top5']
-    result = OrderedDict(model=args.model, top1=round(top1, 4), top1_err=round(100 - top1, 4),
-                         top5=round(top5, 4), top5_err=round(100 - top5, 4), **scores,
+    fields, line = _metric_fields(metrics)
+    result = OrderedDict(model=args.model, **fields, **scores,
                          param_count=round(param_count / 1e6, 2), img_size=data_config['input_size'][-1],
                          crop_pct=crop_pct, interpolation=data_config['interpolation'])
-    line = (f' * Acc@1 {result["top1"]:.3f} ({result["top1_err"]:.3f}) '
-            f'Acc@5 {result["top5"]:.3f} ({result["top5_err"]:.3f})')
     if metrics.get('unreadable_images'):  # a column only then: timm's result fields otherwise
         result['unreadable_images'] = metrics['unreadable_images']
         line += f' | {metrics["unreadable_images"]} unreadable images left out'
@@ -195,6 +215,7 @@ def result_row(args, metrics: dict, scores: dict, param_count: int, data_config:
 def validate(args):
     """Validate one model (and checkpoint); returns timm's result row, or with --subnets a list of rows (the
     full net's first, then one per subnet with the SUBNET_FIELDS appended)."""
+    check_task_options(args)  # after a checkpoint's training args were adopted: its --task among them
     device, model_dtype, amp_autocast = prepare(args)
     model, data_config, test_time_pool, param_count = build_model(args, device, model_dtype)
     patch_size = naflex_patch_size(model) if args.naflex_loader else None
@@ -302,6 +323,19 @@ def write_results(path: str, results, format: str = 'csv') -> None:
     os.replace(tmp, path)
 
 
+def check_task_options(args) -> None:
+    """The task's targets can be read, and options of single-label evaluation are not given to a multi-label one."""
+    check_target_format(args)
+    check_multilabel_reader(args)
+    if args.task != 'multilabel':
+        return
+    for option, given in (('--metrics-avg', args.metrics_avg), ('--real-labels', args.real_labels),
+                          ('--valid-labels', args.valid_labels)):
+        if given:
+            raise UsageError(f'{option} scores single-label predictions: it does not apply to --task multilabel '
+                             f'(which reports mAP and micro, macro and sample F1)')
+
+
 def check_subnet_options(args) -> None:
     """Mistakes in the subnet options, caught before any model is built."""
     if args.bn_recal < 0:
@@ -377,7 +411,7 @@ def run(argv) -> int:
                 groups.append((checkpoint or config_args.model, rows))
         except KeyboardInterrupt:
             pass
-        groups.sort(key=lambda group: group[1][0]['top1'], reverse=True)
+        groups.sort(key=lambda group: group[1][0]['map' if 'map' in group[1][0] else 'top1'], reverse=True)
         results = [row for _, rows in groups for row in rows]
     else:
         adopt_training_args(args, argv)
@@ -390,7 +424,8 @@ def run(argv) -> int:
             else [g for g, _ in groups]
         models = sorted({rows[0]['model'] for _, rows in groups})
         against = 'FLOPs' if args.plot_x == 'flops' else f'measured time per image (batch {args.speed_batch})'
-        title = f'{", ".join(models)}: subnet top-1 against {against}{recalibration_note(_rows(results))}'
+        metric = 'mAP' if 'map' in _rows(results)[0] else 'top-1'
+        title = f'{", ".join(models)}: subnet {metric} against {against}{recalibration_note(_rows(results))}'
         curves = list(zip(labels, (rows for _, rows in groups)))
         _logger.info(f'Wrote {plots.plot_subnets(curves, args.plot, title, x=args.plot_x)}')
     print(f'--result\n{json.dumps(results, indent=4)}')
@@ -398,16 +433,26 @@ def run(argv) -> int:
 
 
 def main(argv=None) -> int:
+    """timm's ``main``: validate as the command line (``sys.argv`` by default) says; raises UsageError or the
+    library's InputError (both ValueError) on bad input."""
     argv = sys.argv[1:] if argv is None else list(argv)
     logs.setup_logging(primary=True)
     try:
         return run(argv)
-    except (UsageError, InputError) as e:
-        print(f'validate.py: error: {e}', file=sys.stderr)
-        return 2
     finally:
         logs.close_log_file()
 
 
+def cli(argv=None) -> int:
+    """The command line: ``main``, with bad input as one ``validate.py: error:`` line and exit status 2."""
+    try:
+        return main(argv)
+    except (UsageError, InputError) as e:
+        print(f'validate.py: error: {e}', file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse's own exit (its line already printed), or --help
+        return e.code
+
+
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(cli())

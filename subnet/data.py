@@ -13,11 +13,13 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.utils.data
 from timm import utils
-from timm.data import AugMixDataset, FastCollateMixup, Mixup, create_dataset, create_loader, get_img_extensions
+from timm.data import (AugMixDataset, FastCollateMixup, Mixup, MultiLabelTarget, create_dataset, create_loader,
+                       get_img_extensions)
 from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
 from timm.data.scheduled_sampler import ScheduledTransformDataset
 from torchvision import transforms
 
+from .criterion import is_multilabel
 from .errors import InputError
 from .evaluation import NaFlexEval, eval_loader
 from .sample_seeds import SeededCollateMixup, SeededSamples, key_samples
@@ -146,6 +148,30 @@ class FixedSample(DatasetView):
         return self.dataset[self.indices[index]]
 
 
+# the readers of timm 1.0.31 that give label lists, multi-hot vectors or one binary field per class
+MULTILABEL_READERS = ('hfds', 'hfids', 'wds', 'tfds')
+
+
+def check_multilabel_reader(args) -> None:
+    """``--task multilabel`` needs a dataset whose reader gives several labels per image: an image folder (or a
+    torchvision dataset) gives one class, which would fail deep in the first batch."""
+    kind = args.dataset.partition('/')[0].lower() if '/' in (args.dataset or '') else ''
+    if is_multilabel(args) and kind not in MULTILABEL_READERS:
+        raise InputError(f"--task multilabel needs a dataset whose targets are label lists, read by timm's "
+                         f'{"/, ".join(MULTILABEL_READERS)}/ readers (--dataset hfds/NAME --target-key FIELD); '
+                         f'{f"a {kind}/ dataset" if kind else "an image folder"} holds one class per image')
+
+
+def target_options(args) -> dict:
+    """``create_dataset``'s target arguments for the task: multi-label targets (class-index lists, multi-hot
+    vectors with ``--target-format multihot``, or one binary field per class from ``--target-key a,b,c``, as the
+    readers give them) become float multi-hot vectors of ``args.num_classes`` (timm's ``MultiLabelTarget``)."""
+    if not is_multilabel(args):
+        return dict(target_format=args.target_format)
+    return dict(target_format=args.target_format,
+                target_transform=MultiLabelTarget(args.num_classes, dense=args.target_format == 'multihot'))
+
+
 def build_dataset(args, split: str, is_training: bool, input_img_mode: str, num_samples=None):
     """``timm.data.create_dataset`` with train.py's arguments; folder datasets fail clearly."""
     try:
@@ -164,6 +190,7 @@ def build_dataset(args, split: str, is_training: bool, input_img_mode: str, num_
             target_key=args.target_key,
             num_samples=num_samples,
             trust_remote_code=args.dataset_trust_remote_code,
+            **target_options(args),
         )
     except RuntimeError as e:
         if 'Found 0 images' in str(e):
@@ -185,6 +212,7 @@ def mixup_kwargs(args) -> Optional[dict]:
         mode=args.mixup_mode,
         label_smoothing=args.smoothing,
         num_classes=args.num_classes,
+        multi_label=is_multilabel(args),  # mixes multi-hot targets, smoothing each label towards 0.5
     )
 
 

@@ -1,8 +1,10 @@
 """The exceptions that end a run with one line instead of a traceback, and the exit codes they map to.
 
-- ``UsageError``: a bad command line (a flag, a config file, a combination of options). It is raised only by
-  ``train.py``, ``validate.py`` and the option-parsing layer (``timm_options.py``, ``subnet_options.py``,
-  ``option_ranges.py``, ``checks.py``); the scripts print it as a single ``error: ...`` line on stderr, exit status 2.
+- ``UsageError`` (a ValueError, as timm's ``train.main()`` raises ValueError for a configuration it refuses): a bad
+  command line (a flag, a config file, a combination of options). It is raised only by ``train.py``,
+  ``validate.py`` and the option-parsing layer (``timm_options.py``, ``subnet_options.py``, ``option_ranges.py``,
+  ``checks.py``); the scripts' command line (``cli``) prints it as a single ``error: ...`` line on stderr, exit
+  status 2. A command line that does not parse (argparse, the ``-c`` file) exits 2 from the parse itself.
 - ``InputError`` (a ValueError; ``ModelNotSupported`` is one): the library's error for what the user gave that it
   cannot use (a model, a file, a dataset with too many unreadable images, a method's options); every other module
   raises it (or ValueError/TypeError for misuse of its API), and the scripts report it as they report a UsageError.
@@ -26,7 +28,7 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """A problem with the user's input, reported as one line without a traceback."""
 
 

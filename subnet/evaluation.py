@@ -3,8 +3,9 @@
 Entry points:
 
 - ``eval_loader``: timm's evaluation loader (standard or NaFlex) for a dataset;
-- ``evaluate``: one pass of a model over a loader; loss, top-1, top-5 (timm's evaluator: exact counts, padding
-  trimmed) and ``unreadable_images``. ``TrainReport`` / ``ValidateReport`` say how the pass reports itself (timm's
+- ``evaluate``: one pass of a model over a loader; the task's metrics (timm's evaluators: loss, top-1, top-5, or
+  for ``--task multilabel`` loss, mAP and micro/macro/sample F1 over the whole set; padding trimmed) and
+  ``unreadable_images``. ``TrainReport`` / ``ValidateReport`` say how the pass reports itself (timm's
   train.py and validate.py log lines); ``Labels`` holds validate.py's label options;
 - ``build_subnets`` / ``SubnetEvaluation``: the fixed subnets a SPEC (``subnet/spec.py``) names, each measured with
   its blocks installed by the depth engine (``validate.py --subnets``); ``SubnetMonitor`` does the same at every
@@ -27,18 +28,20 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tup
 import torch
 from timm import utils
 from timm.data import create_loader
-from timm.task.evaluator import ClassificationEvaluator, evaluation_sample_limit
+from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificationEvaluator, evaluation_sample_limit
 from timm.utils import unwrap_model
 from torch import nn
 
 from .batchnorm import batchnorm_layers, recalibrated
 from .blocks import BlockMap
+from .criterion import is_multilabel
 from .depth import DepthEngine
 from .progress import EpochProgress
 from .spec import parse_spec, spec_kind
 from .unreadable import NOT_COUNTED, drop_not_counted, failures_of
 
-__all__ = ['NaFlexEval', 'eval_loader', 'predict_batches', 'update_evaluator', 'Labels', 'TrainReport',
+__all__ = ['NaFlexEval', 'eval_loader', 'evaluator_class', 'create_evaluator', 'task_metric', 'predict_batches',
+           'update_evaluator', 'Labels', 'TrainReport',
            'ValidateReport', 'evaluate', 'SUBNET_FIELDS', 'Subnet', 'build_subnets', 'SubnetEvaluation',
            'subnet_fields', 'SubnetMonitor']
 
@@ -98,11 +101,29 @@ def predict_batches(model, loader, args, device: torch.device, amp_autocast: Cal
         yield output, target
 
 
+def evaluator_class(args) -> type:
+    """timm's dataset-level evaluator of the task (``--task``): top-1/top-5, or mAP and F1 for multi-label."""
+    return MultiLabelClassificationEvaluator if is_multilabel(args) else ClassificationEvaluator
+
+
+def create_evaluator(args, device, max_samples: Optional[int] = None) -> ClassificationEvaluator:
+    """A fresh evaluator of the task; ``max_samples`` trims a distributed sampler's padding."""
+    if is_multilabel(args):
+        return MultiLabelClassificationEvaluator(device, max_samples=max_samples, threshold=args.multilabel_threshold)
+    return ClassificationEvaluator(device, max_samples=max_samples)
+
+
+def task_metric(args) -> str:
+    """The metric the task is judged by (timm's evaluator default: top1, or map for multi-label)."""
+    return evaluator_class(args).default_metric
+
+
 class BatchFigures(NamedTuple):
-    """One batch's own figures, for log lines; ``dropped``: rows standing in for unreadable images."""
+    """One batch's own figures, for log lines; ``dropped``: rows standing in for unreadable images. top-1 and
+    top-5 are None for multi-label evaluation, whose metrics exist only over the whole set."""
     loss: float
-    top1: float
-    top5: float
+    top1: Optional[float]
+    top5: Optional[float]
     count: int
     dropped: int
 
@@ -114,7 +135,17 @@ def update_evaluator(evaluator: ClassificationEvaluator, output, target) -> Batc
     evaluator.update(output, target)
     seen, top1, top5 = (evaluator.counts - counts).tolist()
     n = max(seen, 1)
+    if isinstance(evaluator, MultiLabelClassificationEvaluator):
+        return BatchFigures((evaluator.loss_sum - loss_sum).item() / n, None, None, seen, dropped)
     return BatchFigures((evaluator.loss_sum - loss_sum).item() / n, 100 * top1 / n, 100 * top5 / n, seen, dropped)
+
+
+def _accuracy_text(batch: BatchFigures, running: dict) -> str:
+    """The ``Acc@1 / Acc@5`` part of a ``Test:`` line; empty for multi-label evaluation."""
+    if batch.top1 is None:
+        return ''
+    return (f'  Acc@1: {batch.top1:>7.3f} ({running["top1"]:>7.3f})  '
+            f'Acc@5: {batch.top5:>7.3f} ({running["top5"]:>7.3f})')
 
 
 @dataclass
@@ -164,9 +195,7 @@ class TrainReport:
             _logger.info(
                 f'Test{self.suffix}: [{batch_idx:>4d}/{last_idx}]  '
                 f'Time: {batch_time.val:.3f} ({batch_time.avg:.3f})  '
-                f'Loss: {batch.loss:>7.3f} ({running["loss"]:>6.3f})  '
-                f'Acc@1: {batch.top1:>7.3f} ({running["top1"]:>7.3f})  '
-                f'Acc@5: {batch.top5:>7.3f} ({running["top5"]:>7.3f})')
+                f'Loss: {batch.loss:>7.3f} ({running["loss"]:>6.3f})' + _accuracy_text(batch, running))
 
     def close(self) -> None:
         self.progress.close()
@@ -187,9 +216,7 @@ class ValidateReport:
             self.logger.info(
                 f'Test: [{batch_idx:>4d}/{num_batches}]  '
                 f'Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, {batch.count / batch_time.avg:>7.2f}/s)  '
-                f'Loss: {batch.loss:>7.4f} ({running["loss"]:>6.4f})  '
-                f'Acc@1: {batch.top1:>7.3f} ({running["top1"]:>7.3f})  '
-                f'Acc@5: {batch.top5:>7.3f} ({running["top5"]:>7.3f})')
+                f'Loss: {batch.loss:>7.4f} ({running["loss"]:>6.4f})' + _accuracy_text(batch, running))
 
     def close(self) -> None:
         pass
@@ -198,12 +225,13 @@ class ValidateReport:
 def evaluate(model, loader, args, device: torch.device, amp_autocast: Callable = suppress,
              model_dtype: Optional[torch.dtype] = None, log_suffix: str = '', *, report=None,
              labels: Optional[Labels] = None) -> OrderedDict:
-    """Loss, top-1 and top-5 of ``model`` on ``loader`` (timm's evaluator: exact counts, padding trimmed, summed
-    over ranks when ``args.distributed``), and ``unreadable_images`` when some images could not be read (they
-    are left out of the figures). ``report`` defaults to ``TrainReport(args, log_suffix)``."""
+    """The task's metrics of ``model`` on ``loader`` (timm's evaluators: loss, top-1 and top-5, or for
+    ``--task multilabel`` loss, mAP and micro/macro/sample F1 over the whole set; padding trimmed, gathered over
+    ranks when ``args.distributed``), and ``unreadable_images`` when some images could not be read (they are left
+    out of the figures). ``report`` defaults to ``TrainReport(args, log_suffix)``."""
     report = report if report is not None else TrainReport(args, log_suffix)
     distributed = getattr(args, 'distributed', False)  # validate.py runs on one process
-    evaluator = ClassificationEvaluator(device, max_samples=evaluation_sample_limit(loader))
+    evaluator = create_evaluator(args, device, max_samples=evaluation_sample_limit(loader))
     batch_time = utils.AverageMeter()
     failures, unreadable = failures_of(loader), 0
     report.start(len(loader))
@@ -332,7 +360,9 @@ class SubnetMonitor:
     ``validate.py --bn-recal``), so a BatchNorm model's columns are a lower bound.
     """
 
-    def __init__(self, task, spec: str, seed: int, input_size: Optional[Sequence[int]] = None):
+    def __init__(self, task, spec: str, seed: int, input_size: Optional[Sequence[int]] = None,
+                 metric: str = 'top1'):
+        self.metric = metric
         engine = task.depth  # the method's engine; --method none has none, build one once
         if engine is None:
             engine = DepthEngine(unwrap_model(task.get_eval_model()), input_size=input_size)
@@ -342,9 +372,10 @@ class SubnetMonitor:
 
     @classmethod
     def from_args(cls, args, task, input_size=None) -> Optional['SubnetMonitor']:
-        return cls(task, args.subnet_eval, args.seed, input_size) if args.subnet_eval else None
+        return cls(task, args.subnet_eval, args.seed, input_size, task_metric(args)) if args.subnet_eval else None
 
     def columns(self, evaluate: Callable[[Subnet], dict]) -> dict:
-        """``{'subnet_<name>_top1': top-1}`` from ``evaluate(subnet)`` run with each subnet installed."""
-        return {f'subnet_{subnet.name}_top1': metrics['top1']
+        """``{'subnet_<name>_<metric>': value}`` (the task's metric: top1, or map for multi-label) from
+        ``evaluate(subnet)`` run with each subnet installed."""
+        return {f'subnet_{subnet.name}_{self.metric}': metrics[self.metric]
                 for subnet, metrics, _ in self.evaluation.run(evaluate)}

@@ -305,6 +305,11 @@ class SubnetExporter:
         return path
 
 
+def _row_metric(row: dict) -> str:
+    """A validate.py row's task metric: top1, or map for multi-label (``--task multilabel``)."""
+    return 'map' if 'map' in row else 'top1'
+
+
 class ExportRun:
     """``validate.py --export DIR``: plans every subnet before the evaluation, writes each one while it is installed
     (with the BN statistics it was measured with), then loads them back with plain timm and times them.
@@ -335,7 +340,8 @@ class ExportRun:
         def measure_and_export(subnet: Subnet) -> dict:
             row = measure(subnet)
             if subnet.name in self.plans:
-                provenance = dict(checkpoint=self.args.checkpoint, top1=row['top1'], bn_recal=bn_recal)
+                metric = _row_metric(row)
+                provenance = {'checkpoint': self.args.checkpoint, metric: row[metric], 'bn_recal': bn_recal}
                 self.exporter.write(self.plans[subnet.name], self.folder, self.stored_args, provenance)
             return row
         return measure_and_export
@@ -349,7 +355,8 @@ class ExportRun:
             path = written.get(row['subnet'])
             row.update(exported=path or '', load_call=self.plans[row['subnet']].load_call(path) if path else '')
             if path:
-                _logger.info(f'Exported {row["subnet"]} (top-1 {row["top1"]:.3f}): {row["load_call"]}')
+                metric = _row_metric(row)
+                _logger.info(f'Exported {row["subnet"]} ({metric} {row[metric]:.3f}): {row["load_call"]}')
         batch, channels_last = self.args.speed_batch, self.args.channels_last
         if batch <= 0:
             return

@@ -41,6 +41,7 @@ def cosub_loss(
         target: Tensor,
         label_weight: float = 0.5,
         binarize_threshold: Optional[float] = None,
+        label_smoothing: float = 0.0,
 ) -> CosubTerms:
     """Co-training loss of two submodels that saw the same images (Touvron et al., CVPR 2023; deit engine.py).
 
@@ -48,6 +49,11 @@ def cosub_loss(
     0.25 × 4. Plain mean-reduced BCE-with-logits over B·C everywhere. ``binarize_threshold`` is DeiT III's
     ``--bce-loss`` (``target.gt(t)``) and touches the label targets only: the peer targets stay soft probabilities
     (reusing timm's thresholded BCE would binarise them too).
+
+    The targets may be mixup's soft single-label targets or multi-hot multi-label ones: every term is a per-label
+    BCE, so the peer target of a label is the other submodel's sigmoid of that label. ``label_smoothing`` pulls the
+    label targets towards 0.5 (timm's multi-label smoothing, ``y·(1 − s) + s/2``), for multi-hot targets that did
+    not come through mixup (which smooths them itself).
     """
     if logits_a.shape != logits_b.shape or logits_a.ndim != 2:
         raise ValueError(f'cosub needs two (B, C) logit tensors of one shape, got {tuple(logits_a.shape)} '
@@ -58,8 +64,13 @@ def cosub_loss(
     if not 0.0 <= label_weight <= 1.0:
         raise ValueError(f'cosub label weight must be in [0, 1], got {label_weight}')
     logits_a, logits_b = _at_least_fp32(logits_a), _at_least_fp32(logits_b)
-    label_target = target if binarize_threshold is None else target.gt(binarize_threshold)
-    label_target = label_target.to(logits_a.dtype)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f'cosub label smoothing must be in [0, 1), got {label_smoothing}')
+    label_target = target.to(logits_a.dtype)
+    if label_smoothing:
+        label_target = label_target * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    if binarize_threshold is not None:
+        label_target = label_target.gt(binarize_threshold).to(logits_a.dtype)
     label_terms = (F.binary_cross_entropy_with_logits(logits_a, label_target),
                    F.binary_cross_entropy_with_logits(logits_b, label_target))
     peer_terms = (F.binary_cross_entropy_with_logits(logits_a, torch.sigmoid(logits_b.detach())),
@@ -72,14 +83,17 @@ def cosub_loss(
 class CosubLoss(nn.Module):
     """``cosub_loss`` with its settings, as a task's criterion (``CosubTask.criterion``)."""
 
-    def __init__(self, label_weight: float = 0.5, binarize_threshold: Optional[float] = None):
+    def __init__(self, label_weight: float = 0.5, binarize_threshold: Optional[float] = None,
+                 label_smoothing: float = 0.0):
         super().__init__()
         if not 0.0 <= label_weight <= 1.0:
             raise ValueError(f'cosub label weight must be in [0, 1], got {label_weight}')
         self.label_weight, self.binarize_threshold = label_weight, binarize_threshold
+        self.label_smoothing = label_smoothing
 
     def forward(self, logits_a: Tensor, logits_b: Tensor, target: Tensor) -> CosubTerms:
-        return cosub_loss(logits_a, logits_b, target, self.label_weight, self.binarize_threshold)
+        return cosub_loss(logits_a, logits_b, target, self.label_weight, self.binarize_threshold,
+                          self.label_smoothing)
 
 
 def kl_distill(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -21,7 +21,7 @@ from timm.optim import get_optimizer_info, list_optimizers
 
 from .errors import UsageError
 
-__all__ = ['Interval', 'OneOf', 'Values', 'RANGES', 'SCHEDULERS', 'EVAL_METRICS', 'check_ranges', 'check_together',
+__all__ = ['Interval', 'OneOf', 'Values', 'RANGES', 'SCHEDULERS', 'check_ranges', 'check_together',
            'check_resumed_position']
 
 
@@ -111,8 +111,8 @@ def _augment_policy(name: str) -> bool:
 
 # timm's create_scheduler_v2 (1.0.31) builds these; any other name raises there, after the model and data
 SCHEDULERS = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'none')
-# what the evaluation reports (top-1/top-5 accuracy, loss) and may rank checkpoints by
-EVAL_METRICS = ('top1', 'top5', 'loss')
+# the decay shapes timm 1.0.31's WSDLRScheduler takes (it raises ValueError for any other, after the model and data)
+LR_DECAY_FNS = ('linear', '1-sqrt', 'cosine', 'power', 'exp')
 INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 
 POSITIVE = Interval(0, low_open=True)
@@ -149,7 +149,8 @@ RANGES = {
     '--epochs': AT_LEAST_ONE, '--epoch-repeats': NON_NEGATIVE, '--start-epoch': NON_NEGATIVE,
     '--decay-milestones': Values(NON_NEGATIVE, ordered=True), '--decay-epochs': POSITIVE,
     '--warmup-epochs': NON_NEGATIVE, '--cooldown-epochs': NON_NEGATIVE, '--patience-epochs': NON_NEGATIVE,
-    '--decay-rate': POSITIVE,
+    '--decay-rate': POSITIVE, '--lr-decay-fn': OneOf(LR_DECAY_FNS, f"one of {', '.join(LR_DECAY_FNS)}"),
+    '--lr-stable-timescale': POSITIVE,
     # augmentation, regularization, losses
     '--scale': Values(NON_NEGATIVE, counts=(2,), ordered=True), '--ratio': Values(POSITIVE, counts=(2,), ordered=True),
     '--aa': OneOf((), "a policy timm builds: rand-m9-mstd0.5 (RandAugment), augmix-m5-w4-d2, original, v0, 3a, ...",
@@ -164,6 +165,8 @@ RANGES = {
     '--cutmix-minmax': Values(PROBABILITY, counts=(2,), ordered=True), '--mixup-prob': PROBABILITY,
     '--mixup-switch-prob': PROBABILITY, '--mixup-mode': OneOf(('batch', 'pair', 'elem'), 'batch, pair or elem'),
     '--mixup-off-epoch': NON_NEGATIVE, '--smoothing': RATE,
+    '--multilabel-threshold': Interval(0, 1, low_open=True, high_open=True), '--loss-weight-power': NON_NEGATIVE,
+    '--poly-gamma': NON_NEGATIVE,
     '--train-interpolation': OneOf(('random',) + INTERPOLATIONS, f"random or one of {', '.join(INTERPOLATIONS)}",
                                    _interpolation),
     '--drop': RATE, '--drop-connect': RATE, '--drop-path': RATE, '--drop-block': RATE,
@@ -174,7 +177,6 @@ RANGES = {
     # run control
     '--worker-seeding': OneOf(('all', 'part'), 'all or part'), '--log-interval': AT_LEAST_ONE,
     '--val-interval': AT_LEAST_ONE, '--recovery-interval': NON_NEGATIVE, '--checkpoint-hist': AT_LEAST_ONE,
-    '--eval-metric': OneOf(EVAL_METRICS, f"one the evaluation reports: {', '.join(EVAL_METRICS)}"),
     '--tta': NON_NEGATIVE, '--train-batches-per-epoch': AT_LEAST_ONE,
     '--train-img-sizes': Values(AT_LEAST_ONE), '--train-batch-sizes': Values(AT_LEAST_ONE),
     '--train-size-probs': Values(NON_NEGATIVE), '--train-size-schedule-spread': PROBABILITY,
@@ -214,9 +216,12 @@ def _problem(rule, value) -> Optional[str]:
     return f'must be {rule.describe()}, got {value}'
 
 
-def check_ranges(args: argparse.Namespace) -> None:
-    """Every value of ``args`` that ``RANGES`` declares is in its range: else one line naming the first that is not."""
+def check_ranges(args: argparse.Namespace, flags: Optional[Sequence[str]] = None) -> None:
+    """Every value of ``args`` that ``RANGES`` declares (or only those of ``flags``) is in its range: else one line
+    naming the first that is not."""
     for flag, rule in RANGES.items():
+        if flags is not None and flag not in flags:
+            continue
         value = getattr(args, _dest(flag), None)
         if value is None:
             continue
@@ -232,11 +237,33 @@ def check_together(args: argparse.Namespace) -> None:
         values = getattr(args, _dest(flag), None)
         if values is not None and len(values) not in (1, channels):
             raise UsageError(f'{flag} takes 1 value or one per input channel ({channels}), got {len(values)}')
-    if getattr(args, 'sched', None) == 'rsqrt' and not args.warmup_epochs:
-        raise UsageError('--sched rsqrt decays from the end of warmup: give it --warmup-epochs 1 or more')
+    sched = getattr(args, 'sched', None)
+    if sched == 'rsqrt' and not args.warmup_epochs and not args.lr_stable_timescale:
+        raise UsageError('--sched rsqrt decays from the end of warmup: give it --warmup-epochs 1 or more (or '
+                         '--lr-stable-timescale)')
+    if sched in ('wsd', 'rsqrt'):
+        _check_decay_phase(args)
+    if sched == 'plateau' and args.sched_on_updates:
+        raise UsageError('--sched plateau steps once per epoch (on the eval metric): drop --sched-on-updates')
     low, high = getattr(args, 'min_lr', None), getattr(args, 'lr', None)
     if low is not None and high is not None and low > high:
         raise UsageError(f'--min-lr {low:g} is above --lr {high:g}: the schedule would raise the learning rate')
+
+
+def _check_decay_phase(args: argparse.Namespace) -> None:
+    """wsd/rsqrt fit stable + decay into --epochs (less the warmup unless --warmup-prefix), as timm's
+    create_scheduler_v2 does; a decay that does not fit is one line here instead of its ValueError after the build."""
+    length = args.epochs if args.warmup_prefix else args.epochs - args.warmup_epochs
+    within = '--epochs' if args.warmup_prefix else '--epochs - --warmup-epochs'
+    if length <= 0:
+        raise UsageError(f'--sched {args.sched} needs epochs after the warmup: {within} is {length}')
+    decay = 0.2 if args.decay_epochs is None else args.decay_epochs
+    decay_epochs = decay * length if 0 < decay < 1 else decay
+    if not args.sched_on_updates:
+        decay_epochs = round(decay_epochs)  # stepped per epoch: whole epochs
+    if not 0 < decay_epochs <= length:
+        raise UsageError(f'--sched {args.sched}: the decay phase (--decay-epochs {decay:g}, {decay_epochs:g} epochs) '
+                         f'must be longer than 0 and at most {within} ({length}); a value below 1 is a fraction of it')
 
 
 def check_resumed_position(args: argparse.Namespace, checkpoint: dict, path: str) -> None:

@@ -126,6 +126,19 @@ _X_AXES = {
 }
 
 
+_METRIC_LABELS = {'top1': 'Top-1 accuracy (%)', 'map': 'mAP (%)'}
+
+
+def _row_metric(row: dict) -> str:
+    """A validate.py row's task metric: top1, or map for multi-label."""
+    return 'map' if 'map' in row else 'top1'
+
+
+def _column_metric(columns: Dict[str, List[float]]) -> str:
+    """summary.csv's task metric: top1, or map for a multi-label run (eval_map)."""
+    return 'map' if 'eval_map' in columns else 'top1'
+
+
 def plot_subnets(curves: Sequence[Tuple[str, Sequence[dict]]], path: str, title: Optional[str] = None,
                  x: str = 'flops') -> str:
     """Top-1 (%) against cost (% of the full net), one colour per ``(label, result rows)``.
@@ -149,14 +162,15 @@ def plot_subnets(curves: Sequence[Tuple[str, Sequence[dict]]], path: str, title:
         points: Dict[str, List[Tuple[float, float]]] = {}
         for row in rows:
             kind = kind_of(row.get('subnet', 'full'))
-            points.setdefault(kind, []).append((100 * cost(row), float(row['top1'])))
+            points.setdefault(kind, []).append((100 * cost(row), float(row[_row_metric(row)])))
         _draw_curve(ax, points, colour)
         kinds_seen.update(points)
         curve_handles.append(Line2D([], [], color=colour, linewidth=3, label=label))
 
     ax.margins(y=0.1)  # room for the full-net labels above the stars
     ax.set_xlabel(x_label, fontsize=11)
-    ax.set_ylabel('Top-1 accuracy (%)', fontsize=11)
+    ax.set_ylabel(_METRIC_LABELS[_row_metric(curves[0][1][0])] if curves and curves[0][1] else 'Top-1 accuracy (%)',
+                  fontsize=11)
     xs = [x for line in ax.get_lines() for x in line.get_xdata()] + \
          [x for points in ax.collections for x, _ in points.get_offsets()]
     # from 0 when subnets reach down there; zoomed (in steps of 10%) when they all cost nearly the full net
@@ -204,7 +218,7 @@ def _line(ax, epochs, values, label, **style) -> bool:
 
 def _ema(columns: Dict[str, List[float]]) -> bool:
     """With --model-ema the eval_* columns are the EMA's and model_* the live model's."""
-    return 'model_top1' in columns
+    return 'model_top1' in columns or 'model_map' in columns
 
 
 def _loss_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
@@ -222,24 +236,34 @@ def _loss_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
 
 
 def _top1_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
-    drawn = _line(ax, epochs, columns.get('model_top1'), 'top-1 (live model)', color='tab:red', linewidth=1.5)
-    drawn |= _line(ax, epochs, columns.get('eval_top1'), 'top-1 (EMA)' if _ema(columns) else 'top-1',
+    """The task's metric (top-1, or mAP for a multi-label run) of the live model and the EMA."""
+    metric = _column_metric(columns)
+    name = 'top-1' if metric == 'top1' else 'mAP'
+    drawn = _line(ax, epochs, columns.get(f'model_{metric}'), f'{name} (live model)', color='tab:red', linewidth=1.5)
+    drawn |= _line(ax, epochs, columns.get(f'eval_{metric}'), f'{name} (EMA)' if _ema(columns) else name,
                    color='tab:orange', linewidth=2)
     if not drawn:
         ax.text(0.5, 0.5, 'no evaluation in this run', ha='center', va='center', transform=ax.transAxes)
-    ax.set_ylabel('top-1 accuracy (%)')
+    ax.set_ylabel(_METRIC_LABELS[metric].lower() if metric == 'top1' else _METRIC_LABELS[metric])
+    if metric == 'map':
+        ax.set_title('mAP', fontsize=11)
 
 
 def _subnet_columns(columns: Dict[str, List[float]]) -> List[str]:
-    return [c for c in columns if c.startswith('subnet_') and c.endswith('_top1')]
+    suffix = f'_{_column_metric(columns)}'
+    return [c for c in columns if c.startswith('subnet_') and c.endswith(suffix)]
 
 
 def _subnet_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
-    _line(ax, epochs, columns.get('model_top1', columns.get('eval_top1')), 'full net', color='black', linewidth=2)
+    metric = _column_metric(columns)
+    _line(ax, epochs, columns.get(f'model_{metric}', columns.get(f'eval_{metric}')), 'full net', color='black',
+          linewidth=2)
     subnet_columns = _subnet_columns(columns)
     for column, colour in zip(subnet_columns, _colours(len(subnet_columns))):
-        _line(ax, epochs, columns[column], column[len('subnet_'):-len('_top1')], color=colour)
-    ax.set_ylabel('top-1 accuracy (%)')
+        _line(ax, epochs, columns[column], column[len('subnet_'):-len(f'_{metric}')], color=colour)
+    ax.set_ylabel(_METRIC_LABELS[metric].lower() if metric == 'top1' else _METRIC_LABELS[metric])
+    if metric == 'map':
+        ax.set_title('Subnet mAP (--subnet-eval)', fontsize=11)
 
 
 def _lr_panel(ax, epochs, columns: Dict[str, List[float]]) -> None:
@@ -281,8 +305,8 @@ def plot_summary(path: str, title: Optional[str] = None) -> str:
     panels = [panel for panel in SUMMARY_PANELS if panel.shown(columns)]
     figure = Figure(figsize=(4.6 * len(panels), 4.2), dpi=120, layout='constrained')
     for panel, ax in zip(panels, figure.subplots(1, len(panels), squeeze=False)[0]):
+        ax.set_title(panel.title, fontsize=11)  # before drawing: a panel may retitle itself (mAP for multi-label)
         panel.draw(ax, epochs, columns)
-        ax.set_title(panel.title, fontsize=11)
         ax.set_xlabel('epoch')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)

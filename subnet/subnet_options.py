@@ -51,7 +51,7 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('Reporting (subnet)')
     g.add_argument('--subnet-eval', default=None, type=subnet_spec, metavar='SPEC',
                    help='at every eval also evaluate these fixed subnets of the live model and append their top-1 '
-                        'to summary.csv as subnet_<name>_top1 (BN statistics as trained, no recalibration); '
+                        'to summary.csv as subnet_<name>_top1 (_map with --task multilabel) (BN statistics as trained, no recalibration); '
                         f'SPEC: {spec_help()}; off by default')
     g.add_argument('--plot-summary', default='', metavar='RUN',
                    help='only write RUN/summary.png from RUN/summary.csv (RUN: a run folder or its summary.csv) '

@@ -1,16 +1,18 @@
 """timm's command-line options for train.py and validate.py, and its ``-c/--config`` YAML mechanism.
 
-The option names, types, defaults, nargs and abbreviations are timm's (main at aa4b5850, plus the 1.0.31
-``--resume auto``, ``--stop-epoch`` and ``--save-epochs``), so any timm command line or hparams file works
-unchanged; ``tests/test_options.py`` checks them against a dump of timm's own parsers. Parsers are built
-fresh for every parse, so parsing twice in one process (tests, sweeps) never leaks YAML defaults.
+The option names, types, defaults, nargs and abbreviations are timm 1.0.31's, so any timm command line or hparams
+file works unchanged; ``tests/test_options.py`` checks them against ``tests/data/timm_*_options.json`` (timm main
+at aa4b5850 dumped, plus what 1.0.31's tests, library and README show of its additions: run control, the ``wsd``
+schedule, ``--pretrained-cfg-overlay``, the task and loss options). Parsers are built fresh for every parse, so
+parsing twice in one process (tests, sweeps) never leaks YAML defaults.
 
 YAML follows timm 1.0.31: keys are the underscore names, command line > YAML > built-in default, and values
 are converted the way the command line would convert them, except that ``--model-kwargs`` and ``--opt-kwargs``
 add their keys to the YAML's mapping instead of replacing it (``merge_config_kwargs``). Keys of options timm
 itself has retired (old files carry ``apex_amp``, ``native_amp``, ...) are ignored with a warning. Anything
-else stops with one line: an unknown key (a misspelt ``methd: st`` would otherwise train plain timm), naming the
-closest option; a value of the wrong type; a file that is not UTF-8 text or not a YAML mapping.
+else stops with one line: an unknown key (a misspelt ``methd: st`` would otherwise train plain timm; timm 1.0.31
+only warns), naming the closest option; a value of the wrong type; a file that is not UTF-8 text or not a YAML
+mapping.
 """
 import argparse
 import difflib
@@ -19,16 +21,21 @@ import sys
 from typing import List, Optional, Set, Tuple
 
 import yaml
+from timm.data.readers.targets import TARGET_FORMATS
+from timm.loss import LOSS_TYPES
+from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificationEvaluator
 from timm.utils import ParseKwargs
 
+from .criterion import TASKS, is_multilabel, resolve_loss_args
 from .methods import import_extra_methods
+from .option_ranges import check_ranges
 from .subnet_options import add_train_options, add_validate_options
-from .errors import UsageError, first_line
+from .errors import InputError, UsageError, first_line
 
 _logger = logging.getLogger('train')
 
 # keys timm's own train.py once wrote that no longer are options: ignored with a warning, so old files still load
-_RETIRED_KEYS = {'apex_amp', 'native_amp', 'aot_autograd', 'amp_impl', 'pretrained_cfg_overlay', 'config'}
+_RETIRED_KEYS = {'apex_amp', 'native_amp', 'aot_autograd', 'amp_impl', 'config'}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -91,6 +98,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--pretrained', action='store_true', default=False, help='start from pretrained weights')
     g.add_argument('--pretrained-path', default=None, type=str,
                    help='pretrained weights file to load in place of the hub ones (head adapted)')
+    g.add_argument('--pretrained-cfg-overlay', nargs='*', default={}, action=ParseKwargs,
+                   help="pretrained_cfg keys to override, k=v ... (e.g. hf_hub_id=..., file=...; timm 1.0.31)")
     g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
                    help='load these weights into the model before training')
     g.add_argument('--resume', default='', type=str, metavar='PATH',
@@ -168,7 +177,9 @@ def _optimizer_options(parser: argparse.ArgumentParser) -> None:
 
 def _schedule_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('Learning rate schedule parameters')
-    g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='LR schedule (default: cosine)')
+    g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER',
+                   help="LR schedule (default: cosine); wsd: warmup-stable-decay; none: the optimizer's lr as it is; "
+                        "plateau is deprecated in timm 1.0.31")
     g.add_argument('--sched-on-updates', action='store_true', default=False,
                    help='step the schedule every optimizer update instead of every epoch')
     g.add_argument('--lr', type=float, default=None, metavar='LR',
@@ -192,12 +203,20 @@ def _schedule_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--start-epoch', default=None, type=int, metavar='N', help='first epoch (overrides resume)')
     g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
                    help='multistep milestones')
-    g.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epochs between step decays')
+    # timm 1.0.31's create_scheduler_v2 resolves None per schedule: 90 for step, 0.2 of the schedule for wsd/rsqrt
+    g.add_argument('--decay-epochs', type=float, default=None, metavar='N',
+                   help='step: epochs between decays (default 90); wsd/rsqrt: length of the decay phase, < 1 a '
+                        'fraction of the schedule (default 0.2)')
     g.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='warmup epochs')
     g.add_argument('--warmup-prefix', action='store_true', default=False, help='warmup before, not inside, epochs')
     g.add_argument('--cooldown-epochs', type=int, default=0, metavar='N', help='epochs at min LR after the cycle')
     g.add_argument('--patience-epochs', type=int, default=10, metavar='N', help='plateau patience')
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='LR decay rate')
+    g.add_argument('--lr-decay-fn', type=str, default=None, metavar='FN',
+                   help="wsd/rsqrt decay shape: linear, 1-sqrt, cosine, power or exp (default: 1-sqrt for wsd, "
+                        "linear for rsqrt; timm 1.0.31)")
+    g.add_argument('--lr-stable-timescale', type=float, default=None, metavar='N',
+                   help='rsqrt: timescale of the stable phase in epochs (default: --warmup-epochs; timm 1.0.31)')
 
 
 def _augment_options(parser: argparse.ArgumentParser) -> None:
@@ -232,7 +251,8 @@ def _augment_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix when both are on')
     g.add_argument('--mixup-mode', type=str, default='batch', help="mixup mode: 'batch', 'pair' or 'elem'")
     g.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N', help='turn mixup off at this epoch')
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
+    g.add_argument('--smoothing', type=float, default=None,
+                   help='label smoothing (default: 0.1; 0 for --task multilabel, where it pulls labels towards 0.5)')
     g.add_argument('--train-interpolation', type=str, default='random', help='training resize interpolation')
     g.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     g.add_argument('--drop-connect', type=float, default=None, metavar='PCT', help='drop connect (deprecated)')
@@ -271,8 +291,8 @@ def _misc_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--output', default='', type=str, metavar='PATH', help='output root (default: ./output/train)')
     g.add_argument('--experiment', default='', type=str, metavar='NAME',
                    help='output folder name (default: <date>-<model>-<img size>)')
-    g.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
-                   help="metric that ranks checkpoints (default: top1; 'loss' ranks lower first)")
+    g.add_argument('--eval-metric', default=None, type=str, metavar='EVAL_METRIC',
+                   help="metric that ranks checkpoints (default: the task's, top1 or map; 'loss' ranks lower first)")
     g.add_argument('--tta', type=int, default=0, metavar='N', help='test-time augmentation factor')
     g.add_argument('--use-multi-epochs-loader', action='store_true', default=False,
                    help='keep loader workers across epochs')
@@ -321,6 +341,7 @@ def _distillation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _timm_1031_options(parser: argparse.ArgumentParser) -> None:
+    """1.0.31's run control; its other additions sit in the groups timm's README names them with."""
     g = parser.add_argument_group('Run control (timm 1.0.31)')
     g.add_argument('--stop-epoch', type=int, default=None, metavar='N',
                    help='stop after N epochs without changing the schedule (then --resume auto continues)')
@@ -328,15 +349,67 @@ def _timm_1031_options(parser: argparse.ArgumentParser) -> None:
                    help='also keep milestone-<N>.pth.tar after N completed epochs (forces an eval)')
 
 
+def _task_options(parser: argparse.ArgumentParser) -> None:
+    """timm 1.0.31's task and loss options (its README's "What's New", its tests/test_multilabel.py)."""
+    g = parser.add_argument_group('Task and loss (timm 1.0.31)')
+    _task_reading_options(g)
+    g.add_argument('--loss', default=None, choices=LOSS_TYPES,
+                   help='training loss (default: ce, or bce for --task multilabel); --bce-loss / --jsd-loss are its '
+                        'legacy spellings')
+    g.add_argument('--loss-pos-weight', default=None, type=str, metavar='WEIGHTS',
+                   help="positive-term weights (bce, multi-label asl): a number, a comma list, a file, or 'neg_pos' "
+                        '(computed from --class-stats)')
+    g.add_argument('--loss-class-weight', default=None, type=str, metavar='WEIGHTS',
+                   help="per-class weights (bce, multi-label asl): a number, a comma list, a file, or 'inv_freq' / "
+                        "'effective_num' (computed from --class-stats)")
+    g.add_argument('--loss-weight-power', default=1.0, type=float, metavar='P',
+                   help='exponent of the weights computed from class stats (0.5: square root; default: 1)')
+    g.add_argument('--class-stats', default=None, type=str, metavar='FILE',
+                   help='JSON file of per-class positive counts and the sample count (pos_counts, num_samples), '
+                        'for the computed weights and the db loss')
+    g.add_argument('--poly-gamma', default=0.0, type=float, help='focusing parameter of the multi-label poly loss')
+    g.add_argument('--poly-epsilon', default=2.0, type=float,
+                   help="Poly-1 coefficient (default: 2, timm's create_classification_loss)")
+
+
+def _task_reading_options(parser) -> None:
+    """What a dataset's targets are: the same options in train.py and validate.py."""
+    parser.add_argument('--task', default='classification', choices=TASKS,
+                        help="'classification' (one class per image, softmax) or 'multilabel' (any number of "
+                             'classes per image, a sigmoid per class; evaluated by mAP and F1)')
+    parser.add_argument('--target-format', default=None, choices=TARGET_FORMATS,
+                        help="'indices' (a list of class indices, the default) or 'multihot' (a 0/1 vector per image)")
+    parser.add_argument('--multilabel-threshold', default=0.5, type=float, metavar='P',
+                        help='sigmoid probability at which a label counts as predicted, for the F1 metrics')
+
+
+def resolve_task_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """After parsing: the task's defaults for what the user left unset (``--eval-metric`` top1, or map for
+    multi-label; ``--smoothing`` 0.1, or 0 for multi-label), the legacy loss flags mapped onto ``--loss``, and the
+    loss refusals, each one parser error."""
+    if args.eval_metric is None:
+        evaluator = MultiLabelClassificationEvaluator if is_multilabel(args) else ClassificationEvaluator
+        args.eval_metric = evaluator.default_metric
+    try:
+        check_ranges(args, _LOSS_VALUES)  # before the loss is built on paper, which would assert on them
+        resolve_loss_args(args)
+    except (UsageError, InputError) as e:
+        parser.error(str(e))
+
+
+# the numbers resolve_loss_args gives timm's loss factory
+_LOSS_VALUES = ('--smoothing', '--bce-target-thresh', '--bce-pos-weight', '--loss-weight-power', '--poly-gamma')
+
+
 def train_parser() -> argparse.ArgumentParser:
     """timm's train.py parser, then subnet's own groups (``subnet/subnet_options.py``, the method registry)."""
     parser = OneLineParser(prog='train.py', description='Train a timm model, optionally with a submodel method.')
     for add in (_dataset_options, _model_options, _device_options, _optimizer_options, _schedule_options,
-                _augment_options, _norm_ema_options, _misc_options, _distillation_options):
+                _augment_options, _norm_ema_options, _misc_options, _distillation_options, _timm_1031_options,
+                _task_options):
         add(parser)
-    # abbreviations resolve to these first (timm main's flags), then to 1.0.31's and ours
+    # an abbreviation that several options share resolves to timm's one: ours never make timm's ambiguous
     parser.timm_flags = frozenset(s for a in parser._actions for s in a.option_strings)
-    _timm_1031_options(parser)
     add_train_options(parser)
     return parser
 
@@ -487,6 +560,7 @@ def parse_train_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespa
     parser.set_defaults(**defaults)
     args = parser.parse_args(remaining)
     merge_config_kwargs(args, defaults, parser)
+    resolve_task_args(args, parser)
     # the namespace as given (lr: null when it will be derived), replayable with -c, as timm writes it
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     return args, args_text
@@ -591,5 +665,6 @@ def validate_parser() -> argparse.ArgumentParser:
     p.add_argument('--naflex-loader', action='store_true', default=False, help='NaFlex loader')
     p.add_argument('--naflex-max-seq-len', type=int, default=576, help='NaFlex sequence length')
     p.timm_flags = frozenset(s for a in p._actions for s in a.option_strings)
+    _task_reading_options(p.add_argument_group('Task (timm 1.0.31)'))
     add_validate_options(p)
     return p

@@ -119,12 +119,12 @@ class ReadableImages(torch.utils.data.Dataset):
                              f'{self.dataset.filename(index, absolute=True)}: the dataset looks broken')
         if self.transform is not None:
             image = self.transform(image)
-        if attempt and not self.count_replacements:
-            target = NOT_COUNTED
-        elif target is None:
+        if target is None:
             target = -1
         elif self.dataset.target_transform is not None:
             target = self.dataset.target_transform(target)
+        if attempt and not self.count_replacements:  # a multi-label row is marked in every column
+            target = torch.full_like(target, NOT_COUNTED) if isinstance(target, torch.Tensor) else NOT_COUNTED
         return (image, target) if self.dataset.additional_features is None else (image, target, *features)
 
 
@@ -154,8 +154,10 @@ def drop_not_counted(evaluator, output: torch.Tensor, target: torch.Tensor):
     if evaluator.max_samples is not None:
         room = max(0, evaluator.max_samples - evaluator.num_samples)
         output, target = output[:room], target[:room]
-    keep = target != NOT_COUNTED
-    if target.ndim != 1 or bool(keep.all()):
+    if target.ndim not in (1, 2):
+        return output, target, 0
+    keep = target != NOT_COUNTED if target.ndim == 1 else (target != NOT_COUNTED).any(dim=1)
+    if bool(keep.all()):
         return output, target, 0
     dropped = int((~keep).sum())
     evaluator.num_samples += dropped

@@ -8,8 +8,10 @@ SUBNET_SIGNAL_AT=RANK:BATCH[:SIG,...[:PAUSE]], that rank's training loader sends
 SIGINT, PAUSE seconds apart; default SIGTERM) as it hands out its BATCH-th batch (counted from 1, over epochs; 0:
 never), and every rank's exit status goes to OUT_DIR/exit<rank>.txt; under torchrun's restarts
 (TORCHELASTIC_RESTART_COUNT), only in the first attempt: a restarted one trains and saves its weights.
-Without torchrun (no RANK in the environment) it is one process, rank 0.
+Without torchrun (no RANK in the environment) it is one process, rank 0. SIGUSR2 prints every thread's stack
+(train_helpers.run_job asks for them when a job hangs).
 """
+import faulthandler
 import json
 import os
 import signal
@@ -44,6 +46,7 @@ def count_allreduces() -> None:
 
 
 if __name__ == '__main__':
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # a test that times out asks for the stacks
     out = Path(sys.argv[1])
     argv = sys.argv[sys.argv.index('--') + 1:]
     rank = int(os.environ.get('RANK', 0))
@@ -54,7 +57,7 @@ if __name__ == '__main__':
         signums = [signal.Signals[name] for name in (rest[0].split(',') if rest else ['SIGTERM'])]
         with signal_at_batch(int(batch) if rank == int(signal_rank) else 0, *signums,
                              pause=float(rest[1]) if len(rest) > 1 else 0.):
-            code = train.main(argv)
+            code = train.cli(argv)
         (out / f'exit{rank}.txt').write_text(str(code))
         sys.exit(code)
     run = run_train(argv)

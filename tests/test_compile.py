@@ -161,7 +161,7 @@ def test_train_py_block_scope_logs_once_and_resumes_bit_for_bit(data, tmp_path, 
 
 
 def test_compile_scope_without_torchcompile_is_one_line(tmp_path, capsys):
-    assert train.main(['--data-dir', str(tmp_path), '--method', 'st', '--compile-scope', 'blocks']) == 2
+    assert train.cli(['--data-dir', str(tmp_path), '--method', 'st', '--compile-scope', 'blocks']) == 2
     assert capsys.readouterr().err == ('train.py: error: --compile-scope blocks needs --torchcompile (it says what to '
                                        'compile)\n')
 

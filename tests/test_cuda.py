@@ -58,7 +58,7 @@ def deterministic_train(argv):
     its first handle)."""
     # train.py turns on cudnn.benchmark (timm's speed setting), whose algorithm choice may differ between runs
     code = ('import sys, torch; torch.use_deterministic_algorithms(True); import train, subnet.device; '
-            'subnet.device._fast_cuda_math = lambda: None; sys.exit(train.main(sys.argv[1:]))')
+            'subnet.device._fast_cuda_math = lambda: None; sys.exit(train.cli(sys.argv[1:]))')
     env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=':4096:8', PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, '-c', code, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -29,7 +29,7 @@ def _one_line(capsys) -> str:
 
 
 def test_a_training_split_that_does_not_exist_is_an_error_not_the_data_root(data, tmp_path, capsys):
-    assert train.main(train_argv(data, tmp_path, 'x', '--train-split', 'nope')) == 2
+    assert train.cli(train_argv(data, tmp_path, 'x', '--train-split', 'nope')) == 2
     assert _one_line(capsys) == (f"train.py: error: train split 'nope' not found: {data} has no nope/ folder (timm "
                                  f"would read the whole of {data} instead); name the folder with --train-split, or "
                                  f"add it")
@@ -39,7 +39,7 @@ def test_a_training_split_that_does_not_exist_is_an_error_not_the_data_root(data
 def test_no_validation_folder_is_an_error_unless_val_split_none(data, tmp_path, capsys):
     root = _copy(data, tmp_path)
     shutil.rmtree(root / 'val')
-    assert train.main(train_argv(root, tmp_path, 'x')) == 2
+    assert train.cli(train_argv(root, tmp_path, 'x')) == 2
     assert _one_line(capsys) == (
         f"train.py: error: validation split 'validation' not found: {root} has no val/, valid/, validation/, eval/, "
         f"evaluation/ folder (timm would read the whole of {root} instead); name the folder with --val-split, or "
@@ -66,7 +66,7 @@ def test_validation_classes_are_checked_against_training_classes_before_training
                                                                                capsys):
     root = _copy(data, tmp_path)
     change(root)
-    assert train.main(train_argv(root, tmp_path, 'x', '-b', '4')) == 2
+    assert train.cli(train_argv(root, tmp_path, 'x', '-b', '4')) == 2
     assert _one_line(capsys) == f'train.py: error: the validation split (validation) of {root} {expected}'
     assert not holds_run(str(tmp_path / 'x'))
 
@@ -85,7 +85,7 @@ def test_validate_refuses_a_missing_split_and_reads_a_split_folder_given_itself(
     run_train(train_argv(root, tmp_path, 'x', '-b', '4'))
     shutil.rmtree(root / 'val')
     argv = ['--checkpoint', str(tmp_path / 'x' / 'last.pth.tar'), '--workers', '0', '--device', 'cpu', '-b', '4']
-    assert validate.main(argv + ['--data-dir', str(root)]) == 2
+    assert validate.cli(argv + ['--data-dir', str(root)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
         f"validate.py: error: evaluation split 'validation' not found: {root} has no val/, valid/, validation/, "
@@ -100,7 +100,7 @@ def test_validate_refuses_a_split_with_more_classes_than_the_model(data, tmp_pat
     shutil.copytree(root / 'val' / '03_dress', root / 'val' / '10_extra')
     argv = ['--checkpoint', str(tmp_path / 'x' / 'last.pth.tar'), '--workers', '0', '--device', 'cpu', '-b', '4',
             '--data-dir', str(root)]
-    assert validate.main(argv) == 2
+    assert validate.cli(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f'validate.py: error: the validation split of {root} has 11 classes but the model has 10: evaluate it on the '
         f'classes the model was trained on')

@@ -68,7 +68,7 @@ def test_a_user_can_loosen_the_limit_and_it_is_checked(data, tmp_path, capsys, m
     _evaluation_loss(monkeypatch, 1e5)
     run = run_train(train_argv(data, tmp_path, 'x', '--divergence-limit', '1e6'))
     assert run.results[0]['validation']['loss'] == 1e5
-    assert train.main(train_argv(data, tmp_path, 'y', '--divergence-limit', '1')) == 2
+    assert train.cli(train_argv(data, tmp_path, 'y', '--divergence-limit', '1')) == 2
     assert last_error_line(capsys) == 'train.py: error: --divergence-limit must be > 1, got 1.0'
 
 

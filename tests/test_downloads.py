@@ -35,13 +35,13 @@ def _error_lines(capsys) -> list:
 
 
 def test_a_torch_dataset_that_is_not_there_names_dataset_download(tmp_path, capsys):
-    assert train.main(['--data-dir', str(tmp_path), *CIFAR, *TINY_RESNET]) == 2
+    assert train.cli(['--data-dir', str(tmp_path), *CIFAR, *TINY_RESNET]) == 2
     assert _error_lines(capsys) == [f'train.py: error: --dataset torch/cifar10: not found in --data-dir {tmp_path}; '
                                     f'add --dataset-download to download it there']
     checkpoint = tmp_path / 'tiny.pth'  # validate.py without a checkpoint would fetch pretrained weights
     torch.save(timm.create_model('resnet18', num_classes=10, channels=(8, 16, 32, 64), stem_width=8).state_dict(),
                checkpoint)
-    assert validate.main(['--data-dir', str(tmp_path), '--dataset', 'torch/cifar10', '--checkpoint', str(checkpoint),
+    assert validate.cli(['--data-dir', str(tmp_path), '--dataset', 'torch/cifar10', '--checkpoint', str(checkpoint),
                           '--model', 'resnet18', '--num-classes', '10', '--model-kwargs', 'channels=(8,16,32,64)',
                           'stem_width=8', '--device', 'cpu', '--workers', '0']) == 2
     assert _error_lines(capsys)[0].startswith('validate.py: error: --dataset torch/cifar10: not found in --data-dir')
@@ -55,7 +55,7 @@ def test_a_dataset_download_without_network_says_so(tmp_path, capsys, monkeypatc
         raise urllib.error.URLError(OSError(-2, 'Name or service not known'))
 
     monkeypatch.setattr(urllib.request, 'urlopen', offline)  # torchvision's download_url calls it
-    assert train.main(['--data-dir', str(tmp_path), *CIFAR, '--dataset-download', *TINY_RESNET]) == 2
+    assert train.cli(['--data-dir', str(tmp_path), *CIFAR, '--dataset-download', *TINY_RESNET]) == 2
     assert opened and 'cifar-10' in opened[0]  # torchvision's real download code ran up to the network
     [line] = _error_lines(capsys)
     assert line.startswith('train.py: error: --dataset-download: cannot download torch/cifar10 (')
@@ -68,7 +68,7 @@ def test_a_dataset_download_without_network_says_so(tmp_path, capsys, monkeypatc
      '--model hf-hub:timm/resnet18.a1_in1k'),
 ])
 def test_hub_weights_offline_are_one_line(capsys, hub_cache, script, argv, option):
-    assert script.main(argv) == 2
+    assert script.cli(argv) == 2
     [line] = _error_lines(capsys)
     assert line.startswith(f'{script.__name__}.py: error: {option}: cannot fetch ')
     assert f'(HF_HUB_OFFLINE is set) and it is not in the cache {hub_cache}' in line

@@ -343,7 +343,7 @@ def _exit_code(main, argv):
     (['--subnets', 'first:9'], 'first9: resnet18 has only 8 blocks'),  # known once the model is built
 ])
 def test_bad_subnet_options_give_one_line_and_exit_2(argv, message, runs, data, capsys, one_thread):
-    code = _exit_code(validate.main, ['--checkpoint', str(runs['resnet'] / 'last.pth.tar'), '--data-dir',
+    code = _exit_code(validate.cli, ['--checkpoint', str(runs['resnet'] / 'last.pth.tar'), '--data-dir',
                                       str(data), '--workers', '0', '--device', 'cpu', *argv])
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -357,7 +357,7 @@ def test_bad_subnet_eval_spec_stops_train_py_before_anything_is_built(data, tmp_
     assert _exit_code(train.main, train_argv(data, tmp_path, 'x', '--subnet-eval', 'prefix:0')) == 2
     config = tmp_path / 'hparams.yaml'
     config.write_text(yaml.safe_dump({'subnet_eval': 'random:4'}))
-    assert train.main(['-c', str(config), *train_argv(data, tmp_path, 'y')]) == 2
+    assert train.cli(['-c', str(config), *train_argv(data, tmp_path, 'y')]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith('train.py: error: ') for line in lines)
     assert 'argument --subnet-eval: subnet spec term' in lines[0] and 'fraction 0 must lie in' in lines[0]

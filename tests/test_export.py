@@ -215,10 +215,7 @@ def test_validate_export_round_trip_gives_the_subnet_rows_top1_with_the_re_estim
 
 
 def _error(capsys, argv):
-    try:
-        code = validate.main([*argv, '--workers', '0', '--device', 'cpu'])
-    except SystemExit as exit_info:
-        code = exit_info.code
+    code = validate.cli([*argv, '--workers', '0', '--device', 'cpu'])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and lines[-1].startswith('validate.py: error: ')
     return lines[-1]

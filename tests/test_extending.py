@@ -91,7 +91,7 @@ def test_a_method_registered_outside_the_project_trains_with_its_own_options(dat
 
 
 def test_a_registered_methods_checks_stop_bad_input_with_one_line(data, tmp_path, capsys):
-    assert train.main(train_argv(data, tmp_path, 'toy', '--method', 'toy', '--toy-drop', '2')) == 2
+    assert train.cli(train_argv(data, tmp_path, 'toy', '--method', 'toy', '--toy-drop', '2')) == 2
     assert capsys.readouterr().err.strip() == 'train.py: error: --toy-drop must be in [0, 1], got 2.0'
 
 

@@ -114,7 +114,7 @@ def test_no_intact_checkpoint_in_a_folder_that_holds_a_run_stops_and_overwrites_
     for path, corrupt in zip(sorted(folder.glob('*.pth.tar')), CORRUPTIONS.values()):
         corrupt(path)
     before = _files(folder)
-    assert train.main(train_argv(data, tmp_path, 'x', *PLAIN, '--resume', 'auto')) == 2
+    assert train.cli(train_argv(data, tmp_path, 'x', *PLAIN, '--resume', 'auto')) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f'train.py: error: --resume auto: {folder} holds a run but no intact checkpoint (') and \
         err[-1].endswith('nothing was overwritten: restore a checkpoint from a copy, or choose a new --experiment')
@@ -125,7 +125,7 @@ def test_a_damaged_resume_path_stops_with_one_line(finished, data, tmp_path, cap
     folder = _copy(finished, tmp_path)
     _flip_tensor_byte(folder / 'checkpoint-0.pth.tar')
     argv = train_argv(data, tmp_path, 'y', *PLAIN, '--resume', str(folder / 'checkpoint-0.pth.tar'))
-    assert train.main(argv) == 2
+    assert train.cli(argv) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f'train.py: error: --resume {folder / "checkpoint-0.pth.tar"} is damaged: the checksum '
                            f'of its ') and last.endswith(' does not match')

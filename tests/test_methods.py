@@ -2,7 +2,6 @@
 import copy
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,8 @@ from subnet.losses import GroupKnowledge, kl_distill, standardize_logits
 from subnet.sample_memory import SampleIndexTap
 from subnet.sampling import drop_rates
 from subnet.timm_options import parse_train_args
-from train_helpers import ROOT, TINY_RESNET, TINY_VIT, make_subset, run_train, state_dict_of, torchrun, train_argv
+from train_helpers import (ROOT, TINY_RESNET, TINY_VIT, make_subset, run_job, run_train, state_dict_of, torchrun,
+                           train_argv)
 
 METHOD_FLAGS = {
     'cosub': ['--method', 'cosub', '--mixup', '0.2', '--drop-path', '0.1'],
@@ -476,7 +476,7 @@ def test_two_process_gloo_run_per_method_identical_weights_and_one_allreduce_per
     flags = METHOD_FLAGS.get(method, [])
     argv = train_argv(data, tmp_path, 'ddp', *flags, '-b', '8')
     cmd = torchrun(str(ROOT / 'tests' / 'ddp_harness.py'), str(tmp_path), '--', *argv)
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_job(cmd, env, 300)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
     for name in rank0:

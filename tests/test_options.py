@@ -1,6 +1,7 @@
 """train.py and validate.py accept timm's options with timm's names, types, defaults and YAML semantics.
 
-The reference is a dump of timm's own parsers (tests/data/dump_timm_options.py, timm main aa4b5850).
+The reference is timm 1.0.31's options (tests/data/timm_*_options.json): a dump of timm main aa4b5850's parsers
+plus the 1.0.31 changes its tests, library and README show (tests/data/dump_timm_options.py says how).
 """
 import argparse
 import json
@@ -25,23 +26,46 @@ def _described(parser):
     return {a.dest: a for a in parser._actions if not isinstance(a, argparse._HelpAction)}
 
 
+def _differences(timm_action, action) -> list:
+    """The fields of one option where ours differs from the reference."""
+    fields = dict(option_strings=action.option_strings, kind=type(action).__name__, default=action.default,
+                  nargs=action.nargs, choices=list(action.choices) if action.choices else None, const=action.const)
+    wrong = [f'{k} {v!r} (timm: {timm_action[k]!r})' for k, v in fields.items() if v != timm_action[k]]
+    ours_type = action.type.__name__ if action.type else None
+    if ours_type not in (timm_action['type'], 'str' if timm_action['type'] is None else None):
+        wrong.append(f'type {ours_type} (timm: {timm_action["type"]})')
+    return wrong
+
+
 @pytest.mark.parametrize('reference, parser', [
     ('timm_train_options.json', train_parser()),
     ('timm_validate_options.json', validate_parser()),
 ])
 def test_every_timm_option_is_accepted_with_timms_spelling_type_and_default(reference, parser):
+    """timm 1.0.31's options, as the reference holds them (main's dump plus 1.0.31's changes, each saying where it
+    is seen): every one listed with what differs, so a missing group shows whole."""
     ours = _described(parser)
+    problems = []
     for timm_action in _reference(reference)['parser']:
         dest = timm_action['dest']
-        assert dest in ours, f'missing option {timm_action["option_strings"] or dest}'
-        action = ours[dest]
-        assert action.option_strings == timm_action['option_strings'], dest
-        assert type(action).__name__ == timm_action['kind'], dest
-        assert action.default == timm_action['default'], dest
-        assert action.nargs == timm_action['nargs'], dest
-        assert (action.type.__name__ if action.type else None) in (timm_action['type'], 'str' if timm_action['type'] is None else None), dest
-        assert (list(action.choices) if action.choices else None) == timm_action['choices'], dest
-        assert action.const == timm_action['const'], dest
+        if dest not in ours:
+            problems.append(f'missing {timm_action["option_strings"] or dest}')
+        elif wrong := _differences(timm_action, ours[dest]):
+            problems.append(f'{dest}: {"; ".join(wrong)}')
+    assert not problems, 'differences from timm 1.0.31:\n' + '\n'.join(problems)
+
+
+def test_the_reference_says_where_each_timm_1_0_31_change_is_seen_and_what_we_do_not_take():
+    train_reference = _reference('timm_train_options.json')
+    added = [a for a in train_reference['parser'] if 'seen' in a]
+    assert {'lr_decay_fn', 'lr_stable_timescale', 'pretrained_cfg_overlay', 'stop_epoch', 'task', 'loss'} <= \
+        {a['dest'] for a in added}
+    assert all('1.0.31' in a['seen'] for a in added)
+    readme = (DATA.parents[1] / 'README.md').read_text()
+    ours = {s for a in train_parser()._actions for s in a.option_strings}
+    for option in train_reference['not_adopted']:
+        assert not set(option['option_strings']) & ours
+        assert all(f'`{flag}`' in readme for flag in option['option_strings']), option['dest']
 
 
 def test_additions_do_not_make_a_timm_abbreviation_ambiguous():
@@ -55,7 +79,8 @@ def test_additions_do_not_make_a_timm_abbreviation_ambiguous():
         # the shortest prefix that is unambiguous among timm's flags must still mean the same option
         prefix = next(flag[:n] for n in range(3, len(flag) + 1)
                       if flag[:n] == flag or sum(f.startswith(flag[:n]) for f in timm_flags) == 1)
-        action = next(a for a in parser._actions if flag in a.option_strings)
+        action = next((a for a in parser._actions if flag in a.option_strings), None)
+        assert action is not None, f'{flag} is missing'
         matched = parser._parse_optional(prefix)
         assert matched is not None and matched[0] is action, f'{prefix} no longer means {flag}'
     assert parser.parse_args(['--me', '0.5']).mean == [0.5]  # --method did not make timm's --me ambiguous
@@ -167,13 +192,13 @@ def test_timms_other_option_spellings_are_accepted_as_yaml_keys(tmp_path, caplog
 ])
 def test_bad_yaml_stops_with_one_line(tmp_path, capsys, text, message):
     cfg = _write(tmp_path, text)
-    assert train.main(['-c', cfg, '--data-dir', str(tmp_path)]) == 2
+    assert train.cli(['-c', cfg, '--data-dir', str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('train.py: error: ') and message.format(cfg=cfg) in err[0]
 
 
 def test_missing_config_file_is_one_line(tmp_path, capsys):
-    assert train.main(['-c', str(tmp_path / 'nope.yaml')]) == 2
+    assert train.cli(['-c', str(tmp_path / 'nope.yaml')]) == 2
     assert 'cannot read config file' in capsys.readouterr().err
 
 
@@ -202,12 +227,14 @@ def test_every_shipped_recipe_parses_cleanly_and_passes_the_method_checks(recipe
     assert keys <= set(vars(args)), f'{recipe}: keys train.py does not know: {keys - set(vars(args))}'
     train.check_method_args(args)
     assert train.resolve_model_name(args.model)
-    if 'quickstart' in recipe:
-        assert (root / args.data_dir).is_dir() and args.experiment == recipe[:-len('.yaml')]
-    # plain timm training: the quickstart, DeiT III's fine-tuning stage (no source runs cosub there), and the
-    # accuracy studies' recipes, which every arm of a study shares (each adds its own --method)
-    assert args.method != 'none' or recipe in ('quickstart.yaml', 'study_fashion_mnist.yaml',
-                                               'study_vit_fashion_mnist.yaml') \
+    if 'quickstart' in recipe:  # its shipped data: an image folder, or a local Parquet dataset for hfds/
+        data = root / (args.data_dir or args.dataset.partition('/')[2])
+        assert data.is_dir() and args.experiment == recipe[:-len('.yaml')]
+    # plain timm training: the quickstarts (the multi-label one also runs cosub, with --method cosub), DeiT III's
+    # fine-tuning stage (no source runs cosub there), and the accuracy studies' recipes, which every arm of a study
+    # shares (each adds its own --method)
+    assert args.method != 'none' or recipe in ('quickstart.yaml', 'multilabel_quickstart.yaml',
+                                               'study_fashion_mnist.yaml', 'study_vit_fashion_mnist.yaml') \
         or recipe.endswith('_ft224.yaml')
 
 
@@ -237,3 +264,13 @@ def test_library_modules_raise_input_error_never_usage_error():
     offenders = {p.relative_to(package).as_posix(): lines for p in checked if (lines := _usage_error_uses(p))}
     assert offenders == {}, f'library modules build UsageError (raise InputError/ValueError instead): {offenders}'
     assert _usage_error_uses(package / 'checks.py'), 'the check itself must see a raise in the parsing layer'
+
+
+def test_each_deliberate_difference_the_peer_suite_expects_is_in_the_readme():
+    """tests/peer/timm_peer.py marks timm's tests of our differences strict-xfail; the README says each, and why."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('timm_peer', DATA.parent / 'peer' / 'timm_peer.py')
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    readme = (DATA.parents[1] / 'README.md').read_text()
+    assert peer.DIFFERENCES and all(f'`{key.split("::")[1]}`' in readme for key in peer.DIFFERENCES)

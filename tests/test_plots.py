@@ -60,7 +60,7 @@ def test_plot_summary_option_draws_and_exits_without_training(tmp_path, capsys):
     assert sorted(p.name for p in folder.iterdir()) == ['summary.csv', 'summary.png']
     _check_png(folder / 'summary.png')
     assert capsys.readouterr().err.strip() == f'Wrote {folder / "summary.png"}'
-    assert train.main(['--plot-summary', str(tmp_path / 'nowhere')]) == 2
+    assert train.cli(['--plot-summary', str(tmp_path / 'nowhere')]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [f'train.py: error: --plot-summary {tmp_path / "nowhere"}: no summary.csv there '
                      f'(give a run folder or its summary.csv)']
@@ -124,8 +124,8 @@ def no_tensorboard(monkeypatch):
 
 def test_pictures_asked_for_without_matplotlib_are_one_line_and_exit_2(no_matplotlib, tmp_path, capsys):
     folder = _write_summary(tmp_path / 'run')
-    assert train.main(['--plot-summary', str(folder)]) == 2
-    assert validate.main(['--checkpoint', str(tmp_path / 'no.pth.tar'), '--subnets', 'prefix:0.5',
+    assert train.cli(['--plot-summary', str(folder)]) == 2
+    assert validate.cli(['--checkpoint', str(tmp_path / 'no.pth.tar'), '--subnets', 'prefix:0.5',
                           '--plot', str(tmp_path / 'x.png')]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         'train.py: error: --plot-summary needs matplotlib, which is not installed: pip install matplotlib',

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from timm.data.auto_augment import AutoAugment, RandAugment
 from timm.data.scheduled_sampler import ScheduledTransformDataset
-from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_interp_mode
+from timm.data.transforms import RandomResizedCropAndInterpolation, ResizeKeepRatio, str_to_interp_mode
 from timm.layers import DropPath, LayerScale
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -34,7 +34,7 @@ from torchvision import transforms
 
 import train
 from subnet.criterion import build_criterion
-from subnet.data import build_loaders, mixup_kwargs
+from subnet.data import build_loaders
 from subnet.device import training_precision
 from subnet.timm_options import parse_train_args
 
@@ -75,7 +75,10 @@ def build_recipe(name: str) -> Built:
     The only place that knows train.py's internals: retarget these calls when train.py is restructured.
     """
     path = HPARAMS / name
-    args, _ = parse_train_args(['-c', str(path), '--data-dir', str(SHIPPED_IMAGES), '--workers', '0'])
+    data = ['--data-dir', str(SHIPPED_IMAGES)]
+    if 'multilabel' in name:  # the shipped pairs, read by the hfds/ reader (its --data-dir would be HF's cache)
+        data = ['--dataset', f'hfds/{ROOT / "data" / "fashion-mnist-pairs"}']
+    args, _ = parse_train_args(['-c', str(path), *data, '--workers', '0'])
     # a one-process group stands for torchrun: repeated augmentation needs a distributed sampler
     args.rank, args.world_size, args.distributed = 0, 1, True
     args.prefetcher = not args.no_prefetcher
@@ -85,7 +88,7 @@ def build_recipe(name: str) -> Built:
         model = train.build_model(args)
     data_config = resolve_data_config(vars(args), model=model, verbose=False)
     loaders = build_loaders(args, data_config, torch.device('cpu'), None, 0)
-    criterion = build_criterion(args, 0, mixup_kwargs(args) is not None)
+    criterion = build_criterion(args, args.num_classes)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     gpus = header_gpus(path)
     images = IMAGENET_TRAIN_IMAGES if 'quickstart' not in name else len(loaders.train.dataset)
@@ -150,7 +153,8 @@ def describe_train_transform(transform) -> dict:
 
 
 def describe_eval_transform(transform) -> dict:
-    resize = next(op for op in transform.transforms if isinstance(op, transforms.Resize))
+    # timm resizes a non-square input (the multi-label pairs) keeping its aspect ratio
+    resize = next(op for op in transform.transforms if isinstance(op, (transforms.Resize, ResizeKeepRatio)))
     crop = next(op for op in transform.transforms if isinstance(op, transforms.CenterCrop))
     return dict(eval_resize=resize.size, eval_crop=crop.size[0], eval_interpolation=_interp(resize.interpolation))
 
@@ -470,6 +474,11 @@ SOURCES = {
     'cosub_quickstart.yaml': quickstart('cosub', 'AdamW', 3e-3, 0.05, 0.0, drop_path=Fact(0.2, 'this project'),
                                         drop_path_schedule=Fact('constant', 'deit models_v2.py:200'),
                                         mixup=Fact(0.2, 'this project')),
+    'multilabel_quickstart.yaml': dict(
+        quickstart('none', 'AdamW', 3e-3, 0.05, 0.0), epochs=Fact(4, 'this project: the multi-label quickstart'),
+        crop_scale=Fact((0.7, 1.0), 'this project: crops that keep both items of a pair'),
+        eval_resize=Fact((33, 67), "timm's resnet crop_pct 0.95 at 32x64 px"),
+        criterion=Fact('BinaryCrossEntropy', "timm 1.0.31's multi-label default loss")),
     # every arm of the accuracy study trains with this recipe and adds its own --method
     'study_fashion_mnist.yaml': dict(
         quickstart('none', 'AdamW', 3e-3, 0.05, 0.0),

@@ -24,8 +24,8 @@ from subnet.methods import PlainTask, register_method
 from subnet.models import load_checkpoint_file
 from subnet.run_folder import AtomicCheckpointSaver
 from subnet.unreadable import NOT_COUNTED, ImageFailures, ReadableImages
-from train_helpers import (ROOT, assert_same_weights, make_subset, run_train, signal_at_batch, state_dict_of,
-                           torchrun, train_argv)
+from train_helpers import (ROOT, assert_same_weights, make_subset, run_job, run_train, signal_at_batch,
+                           state_dict_of, torchrun, train_argv)
 
 # 40 training images in batches of 8: 5 batches an epoch; random erasing (the prefetcher's own RNG draws) and
 # drop-path on, so every RNG the run draws from matters
@@ -148,7 +148,7 @@ def test_ctrl_c_exits_130_names_the_checkpoint_it_wrote_and_resume_path_continue
     assert _last_line(capsys).startswith(f'train.py: stopped by SIGINT in epoch 0 after 2 of its 5 batches: saved '
                                          f'{folder / "recovery-0-1.pth.tar"};')
     assert not (folder / 'last.pth.tar').exists() and (folder / 'recovery-0-1.pth.tar').is_file()
-    assert train.main(argv) == 2  # the folder holds a run now: continue it, do not overwrite it
+    assert train.cli(argv) == 2  # the folder holds a run now: continue it, do not overwrite it
     assert 'already holds a run (no completed epoch yet' in _last_line(capsys)
     # --resume PATH continues mid-epoch too, here into a new folder
     elsewhere = train_argv(data, tmp_path, 'y', *PLAIN, '--resume', str(folder / 'recovery-0-1.pth.tar'))
@@ -188,8 +188,8 @@ def test_two_process_gloo_run_stopped_on_one_rank_resumes_bit_for_bit(method, da
         result.mkdir()
         argv = train_argv(data, tmp_path, name, '--epochs', '2', '-b', '4', '--reprob', '0.25', '--drop-path', '0.1',
                           '--resume', 'auto', *method)
-        return subprocess.run(torchrun(str(ROOT / 'tests' / 'ddp_harness.py'), str(result), '--', *argv),
-                              env=dict(ENV, **env), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return run_job(torchrun(str(ROOT / 'tests' / 'ddp_harness.py'), str(result), '--', *argv),
+                       dict(ENV, **env), 300)
     assert torchrun_train('straight', tmp_path / 'a').returncode == 0
     stopped = torchrun_train('split', tmp_path / 'b', SUBNET_SIGNAL_AT='1:7')  # rank 1 only: rank 0 learns it
     assert [(tmp_path / 'b' / f'exit{r}.txt').read_text() for r in (0, 1)] == ['143', '143'], stopped.stderr[-3000:]
@@ -259,7 +259,7 @@ def test_unreadable_images_are_replaced_named_once_and_counted(tmp_path, capsys)
 def test_more_unreadable_images_than_the_limit_stop_the_run_with_one_line(tmp_path, capsys):
     data = make_subset(tmp_path / 'data', 4, 2)
     bad = _break(data / 'train')
-    assert train.main(train_argv(data, tmp_path, 'x', '-b', '8', '--bad-image-limit', '1')) == 2
+    assert train.cli(train_argv(data, tmp_path, 'x', '-b', '8', '--bad-image-limit', '1')) == 2
     line = _last_line(capsys)
     assert line in [f'train.py: error: unreadable image file {path}: 2 unreadable images in epoch 0, more than '
                     f'--bad-image-limit 1 allows: the dataset, not a file, looks broken (each is named in the log)'
@@ -416,7 +416,7 @@ def test_a_second_run_on_a_running_experiment_is_refused_and_a_killed_ones_lock_
             if line.startswith('Train: 0 ['):
                 break
         for extra in ([], ['--resume', 'auto']):
-            assert train.main(argv + extra) == 2
+            assert train.cli(argv + extra) == 2
             assert _last_line(capsys) == (f'train.py: error: output folder {tmp_path / "x"} is in use by a running '
                                           f'run (pid {first.pid} on {os.uname().nodename}, started '
                                           f'{_lock_time(tmp_path / "x")}); wait for it to end, stop it, or choose '

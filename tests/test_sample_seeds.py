@@ -19,8 +19,8 @@ import train
 from subnet.errors import InputError
 from subnet.run_folder import RunLock
 from subnet.sample_seeds import KeyedSampler, SampleKey, SeededSamples, key_samples
-from train_helpers import (ROOT, assert_same_weights, make_subset, run_train, signal_at_batch, state_dict_of,
-                           torchrun, train_argv)
+from train_helpers import (ROOT, assert_same_weights, make_subset, run_job, run_train, signal_at_batch,
+                           state_dict_of, torchrun, train_argv)
 
 # 40 training images in batches of 8 (5 a epoch); RandAugment and random erasing (the prefetcher's, in this process)
 # draw per sample and per batch, drop-path in the model
@@ -137,9 +137,8 @@ def test_torchrun_restarts_after_a_rank_is_killed_and_finishes_with_the_uninterr
         result.mkdir()
         argv = train_argv(data, tmp_path, name, '--epochs', '2', '-b', '4', '--reprob', '0.25', '--drop-path', '0.1',
                           '--workers', '1', '--resume', 'auto', '--recovery-minutes', '1e-9')
-        return subprocess.run(torchrun('--max-restarts', str(restarts), str(ROOT / 'tests' / 'ddp_harness.py'),
-                                       str(result), '--', *argv),
-                              env=dict(ENV, **env), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        return run_job(torchrun('--max-restarts', str(restarts), str(ROOT / 'tests' / 'ddp_harness.py'),
+                                str(result), '--', *argv), dict(ENV, **env), 300)
     straight = job('straight', tmp_path / 'a', 0)
     assert straight.returncode == 0, straight.stderr[-3000:]
     restarted = job('killed', tmp_path / 'b', 1, SUBNET_SIGNAL_AT='0:9:SIGKILL')

@@ -1,7 +1,6 @@
 """train.py end to end on a slice of the shipped data: timm's outputs, checkpoints, resume, DDP, bad input."""
 import csv
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ import validate
 from subnet import run_folder
 from subnet.device import fall_back_to_cpu, use_default_device
 from subnet.timm_options import parse_train_args, train_option_sources, train_options_given
-from train_helpers import (ROOT, SHIPPED, assert_same_weights, make_subset, run_train, state_dict_of, torchrun,
-                           train_argv)
+from train_helpers import (ROOT, SHIPPED, assert_same_weights, make_subset, run_job, run_train, state_dict_of,
+                           torchrun, train_argv)
 
 TIMM_SUMMARY_COLUMNS = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
 TIMM_CHECKPOINT_KEYS = {'epoch', 'arch', 'version', 'state_dict', 'optimizer', 'args', 'metric', 'saver'}
@@ -139,7 +138,7 @@ def test_a_fresh_run_never_overwrites_a_previous_run(one_epoch, data, capsys):
     folder = Path(one_epoch.output_dir)
     before = (folder / 'last.pth.tar').stat().st_mtime_ns
     argv = train_argv(data, folder.parent, folder.name)
-    assert train.main(argv) == 2
+    assert train.cli(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'already holds a run' in err[0] and '--resume auto' in err[0]
     assert (folder / 'last.pth.tar').stat().st_mtime_ns == before
@@ -149,7 +148,7 @@ def test_two_process_gloo_run_ends_with_identical_weights_on_both_ranks(data, tm
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
     argv = train_argv(data, tmp_path, 'ddp', '--epochs', '1')
     cmd = torchrun(str(ROOT / 'tests' / 'ddp_harness.py'), str(tmp_path), '--', *argv)
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_job(cmd, env, 300)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
     assert_same_weights(rank0, rank1)
@@ -263,13 +262,13 @@ def test_bad_input_gives_one_line_and_exit_2(case, data, tmp_path, capsys, one_e
         (tmp_path / 'train').mkdir()
         (tmp_path / 'validation').mkdir()
     argv, expected = _bad_input(case, data, tmp_path, last)
-    assert train.main(argv) == 2
+    assert train.cli(argv) == 2
     assert expected in _one_error_line(capsys, early=case not in LATE)
     assert not run_folder.holds_run(str(tmp_path / 'x'))  # nothing that would refuse the corrected command
 
 
 def test_a_start_that_failed_late_leaves_nothing_that_blocks_the_corrected_run(data, tmp_path, capsys):
-    assert train.main(train_argv(data, tmp_path, 'x', '--num-classes', '5')) == 2
+    assert train.cli(train_argv(data, tmp_path, 'x', '--num-classes', '5')) == 2
     assert 'use --num-classes 10' in _one_error_line(capsys, early=False)
     assert train.main(train_argv(data, tmp_path, 'x')) == 0
     assert [r['epoch'] for r in _summary(tmp_path / 'x')] == ['0']
@@ -279,7 +278,7 @@ def test_unreadable_image_is_named(data, tmp_path, capsys):
     broken = make_subset(tmp_path / 'data', 2, 1)
     bad = next((broken / 'train').iterdir()) / 'broken.png'
     bad.write_bytes(b'\x89PNG\r\n\x1a\n this is not an image')
-    assert train.main(train_argv(broken, tmp_path, 'x', '-b', '4', '--workers', '1', '--bad-image-limit', '0')) == 2
+    assert train.cli(train_argv(broken, tmp_path, 'x', '-b', '4', '--workers', '1', '--bad-image-limit', '0')) == 2
     line = _one_error_line(capsys, early=False)
     assert 'unreadable image file' in line and str(bad) in line
 

@@ -4,8 +4,11 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -51,6 +54,52 @@ def torchrun(*args: str) -> list:
             *args]
 
 
+def run_job(cmd: list, env: dict, timeout: float, cwd=ROOT) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)``, for jobs that start processes of their own (torchrun
+    workers in their own sessions, their loader workers). It waits for ``cmd`` itself, not for whatever still holds
+    its output, and a job that outlives ``timeout`` fails the test with what it was doing: every process the job
+    started (found by a marker in their environment) prints its Python stacks (tests/ddp_harness.py registers
+    faulthandler on SIGUSR2), and the failure shows the process tree and the end of the output."""
+    marker = uuid.uuid4().hex
+    with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+        job = subprocess.Popen(cmd, env=dict(env, SUBNET_TEST_JOB=marker), cwd=cwd, stdout=out, stderr=err,
+                               text=True)
+        try:
+            job.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pids = _marked_processes(marker)
+            for pid in pids:  # one at a time, so the stacks come in the process list's order; not torchrun (dies)
+                if pid != job.pid:
+                    _signal_all([pid], signal.SIGUSR2)
+                    time.sleep(0.5)
+            tree = subprocess.run(['ps', '-o', 'pid,ppid,stat,etime,args', '-p', ','.join(map(str, pids)) or '0'],
+                                  capture_output=True, text=True).stdout
+            _signal_all(_marked_processes(marker), signal.SIGKILL)
+            job.wait()
+            err.seek(0)
+            raise AssertionError(f'{" ".join(cmd[:6])} ... still ran after {timeout} s; its processes:\n{tree}\n'
+                                 f'the end of its stderr (with their stacks):\n{err.read()[-12000:]}') from None
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmd, job.returncode, out.read(), err.read())
+
+
+def _marked_processes(marker: str) -> list:
+    found = []
+    for entry in Path('/proc').iterdir():
+        try:
+            if entry.name.isdigit() and f'SUBNET_TEST_JOB={marker}'.encode() in (entry / 'environ').read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return found
+
+
+def _signal_all(pids: list, signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def method_training(method: str, extra=(), size: int = 64, amp: bool = False):
     """(task, optimizer, args) for ``--method method`` on a slim ResNet-18 (drop-path 0.1) at ``size`` px, built the
     way train.py builds them, for driving ``subnet.loop.train_one_epoch`` directly with a list of batches."""
@@ -65,7 +114,7 @@ def method_training(method: str, extra=(), size: int = 64, amp: bool = False):
     torch.manual_seed(0)
     model = timm.create_model('resnet18', channels=(8, 16, 32, 64), stem_width=8, num_classes=10,
                               zero_init_last=False, drop_path_rate=args.drop_path)
-    criterion = build_criterion(args, 0, mixup_active=method == 'cosub')
+    criterion = build_criterion(args, 10)
     task = method_class(method).from_args(args, model, criterion, input_size=(3, size, size), verbose=False)
     optimizer = torch.optim.SGD(task.get_trainable_module().parameters(), lr=args.lr, momentum=0.9)
     return task, optimizer, args

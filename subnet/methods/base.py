@@ -187,6 +187,9 @@ class DistillFromFullNet(SubnetTask):
     @classmethod
     def check_args(cls, args) -> None:
         super().check_args(args)
+        if getattr(args, 'task', 'classification') == 'multilabel':
+            raise InputError(f'--method {args.method} distils softmax distributions, which a multi-label head does '
+                             f'not have: it cannot train --task multilabel (cosub can)')
         check_distillation_args(args)
 
     @staticmethod

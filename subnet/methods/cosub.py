@@ -77,8 +77,8 @@ class CosubTask(SubnetTask):
 
     def __init__(self, model, depth: DepthEngine, drop_rate: torch.Tensor, impl: str = 'skip', unit: str = 'branch',
                  row_sampling: str = 'bernoulli', label_weight: float = 0.5, target_threshold: Optional[float] = None,
-                 rank: int = 0, impl_clock=None, **kwargs):
-        super().__init__(model, CosubLoss(label_weight, target_threshold), depth, **kwargs)
+                 label_smoothing: float = 0.0, rank: int = 0, impl_clock=None, **kwargs):
+        super().__init__(model, CosubLoss(label_weight, target_threshold, label_smoothing), depth, **kwargs)
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"cosub implementation must be one of {', '.join(IMPLEMENTATIONS)}, not {impl!r}")
         if row_sampling not in ROW_SAMPLINGS:
@@ -94,8 +94,14 @@ class CosubTask(SubnetTask):
     @classmethod
     def check_args(cls, args) -> None:
         super().check_args(args)
-        if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
-            raise InputError('cosub needs dense targets: turn on --mixup and/or --cutmix (as DeiT III does)')
+        multilabel = getattr(args, 'task', 'classification') == 'multilabel'
+        if not multilabel and not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+            raise InputError('cosub needs dense targets: turn on --mixup and/or --cutmix (as DeiT III does), or '
+                             'train multi-hot targets (--task multilabel)')
+        if getattr(args, 'loss', None) not in (None, 'bce') or any(
+                getattr(args, option, None) is not None for option in ('loss_pos_weight', 'loss_class_weight')):
+            raise InputError("cosub's loss is its own binary cross-entropy (labels and the peer's sigmoids): "
+                             '--loss other than bce, --loss-pos-weight and --loss-class-weight do not apply')
         if args.drop_path is not None and args.drop_path <= 0:
             raise InputError('cosub needs stochastic depth: set --drop-path > 0 (with 0 both submodels are '
                              'the same network)')
@@ -141,8 +147,16 @@ class CosubTask(SubnetTask):
         depth = cls.depth_engine(model, input_size, verbose)
         return cls(model, depth, cls.drop_rates_for(depth), impl=args.cosub_impl, unit=args.cosub_drop_unit,
                    row_sampling=cls.row_sampling_for(args, verbose), label_weight=args.cosub_label_weight,
-                   target_threshold=args.bce_target_thresh, rank=args.rank, seed=args.seed, device=device,
-                   dtype=dtype, verbose=verbose)
+                   target_threshold=args.bce_target_thresh, label_smoothing=cls.label_smoothing_for(args),
+                   rank=args.rank, seed=args.seed, device=device, dtype=dtype, verbose=verbose)
+
+    @staticmethod
+    def label_smoothing_for(args) -> float:
+        """Smoothing cosub applies to multi-hot label targets itself: ``--smoothing`` for multi-label targets
+        without mixup/cutmix, towards 0.5 as timm's multi-label losses do; mixup (and single-label targets, which
+        always come through mixup here) have it applied already."""
+        mixed = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+        return args.smoothing if getattr(args, 'task', '') == 'multilabel' and not mixed else 0.0
 
     @contextlib.contextmanager
     def submodels(self, batch: int):
@@ -171,7 +185,7 @@ class CosubTask(SubnetTask):
 
     def train_step(self, input: torch.Tensor, target: torch.Tensor, step: Step) -> dict:
         if target.ndim != 2:
-            raise ValueError('cosub needs dense (mixup/cutmix) targets, got class indices')
+            raise ValueError('cosub needs dense targets (mixup/cutmix, or multi-hot labels), got class indices')
         batch = input.shape[0]
         with self.submodels(2 * batch):
             with step.autocast():

@@ -3,12 +3,15 @@
 The tasks are timm's (``ClassificationTask`` and the three distillation tasks) with the loop's hooks mixed in at
 their defaults (``Method``): nothing of the step changes.
 """
-from timm.task import ClassificationTask, FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
+from timm.task import (ClassificationTask, FeatureDistillationTask, LogitDistillationTask,
+                       MultiLabelClassificationTask, TokenDistillationTask)
+
+from ..errors import InputError
 
 from ..results import loss_part
 from .base import Method
 
-__all__ = ['PlainTask', 'LogitDistillation', 'FeatureDistillation', 'TokenDistillation']
+__all__ = ['PlainTask', 'PlainMultiLabelTask', 'LogitDistillation', 'FeatureDistillation', 'TokenDistillation']
 
 # what timm's distillation tasks (--kd-model-name) return besides the loss
 TIMM_PARTS = (loss_part('task_loss', 'the label loss'), loss_part('kd_loss', 'the distillation loss'),
@@ -33,13 +36,26 @@ class TokenDistillation(Method, TokenDistillationTask):
     result_parts = TIMM_PARTS
 
 
+class PlainMultiLabelTask(Method, MultiLabelClassificationTask):
+    """timm's multi-label task (``--task multilabel``): dense float targets, a sigmoid per class."""
+
+
 class PlainTask(Method, ClassificationTask):
     """timm's classification task: one forward, the label loss, the loop's backward."""
 
     result_parts = TIMM_PARTS  # registered under 'none', whose --kd-model-name runs build the tasks above
 
     @classmethod
+    def check_args(cls, args) -> None:
+        if args.kd_model_name is not None and getattr(args, 'task', '') == 'multilabel':
+            raise InputError("--kd-model-name: timm's distillation tasks distil softmax distributions, which a "
+                             'multi-label head does not have: drop it for --task multilabel')
+
+    @classmethod
     def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):
+        if getattr(args, 'task', '') == 'multilabel':
+            return PlainMultiLabelTask(model=model, criterion=criterion, threshold=args.multilabel_threshold,
+                                       device=device, dtype=dtype, verbose=verbose)
         if args.kd_model_name is None:
             return cls(model=model, criterion=criterion, device=device, dtype=dtype, verbose=verbose)
         # built as timm's train.py builds them
