@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -119,6 +120,14 @@ STUDIES = {
                  True),
 }
 ARM_BY_KEY = {arm.key: arm for arm in ARMS}
+
+
+class Terminated(Exception):
+    """SIGTERM (a scheduler's or ``kill``'s): stops the running train.py processes, as Ctrl-C does."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
 
 
 class StudyError(Exception):
@@ -269,8 +278,8 @@ def failure(what: str, returncode: int, output: str) -> StudyError:
 
 
 def train_all(runs: List[Run], jobs: int, progress: Progress) -> None:
-    """Train every run that is not trained yet, ``jobs`` at a time. The first failure stops new starts; Ctrl-C
-    also stops the running train.py processes (their files are written atomically: a rerun continues them)."""
+    """Train every run that is not trained yet, ``jobs`` at a time. The first failure stops new starts; Ctrl-C (or
+    SIGTERM) also stops the running train.py processes (their files are written atomically: a rerun continues them)."""
     todo = [run for run in runs if not run.trained()]
     pending = [run.arm for run in todo]
     errors: List[StudyError] = []
@@ -429,6 +438,7 @@ def main(argv=None) -> int:
             if run.fit_command:
                 print(shlex.join(run.fit_command))
         return 0
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         args.output.mkdir(parents=True, exist_ok=True)
         accuracy_report.check_can_write(args.report)
@@ -444,9 +454,9 @@ def main(argv=None) -> int:
     except (StudyError, accuracy_report.ReportError) as e:
         print(f'accuracy.py: error: {e}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as e:
         print('accuracy.py: interrupted; the same command continues the study', file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     print(f'wrote {", ".join(shown(p) for p in written)}')
     return 0
 
