@@ -23,6 +23,8 @@ from timm.data import create_dataset
 from timm.loss import CLASS_WEIGHT_METHODS, compute_class_weights
 
 from subnet.criterion import TASKS
+from subnet.data import check_dataset_root
+from subnet.errors import InputError
 
 _logger = logging.getLogger('class_weights')
 
@@ -56,17 +58,20 @@ def targets_of(dataset):
         yield dataset[index][1]
 
 
-def count(targets, num_classes: int, multilabel: bool, dense: bool) -> list:
-    """Positive samples per class: a class counts once per sample that has it."""
+def count(targets, num_classes: int, dense: bool) -> list:
+    """Positive samples per class: a class counts once per sample that has it (a class index, a list of them, or
+    with ``dense`` a 0/1 vector)."""
     counts = torch.zeros(num_classes, dtype=torch.int64)
     for target in targets:
         values = torch.as_tensor(target)
         if dense:
             counts += (values.reshape(-1)[:num_classes] > 0.5).long()
-        elif multilabel:
-            counts[values.reshape(-1).long().unique()] += 1
-        else:
-            counts[int(values)] += 1
+            continue
+        classes = values.reshape(-1).long().unique()
+        if classes.numel() and not 0 <= int(classes.min()) <= int(classes.max()) < num_classes:
+            raise InputError(f'a target has classes {classes.tolist()}, outside the {num_classes} classes counted '
+                             f'(--num-classes)')
+        counts[classes] += 1
     return counts.tolist()
 
 
@@ -76,6 +81,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.target_format == 'multihot' and args.task != 'multilabel':
         parser.error('--target-format multihot needs --task multilabel')
+    try:
+        check_dataset_root(args.dataset, args.data_dir, {'counted': args.split}, args.class_map,
+                           root_may_be_split=True)
+    except InputError as e:
+        parser.error(str(e))
     dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map,
                              input_key=args.input_key, target_key=args.target_key, target_format=args.target_format,
                              trust_remote_code=args.dataset_trust_remote_code)
@@ -84,7 +94,10 @@ def main(argv=None) -> int:
     if not num_classes:
         parser.error('the dataset does not name its classes: give --num-classes')
     targets = list(targets_of(dataset))
-    pos_counts = count(targets, num_classes, args.task == 'multilabel', args.target_format == 'multihot')
+    try:
+        pos_counts = count(targets, num_classes, args.target_format == 'multihot')
+    except InputError as e:
+        parser.error(str(e))
     stats = dict(num_samples=len(targets), pos_counts=pos_counts)
     if class_to_idx:
         names = {index: name for name, index in class_to_idx.items()}

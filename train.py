@@ -51,7 +51,7 @@ from timm.utils import trim_summary, unwrap_model
 from subnet import checks, downloads, global_batch, intact, logs, option_ranges, plots, resume, run_folder
 from subnet.compile import compile_scope, compile_task
 from subnet.criterion import build_criterion
-from subnet.data import (Loaders, build_loaders, check_image_folders, check_multilabel_reader, loader_images,
+from subnet.data import (Loaders, build_loaders, check_dataset_root, check_multilabel_reader, loader_images,
                          mixup_kwargs, seed_epoch, set_loader_epoch)
 from subnet.device import (check_precision_args, limit_workers, model_dtype as dtype_of, training_device,
                            training_precision, use_default_device)
@@ -124,9 +124,8 @@ def preflight(args) -> None:
     args.model = resolve_model_name(args.model)
     if args.data and not args.data_dir:
         args.data_dir = args.data
-    if not args.dataset:
-        check_image_folders(args.data_dir, {'train': args.train_split, 'validation': args.val_split},
-                            args.class_map)
+    check_dataset_root(args.dataset, args.data_dir, {'train': args.train_split, 'validation': args.val_split},
+                       args.class_map)
     if mixup_kwargs(args) is not None and args.batch_size % 2:
         raise UsageError(f'mixup/cutmix need an even batch size, got --batch-size {args.batch_size}')
     if utils.is_primary(args):

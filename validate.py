@@ -42,7 +42,8 @@ from timm.utils import check_batch_size_retry, decay_batch_step, natural_key
 
 from subnet import checks, downloads, evaluation, export, logs, option_ranges, plots
 from subnet.criterion import check_target_format
-from subnet.data import FixedSample, check_image_folders, check_multilabel_reader, loader_images, target_options
+from subnet.data import (FixedSample, check_dataset_root, check_first_target, check_multilabel_reader,
+                         loader_images, target_options)
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
 from subnet.errors import InputError, UsageError
@@ -121,9 +122,8 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
     ``patch_size``: the model's, for --naflex-loader."""
     root = args.data or args.data_dir
     split = split or args.split
-    if not args.dataset:
-        check_image_folders(root, {'evaluation' if split == args.split else 'BN recalibration': split},
-                            args.class_map, root_may_be_split=True)
+    check_dataset_root(args.dataset, root, {'evaluation' if split == args.split else 'BN recalibration': split},
+                       args.class_map, root_may_be_split=True)
     input_img_mode = args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L')
     with downloads.dataset_download(args.dataset, root, args.dataset_download):
         dataset = create_dataset(
@@ -131,6 +131,7 @@ def build_loader(args, data_config, test_time_pool, device, model_dtype, split=N
             load_bytes=args.tf_preprocessing, class_map=args.class_map, num_samples=args.num_samples,
             input_key=args.input_key, input_img_mode=input_img_mode, target_key=args.target_key,
             trust_remote_code=args.dataset_trust_remote_code, seed=args.seed, **target_options(args))
+    check_first_target(dataset, args.dataset, split, args.target_key)
     dataset = readable(dataset, training=False)
     if sample and not isinstance(dataset, torch.utils.data.IterableDataset):
         dataset = FixedSample(dataset, sample, args.seed)

@@ -19,8 +19,8 @@ import yaml
 
 # the recipe settings the report shows, in this order (from the first run's args.yaml)
 RECIPE_KEYS = ('model', 'model_kwargs', 'img_size', 'epochs', 'batch_size', 'opt', 'lr', 'weight_decay', 'sched',
-               'sched_on_updates', 'warmup_epochs', 'scale', 'color_jitter', 'mixup', 'cutmix', 'smoothing',
-               'workers')
+               'sched_on_updates', 'warmup_epochs', 'scale', 'color_jitter', 'mixup', 'cutmix', 'mixup_prob',
+               'smoothing', 'val_interval', 'workers')
 
 
 class ReportError(Exception):
@@ -37,6 +37,7 @@ class Result:
     draws: Dict[str, int]
     seconds: float
     resumed: bool
+    fit: Optional[float] = None  # the full net's top-1 on its training images (a study with fit)
 
 
 def column_of(subnet: str) -> str:
@@ -70,12 +71,13 @@ def load(runs) -> List[Result]:
         by_column: Dict[str, List[dict]] = {}
         for row in evaluated['rows']:
             by_column.setdefault(column_of(row['subnet']), []).append(row)
+        fit = [row['top1'] for row in evaluated.get('fit_rows', ())]  # one row: the full net (no --subnets)
         results.append(Result(
             run.arm, run.seed,
             top1={c: statistics.mean(r['top1'] for r in rows) for c, rows in by_column.items()},
             flops={c: statistics.mean(r['flop_fraction'] for r in rows) for c, rows in by_column.items()},
             draws={c: len(rows) for c, rows in by_column.items()},
-            seconds=trained['seconds'], resumed=trained['resumed']))
+            seconds=trained['seconds'], resumed=trained['resumed'], fit=fit[0] if fit else None))
     return results
 
 
@@ -103,6 +105,11 @@ class Study:
         self.seeds = sorted({r.seed for r in results})
         self.plain = next((arm for arm in self.arms if arm.key == 'plain'), None)
         self.plain_sd = next((arm for arm in self.arms if arm.key == 'plain-sd'), None)
+        self.fitted = all(r.fit is not None for r in results)
+
+    def fit_gap(self) -> float:
+        """Plain training's full net: top-1 on its training images minus on the validation images."""
+        return statistics.mean(r.fit - r.top1['full'] for r in self.of(self.plain))
 
     def of(self, arm) -> List[Result]:
         return [r for r in self.results if r.arm == arm]
@@ -122,6 +129,8 @@ class Study:
     def header(self, first: Sequence[str]) -> str:
         draws = {c: max(r.draws.get(c, 0) for r in self.results) for c in self.columns}
         cells = [f'{column_label(c, draws[c])} ({100 * self.flops(c):.0f} %)' for c in self.columns]
+        if self.fitted:
+            cells.append('full net on its training images')
         return ('| ' + ' | '.join([*first, *cells, 'time per run', 'time / plain']) + ' |\n'
                 + '|---' * len(first) + '|' + '---:|' * (len(cells) + 2) + '\n')
 
@@ -129,6 +138,8 @@ class Study:
         lines = [self.header(['arm'])]
         for arm in self.arms:
             cells = [cell(self.top1(arm, c)) for c in self.columns]
+            if self.fitted:
+                cells.append(cell([r.fit for r in self.of(arm)]))
             lines.append(f'| {arm.label} | ' + ' | '.join(cells) +
                          f' | {minutes(self.seconds(arm))} | {self.cost(self.seconds(arm))} |\n')
         return ''.join(lines)
@@ -137,6 +148,8 @@ class Study:
         lines = [self.header(['arm', 'seed'])]
         for r in sorted(self.results, key=lambda r: (self.arms.index(r.arm), r.seed)):
             cells = [f'{r.top1[c]:.1f}' if c in r.top1 else '' for c in self.columns]
+            if self.fitted:
+                cells.append(f'{r.fit:.1f}')
             lines.append(f'| {r.arm.label} | {r.seed} | ' + ' | '.join(cells) +
                          f' | {minutes(r.seconds)}{" †" * r.resumed} | {self.cost(r.seconds)} |\n')
         return ''.join(lines)
@@ -251,8 +264,11 @@ def recipe_table(run, data_dir: Path) -> str:
     return f'| setting | value |\n|---|---|\n| data | `{data_dir.name}`: {counts} |\n' + ''.join(rows)
 
 
-def write(runs, report: Path, *, command: str, data_dir: Path, output: str, subnets: str, bn_recal: int) -> list:
-    """Write the report and its picture beside it (same name, .png); returns the paths written."""
+def write(runs, report: Path, *, command: str, data_dir: Path, output: str, subnets: str, bn_recal: int,
+          study: str = 'resnet', recipe: str = 'hparams/study_fashion_mnist.yaml') -> list:
+    """Write the report of ``study`` (a key of TEXTS: its own title, notes and history) and its picture beside it
+    (same name, .png); returns the paths written."""
+    texts = TEXTS[study]
     study = Study(load(runs))
     val_images = image_count(data_dir / 'val')
     report = Path(report).resolve()
@@ -266,14 +282,17 @@ def write(runs, report: Path, *, command: str, data_dir: Path, output: str, subn
         picture=(f'![top-1 against FLOPs]({picture.name})' if picture else
                  '(No picture: matplotlib is not installed. `pip install matplotlib` and rerun the study command.)'),
         commands=''.join(f'# {run.arm.label}, seed {run.seed}\n{shlex.join(run.train_command)}\n'
-                         f'{shlex.join(run.eval_command)}\n' for run in runs),
-        val_images=val_images, image_point=100 / max(1, val_images), tried=TRIED, papers=PAPERS)
+                         f'{shlex.join(run.eval_command)}\n'
+                         + (f'{shlex.join(run.fit_command)}\n' if run.fit_command else '')
+                         for run in runs),
+        val_images=val_images, image_point=100 / max(1, val_images), recipe_file=recipe,
+        fit=FIT.format(gap=study.fit_gap()) if study.fitted and study.plain else '', **texts)
     write_text(report, text)
     return [report] + ([picture] if picture else [])
 
 
 REPORT = '''\
-# Accuracy study: submodel methods against plain training
+# {title}
 
 Generated by `{command}` on {date} ({machine}); {total} of training in all. Every number comes from the run
 folders in `{output}`; the commands behind each run are at the end, and rerunning the study command redraws this
@@ -281,7 +300,7 @@ page from them (finished runs are skipped).
 
 ## What was compared
 
-Every arm trains with the same recipe (`hparams/study_fashion_mnist.yaml`: the same epochs, images,
+Every arm trains with the same recipe (`{recipe_file}`: the same epochs, images,
 augmentation, optimizer and schedule) for seeds {seeds}; only the method and its own options differ:
 
 | arm | options added to the recipe |
@@ -296,17 +315,17 @@ Evaluation: each run's **last** checkpoint (the best epoch is not picked on the 
 block dropped with probability R: stochastic depth's shape; the same subsets for every run). Every net's
 BatchNorm statistics, the full net's included, are re-estimated on {bn_recal} training images first (with the
 evaluation transforms), as ST's official code does before every validation, so each net is judged by its weights
-and a subnet compares with its full net like for like. FLOPs are the subnet's share of the full net's.
+and a subnet compares with its full net like for like. FLOPs are the subnet's share of the full net's.{evaluation}
 
 ## Results: top-1 (%), mean ± std over seeds
 
 Columns: the full net, then each subnet with its FLOPs as a share of the full net's (random subsets: the mean
 top-1 of the subsets drawn at that rate).
 
-{summary}
+{summary}{fit}
 Regenerate: `{command}` (it skips the runs already in `{output}`; each run's own commands are at the end).
 
-Time per run: the wall time of `train.py` (all epochs, with its evaluation after every epoch), mean over seeds, on
+Time per run: the wall time of `train.py` (all epochs, with its evaluations on the way), mean over seeds, on
 this machine (with `--jobs N`, N runs shared its cores at a time, so a run alone is faster). "time / plain" is the
 cost of a run relative to plain training over the same epochs and images: every method does more work per step
 (more passes), and this is its price.
@@ -351,6 +370,14 @@ Each run (`--resume auto` continues an interrupted run in its folder):
 
 ```bash
 {commands}```
+'''
+
+FIT = '''
+The column "full net on its training images" is the same evaluation of the full net on the images it was
+trained on (`validate.py --split train`, without mixup or random crops). Far above the validation top-1, it would
+say the net has memorised its training images (over-fits), the regime regularisation, and cosub's claim, is
+about. Here plain training's full net is {gap:+.1f} points above its validation top-1 on its training images (mean
+over seeds).
 '''
 
 TRIED = '''\
@@ -408,3 +435,55 @@ large models trained for hundreds of epochs on ImageNet, against strong baseline
 of the recipes above and the same recipe with `--method none` (for cosub, keep its `--drop-path`: DeiT III, its
 baseline, trains with stochastic depth), and compare both checkpoints with
 `validate.py --subnets 'prefix:0.25,0.5,0.75;random:4@0.2' --bn-recal 2048`.'''
+
+
+VIT_TRIED = '''\
+- **Why a second study.** cosub is a method for Vision Transformers trained long with heavy regularisation
+  (DeiT III); the first study (docs/results.md) tried it on a ResNet-34 that under-fits, where stochastic depth
+  alone already cost a point. This study gives cosub a small DeiT III-style ViT (layer scale, class token, patch
+  4 at 32 px, 6 blocks, width 64), mixup and cutmix, and few images, so that regularisation has something to fix.
+- **The budget.** One plain step at batch 64 cost 0.32 s on one quiet core at width 64 (0.44 s at width 96), so
+  100 epochs of the 6,000 shipped images at width 96, the first draft of this recipe, would have taken about 70
+  minutes per plain run on one core, some 11 core-hours for the study's 9 runs. The study had about an hour and
+  a half of a 2-core machine shared with other work, so it trains on `data/fashion-mnist-500` (the first 50
+  training images of each class; the same 1,000 validation images) at batch 32, where an epoch is 15 steps.
+- **The pilot** (seed 0; each command is the recipe's with the options named; val top-1 after 10 and 20 epochs):
+  - the draft (`--model-kwargs ... init_values=1e-4 --lr 1e-3 --mixup-prob 1.0 --epochs 80`): plain 21.5 and
+    32.8 %, with `--drop-path 0.1 --drop-schedule constant` 20.3 and 30.9 %; stopped after 26 epochs: far too
+    slow for the budget, and nothing yet to regularise;
+  - 20 epochs (`--epochs 20 --warmup-epochs 2`), lr 3e-3, layer scale 1e-4: every batch mixed 21.0 and 22.2 %,
+    `--mixup-prob 0.5` 27.7 and 36.1 %;
+  - 20 epochs, layer scale 0.1 (CaiT's rule for depth <= 18), every batch mixed: lr 1e-3 30.1 and 35.3 %,
+    lr 3e-3 30.7 and 40.4 %.
+  With DeiT III's layer scale of 1e-4 every block starts as almost the identity, so the class token hears almost
+  nothing from the patches at first; the pilot learned faster with 0.1, and a from-scratch ViT this small learns
+  slowly anyway. The recipe
+  takes layer scale 0.1, lr 3e-3 and mixup/cutmix on half the batches (DeiT III's alphas, 0.8 and 1.0), and 60
+  epochs (900 steps): what fitted 3 arms x 3 seeds in the time left. No pilot run reached the over-fitting regime
+  the study is meant for; the last column of the results says whether the study's runs did.
+- **Stochastic depth.** cosub needs it and gets DeiT III's constant rate for ViT-S in cosub's recipe, 0.05; the
+  plain + stochastic depth arm gets exactly the same. The pilot had no budget to tune the rate (its one try, 0.1,
+  was 1.9 points below plain after 20 of 80 epochs, the draft recipe, one seed).
+- **Records.** The pilot's runs (`args.yaml`, `summary.csv`) and the study's (also `study-train.json` and
+  `study-eval.json`) are kept in `docs/results-vit-runs/`: the run folders, with their checkpoints, are not.'''
+
+VIT_PAPERS = '''\
+cosub (Touvron et al., "Co-training 2^L submodels for visual recognition") is added to the DeiT III recipes: ViTs
+on ImageNet-1k for 800 epochs (LAMB, batch 2048, mixup 0.8 with cutmix 1.0, 3-Augment, binarised BCE targets,
+layer scale 1e-4, a constant drop-path rate from 0.05 for ViT-S to 0.6 for ViT-H), or ImageNet-21k pretraining
+then fine-tuning; its headline is ViT-B at 87.4 % (21k pretraining, 448 px; DeiT III's ViT-B with the same pretraining: 86.7 % at
+384 px).
+Our copies: `hparams/cosub_deit3_vit_*.yaml`. This study sees some 30,000 times fewer images (500 images, 60 epochs,
+from scratch): it tests whether cosub's co-training helps a small ViT that has few images, not the
+paper's ImageNet numbers. To test those, train one of the recipes above with `--method cosub` and with
+`--method none` at the same `--drop-path`, and compare both checkpoints with `validate.py`.'''
+
+# each study's own words: its title, a note on its evaluation, how its settings were chosen, what the papers did
+TEXTS = {
+    'resnet': dict(title='Accuracy study: submodel methods against plain training', evaluation='', tried=TRIED,
+                   papers=PAPERS),
+    'vit': dict(title='Accuracy study, second part: cosub on a small Vision Transformer',
+                evaluation=(' The ViT has no BatchNorm (LayerNorm only), so `--bn-recal` changes nothing here; '
+                            'its one stage of blocks makes `prefix:F` the first F of its blocks.'),
+                tried=VIT_TRIED, papers=VIT_PAPERS),
+}

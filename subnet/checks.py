@@ -116,7 +116,7 @@ def check_dataset_classes(args, dataset) -> None:
                          f'sub-folder (train/<class>/image.jpg); put the images in one folder per class')
     if args.num_classes is not None and args.num_classes < classes:
         raise UsageError(f'the model has {args.num_classes} classes (--num-classes) but the training data '
-                         f'({args.data_dir}) has {classes}: use --num-classes {classes}')
+                         f'({args.dataset or args.data_dir}) has {classes}: use --num-classes {classes}')
 
 
 def check_model_covers_classes(num_classes: Optional[int], dataset, where: str) -> None:

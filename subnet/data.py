@@ -152,10 +152,30 @@ class FixedSample(DatasetView):
 MULTILABEL_READERS = ('hfds', 'hfids', 'wds', 'tfds')
 
 
+def reader_of(dataset: Optional[str]) -> str:
+    """The reader prefix of ``--dataset`` that timm's ``create_dataset`` acts on; '' for an image folder or tar,
+    which is what timm reads for a name without one (``--dataset foo`` reads --data-dir as a folder)."""
+    prefix, sep, _ = (dataset or '').partition('/')
+    prefix = prefix.lower() if sep else ''
+    return prefix if prefix in ('torch',) + MULTILABEL_READERS else ''
+
+
+def check_dataset_root(dataset: Optional[str], root: Optional[str], splits: dict, class_map: str = '',
+                       root_may_be_split: bool = False) -> None:
+    """The folder a dataset is read from: an image folder's splits (``check_image_folders``), and a torch/
+    dataset's root, without which torchvision fails with a TypeError."""
+    reader = reader_of(dataset)
+    if not reader:
+        check_image_folders(root, splits, class_map, root_may_be_split)
+    elif reader == 'torch' and not root:
+        raise InputError(f'--dataset {dataset} needs --data-dir DIR: the folder it is read from (or downloaded '
+                         f'into, with --dataset-download)')
+
+
 def check_multilabel_reader(args) -> None:
     """``--task multilabel`` needs a dataset whose reader gives several labels per image: an image folder (or a
     torchvision dataset) gives one class, which would fail deep in the first batch."""
-    kind = args.dataset.partition('/')[0].lower() if '/' in (args.dataset or '') else ''
+    kind = reader_of(args.dataset)
     if is_multilabel(args) and kind not in MULTILABEL_READERS:
         raise InputError(f"--task multilabel needs a dataset whose targets are label lists, read by timm's "
                          f'{"/, ".join(MULTILABEL_READERS)}/ readers (--dataset hfds/NAME --target-key FIELD); '
@@ -196,7 +216,28 @@ def build_dataset(args, split: str, is_training: bool, input_img_mode: str, num_
         if 'Found 0 images' in str(e):
             raise InputError(str(e).split('. Supported')[0]) from None
         raise
+    check_first_target(dataset, args.dataset, split, args.target_key)
     return readable(dataset, training=is_training)
+
+
+def check_first_target(dataset, name: str, split: str, target_key: Optional[str]) -> None:
+    """A --target-key the data lacks, or targets that are not what --target-format says, fail in timm's reader or
+    ``MultiLabelTarget`` in the first batch, as a traceback: the first target, read now without its image (readers
+    with ``iter_targets``: hfds/), fails here in one line instead."""
+    targets = getattr(getattr(dataset, 'reader', None), 'iter_targets', None)
+    if targets is None:
+        return
+    target = None
+    try:
+        target = next(iter(targets()), None)
+        if target is not None and dataset.target_transform is not None:
+            dataset.target_transform(target)
+    except KeyError as e:
+        raise InputError(f'--target-key {target_key}: the {split} split of {name} has no field {e}') from None
+    except ValueError as e:
+        raise InputError(f'the first target of the {split} split of {name} ({target!r}, --target-key '
+                         f'{target_key}) does not fit: {e} (--target-format multihot is for 0/1 vectors of '
+                         f'--num-classes entries; lists of class indices need none)') from None
 
 
 def mixup_kwargs(args) -> Optional[dict]:

@@ -69,4 +69,4 @@ def dataset_download(dataset: str, root: str, download: bool) -> Iterator[None]:
 
 def _cannot_download(dataset: str, root: str, reason: str) -> str:
     return (f'--dataset-download: cannot download {dataset} ({reason}: no network?); download it where there is '
-            f'one and copy it into --data-dir {root}')
+            f'one and copy it into --data-dir {root or "DIR"}')

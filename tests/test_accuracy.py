@@ -2,8 +2,10 @@
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -194,4 +196,37 @@ def test_the_vit_study_trains_its_own_recipe_and_arms_end_to_end(tmp_path, capsy
     assert code == 0, err[-2000:]
     report = (output / 'report.md').read_text()
     assert [row[0] for row in table(report, '## Results')] == ['plain', 'cosub']
-    assert 'study_vit_fashion_mnist.yaml' in report
+    assert 'study_vit_fashion_mnist.yaml' in report and 'second part: cosub on a small Vision Transformer' in report
+    # over-fitting is measured: each full net is also evaluated on its training images, with its own command
+    for run in accuracy.plan(accuracy.parse_args(argv)):
+        record = run.record('study-eval.json')
+        assert record['fit_command'] == list(run.fit_command) and run.fit_command[6:8] == ('--split', 'train')
+        assert len(record['fit_rows']) == 1 and shlex.join(run.fit_command) in report
+        train_top1 = record['fit_rows'][0]['top1']
+        assert [row[-3] for row in table(report, '## Every run') if row[0] == run.arm.label] == [f'{train_top1:.1f}']
+
+
+def test_sigterm_stops_the_running_train_py_processes_too(tmp_path):
+    """A scheduler's (or ``kill``'s) SIGTERM reaches only accuracy.py: it stops its train.py children, as Ctrl-C
+    does, and says the same command continues."""
+    data = make_subset(tmp_path / 'data', train_per_class=10, val_per_class=5)
+    argv = study_argv(data, tmp_path / 'out', '--arms', 'plain', '--seeds', '0', '--jobs', '1', '--epochs', '50')
+    study = subprocess.Popen([sys.executable, str(ROOT / 'benchmarks' / 'accuracy.py'), *argv], cwd=ROOT,
+                             env=dict(os.environ, OMP_NUM_THREADS='1'), stderr=subprocess.PIPE, text=True)
+    try:
+        children = []
+        for _ in range(600):  # until train.py has started
+            children = subprocess.run(['pgrep', '-P', str(study.pid)], capture_output=True, text=True).stdout.split()
+            if children:
+                break
+            time.sleep(0.1)
+        assert children, 'accuracy.py started no train.py'
+        study.send_signal(signal.SIGTERM)
+        assert study.wait(timeout=120) == 143
+        assert 'the same command continues the study' in study.stderr.read()
+        assert not any(os.path.exists(f'/proc/{pid}') and 'Z' not in open(f'/proc/{pid}/stat').read().split()[2]
+                       for pid in children), 'a train.py outlived accuracy.py'
+    finally:
+        if study.poll() is None:
+            study.kill()
+        study.stderr.close()

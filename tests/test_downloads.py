@@ -84,3 +84,29 @@ def test_hub_retries_that_end_offline_suggest_hf_hub_offline(monkeypatch):
     with pytest.raises(ValueError, match='not a download'):  # anything else passes through
         with downloads.model_download('resnet18', True, '--pretrained-path FILE'):
             raise ValueError('not a download')
+
+
+def test_a_torch_dataset_without_data_dir_and_an_unprefixed_name_are_one_line(tmp_path, capsys):
+    """timm reads a --dataset without a reader prefix as an image folder, and torchvision needs a root: both
+    used to end in a TypeError traceback without --data-dir."""
+    assert train.cli([*CIFAR, *TINY_RESNET]) == 2
+    assert _error_lines(capsys) == ['train.py: error: --dataset torch/cifar10 needs --data-dir DIR: the folder it is '
+                                    'read from (or downloaded into, with --dataset-download)']
+    assert train.cli(['--dataset', 'fashion', '--device', 'cpu', *TINY_RESNET]) == 2
+    assert _error_lines(capsys) == ['train.py: error: no dataset given: pass --data-dir DIR (a folder with train/ '
+                                    'and val/ sub-folders)']
+    assert train.cli(['--dataset', 'fashion', '--data-dir', str(tmp_path), '--device', 'cpu', *TINY_RESNET]) == 2
+    assert _error_lines(capsys)[0].startswith("train.py: error: train split 'train' not found")
+    checkpoint = tmp_path / 'tiny.pth'
+    torch.save(timm.create_model('resnet18', num_classes=10, channels=(8, 16, 32, 64), stem_width=8).state_dict(),
+               checkpoint)
+    model = ['--checkpoint', str(checkpoint), '--model', 'resnet18', '--num-classes', '10', '--model-kwargs',
+             'channels=(8,16,32,64)', 'stem_width=8', '--device', 'cpu', '--workers', '0']
+    assert validate.cli(['--dataset', 'torch/cifar10', *model]) == 2
+    assert _error_lines(capsys)[0].startswith('validate.py: error: --dataset torch/cifar10 needs --data-dir DIR')
+    assert validate.cli(['--dataset', 'fashion', *model]) == 2
+    assert _error_lines(capsys)[0].startswith('validate.py: error: no dataset given')
+
+
+def test_a_failed_download_without_data_dir_names_the_option_not_none():
+    assert downloads._cannot_download('hfds/x', None, 'offline').endswith('copy it into --data-dir DIR')

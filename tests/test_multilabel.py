@@ -11,6 +11,7 @@ import os
 import subprocess
 
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -129,6 +130,26 @@ def test_an_eval_metric_the_task_does_not_produce_is_one_line(hf_folder, tmp_pat
     assert last_error_line(capsys) == ('train.py: error: --eval-metric top1 is not a metric the multilabel evaluation '
                                        'produces (one of loss, map, micro_f1, macro_f1, sample_f1)')
     assert not (tmp_path / 'm').exists()
+
+
+def test_a_missing_target_field_a_wrong_target_format_or_too_few_classes_is_one_line(hf_folder, tmp_path, capsys):
+    """timm's reader and MultiLabelTarget raise these in the first batch; we read the first target up front."""
+    assert train.cli(_run(hf_folder, tmp_path, 'k', '--target-key', 'nosuch')) == 2
+    assert last_error_line(capsys) == (f"train.py: error: --target-key nosuch: the train split of hfds/{hf_folder} "
+                                       f"has no field 'nosuch'")
+    assert train.cli(_run(hf_folder, tmp_path, 'f', '--target-format', 'multihot')) == 2
+    assert last_error_line(capsys).startswith(f'train.py: error: the first target of the train split of '
+                                              f'hfds/{hf_folder} ([0], --target-key labels) does not fit: Dense')
+    assert train.cli(_run(hf_folder, tmp_path, 'c', '--num-classes', '3')) == 2
+    assert last_error_line(capsys) == (f'train.py: error: the model has 3 classes (--num-classes) but the training '
+                                       f'data (hfds/{hf_folder}) has 4: use --num-classes 4')
+    checkpoint = tmp_path / 'tiny.pth'  # without one, validate.py would fetch pretrained weights
+    torch.save(timm.create_model('resnet18', num_classes=4, channels=(8, 16, 32, 64), stem_width=8).state_dict(),
+               checkpoint)
+    assert validate.cli(['--task', 'multilabel', '--dataset', f'hfds/{hf_folder}', '--target-key', 'nosuch',
+                         '--checkpoint', str(checkpoint), *TINY_RESNET[:-4], '--num-classes', '4', '--device', 'cpu',
+                         '--workers', '0']) == 2
+    assert "the validation split of" in last_error_line(capsys)
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -272,3 +293,16 @@ def test_two_process_evaluation_covers_the_whole_split_once_without_the_samplers
     result = json.loads((tmp_path / 'results.json').read_text())
     for name in ('map', 'micro_f1', 'macro_f1', 'sample_f1'):
         assert result[name] == pytest.approx(float(row[f'eval_{name}']), abs=1e-3), name
+
+
+def test_class_weights_bad_input_is_one_line(hf_folder, tmp_path, capsys):
+    import class_weights
+    for argv, message in (([], 'no dataset given'),
+                          (['--data-dir', str(tmp_path / 'nowhere')], 'does not exist'),
+                          (['--dataset', f'hfds/{hf_folder}', '--task', 'multilabel', '--target-key', 'labels',
+                            '--num-classes', '3'], 'outside the 3 classes counted')):
+        with pytest.raises(SystemExit) as stop:
+            class_weights.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and 'Traceback' not in err
+        assert message in err.splitlines()[-1], err
