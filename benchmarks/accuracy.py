@@ -385,7 +385,8 @@ def parse_args(argv=None):
     parser.add_argument('--arms', default=None, help="comma-separated arms to run (default: all of the study's)")
     parser.add_argument('--recipe', type=Path, default=None, help="the shared train.py YAML (default: the study's)")
     parser.add_argument('--data-dir', type=Path, default=None,
-                        help="the images (default: the study's, data/fashion-mnist, --study vit: data/fashion-mnist-500)")
+                        help="the images (default: the study's, data/fashion-mnist, --study vit: "
+                             'data/fashion-mnist-500)')
     parser.add_argument('--output', type=Path, default=None,
                         help='folder of the run folders (default: output/accuracy, output/accuracy-vit; --quick: '
                              'output/accuracy-quick)')

@@ -124,6 +124,10 @@ def compile_task(task, scope: str, *, backend='inductor', mode: Optional[str] = 
     The block scope uses the task's depth engine's blocks, or finds them (``--method none``)."""
     if scope not in SCOPES:
         raise ValueError(f"compile scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    if verbose and backend == 'inductor' and getattr(task, 'varies_input_size', False):
+        _logger.warning('--torchcompile with inputs resized per subnet (ST++): inductor compiles again for new '
+                        'input sides (measured on the CPU: 160 graphs in 16 steps, later steps 4x eager at 224 px); '
+                        'train ST++ without --torchcompile for now (README, Speed)')
     if scope == 'model':
         if verbose:
             _logger.info(f'Compiling the whole model (--compile-scope model) with backend={backend}, mode={mode}')

@@ -4,8 +4,9 @@ They live in new namespaces (``--method*``, ``--cosub-*``, ``--st-*``, ``--gkt-*
 ``--plot-summary``, ``--log-tensorboard``, ``--bad-image-limit``, ``--skip-nonfinite``, ``--recovery-minutes``,
 ``--divergence-limit``), so
 none of them makes an abbreviation of a timm option ambiguous (``--recovery`` stays timm's ``--recovery-interval``,
-see ``OneLineParser``). As with every option, the YAML key is the underscore name (``method: cosub``); an option's other spellings are YAML
-keys too (``dr`` for timm's ``--decay-rate``). The methods' own groups come from the method registry.
+see ``OneLineParser``). As with every option, the YAML key is the underscore name (``method: cosub``); an
+option's other spellings are YAML keys too (``dr`` for timm's ``--decay-rate``). The methods' own groups come from
+the method registry.
 """
 import argparse
 
@@ -51,7 +52,8 @@ def add_report_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('Reporting (subnet)')
     g.add_argument('--subnet-eval', default=None, type=subnet_spec, metavar='SPEC',
                    help='at every eval also evaluate these fixed subnets of the live model and append their top-1 '
-                        'to summary.csv as subnet_<name>_top1 (_map with --task multilabel) (BN statistics as trained, no recalibration); '
+                        'to summary.csv as subnet_<name>_top1 (_map with --task multilabel; BN statistics as '
+                        'trained, no recalibration); '
                         f'SPEC: {spec_help()}; off by default')
     g.add_argument('--plot-summary', default='', metavar='RUN',
                    help='only write RUN/summary.png from RUN/summary.csv (RUN: a run folder or its summary.csv) '

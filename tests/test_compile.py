@@ -172,6 +172,20 @@ def test_block_scope_trains_as_eager_within_float_tolerance(method, single_threa
         torch.testing.assert_close(compiled_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize('method, extra, warned', [('st++', ['--st-min-keep', '1', '--st-min-size', '0.5'], True),
+                                                    ('st++', ['--st-min-keep', '1', '--st-min-size', '1'], False),
+                                                    ('st', [], False)])
+def test_inductor_with_inputs_resized_per_subnet_warns_that_it_recompiles(method, extra, warned, caplog):
+    """ST++ under inductor compiles again for each new input side (README, Speed): said once, as the run starts."""
+    from subnet.compile import compile_task
+    task, _, _ = method_training(method, extra, 64)
+    with caplog.at_level('INFO', logger='train'):
+        compile_task(task, 'blocks', backend='inductor', input_size=(3, 64, 64))  # wraps; nothing compiles yet
+    torch._dynamo.reset()
+    said = [r for r in caplog.records if 'inductor compiles again for new input sides' in r.getMessage()]
+    assert len(said) == int(warned) and all(r.levelname == 'WARNING' for r in said)
+
+
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     return make_subset(tmp_path_factory.mktemp('fmnist'), train_per_class=4, val_per_class=2)

@@ -73,6 +73,11 @@ class StimulativeTask(DistillFromFullNet):
     # the official code's defaults (train.py: --multi_Snet 1, default sample space, no --norm_kd, no --Snet_Dtrans)
     DEFAULTS = dict(subnets=1, min_keep=1, loss='kl', norm_ce=False, min_size=1.0)
 
+    @property
+    def varies_input_size(self) -> bool:
+        """ST++: each subnet sees the batch at another side (``subnet.compile`` warns: inductor recompiles)."""
+        return self.min_size < 1.0
+
     def __init__(self, model, criterion, depth: DepthEngine, subnets: int = None, min_keep: int = None,
                  loss: str = None, norm_ce: bool = None, min_size: float = None, temperature: float = 1.0,
                  amplitude: float = 1.0, kl_weight: float = 1.0, min_side: int = None, **kwargs):
