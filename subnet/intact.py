@@ -2,9 +2,10 @@
 furthest checkpoint of a run folder that is intact.
 
 A file cut short, overwritten or empty fails to load; a file whose bytes changed inside a tensor loads, and only a
-checksum notices. Every checkpoint we write carries one extra key, ``payload_crc32``: for each part (the weights, the
-EMA weights, the optimizer state, the mid-epoch position) a CRC-32 of its tensors' bytes, names, dtypes and shapes and
-of its other values. timm ignores the key (``load_checkpoint``, ``create_model(checkpoint_path=...)``,
+checksum notices. Every checkpoint we write carries one extra key, ``payload_crc32``: for each part
+(``CHECKED_PARTS``: the weights, the EMA weights, the method's state and its EMA twin, the optimizer state, the fp16
+grad scaler, the mid-epoch position) a CRC-32 of its tensors' bytes, names, dtypes and shapes and of its other
+values. timm ignores the key (``load_checkpoint``, ``create_model(checkpoint_path=...)``,
 ``resume_checkpoint`` read only the keys they know), and a checkpoint without it (timm's own) is read as before.
 CRC-32 detects damage, not tampering: it is a check against disks and copies, at zlib's speed.
 
