@@ -484,10 +484,13 @@ SOURCES = {
         quickstart('none', 'AdamW', 3e-3, 0.05, 0.0),
         epochs=Fact(25, STUDY), mixup=Fact(0.2, STUDY + ': cosub needs mixed targets, so every arm gets them')),
     'study_vit_fashion_mnist.yaml': dict(
-        quickstart('none', 'AdamW', 1e-3, 0.05, 0.0),
+        quickstart('none', 'AdamW', 3e-3, 0.05, 0.0),
         model=Fact('deit3_small_patch16_224', STUDY + ' --study vit: a DeiT III model (layer scale), scaled down'),
-        layer_scale_init=Fact(1e-4, 'DeiT III models_v2.py init_scale, as cosub_deit3_vit_small.yaml'),
-        epochs=Fact(100, STUDY + ' --study vit: placeholder until its pilot'),
+        layer_scale_init=Fact(0.1, "CaiT's rule for depth <= 18 (Touvron et al. 2021, sec. 2), chosen by the study's "
+                                   'pilot (docs/results-vit.md) over DeiT III\'s 1e-4'),
+        lr=Fact(3e-3, STUDY + " --study vit: its pilot (docs/results-vit.md)"),
+        global_batch=Fact(32, STUDY + ' --study vit: 500 images in batches of 32 (docs/results-vit.md)'),
+        epochs=Fact(60, STUDY + ' --study vit: what fitted 3 arms x 3 seeds on the shared CPU (docs/results-vit.md)'),
         start_lr=Fact(1e-5, "timm's default --warmup-lr"),
         warmup_epochs=Fact(5, STUDY + ' --study vit'), mixup=Fact(0.8, 'DeiT III README_revenge.md: --mixup .8'),
         cutmix=Fact(1.0, 'DeiT III README_revenge.md: --cutmix 1.0'),
