@@ -19,7 +19,7 @@ from timm.loss import create_classification_loss, load_class_stats, resolve_clas
 
 from .errors import InputError
 
-__all__ = ['TASKS', 'is_multilabel', 'check_target_format', 'resolve_loss_args', 'loss_kwargs', 'build_criterion']
+__all__ = ['TASKS', 'is_multilabel', 'mixup_active', 'check_target_format', 'resolve_loss_args', 'loss_kwargs', 'build_criterion']
 
 TASKS = ('classification', 'multilabel')
 # --smoothing when not given: timm's 0.1 for softmax classification; 0 for multi-label (timm 1.0.31's README, "What's
@@ -28,10 +28,12 @@ DEFAULT_SMOOTHING = {'classification': 0.1, 'multilabel': 0.0}
 
 
 def is_multilabel(args) -> bool:
+    """``--task multilabel`` (a namespace without ``task``, as some tools build, is single-label)."""
     return getattr(args, 'task', 'classification') == 'multilabel'
 
 
 def mixup_active(args) -> bool:
+    """Mixup or CutMix is on: targets arrive dense (soft), as timm's train.py decides it."""
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 

@@ -19,7 +19,7 @@ from timm.data.auto_augment import AugMixAugment, AutoAugment, RandAugment
 from timm.data.scheduled_sampler import ScheduledTransformDataset
 from torchvision import transforms
 
-from .criterion import is_multilabel
+from .criterion import is_multilabel, mixup_active
 from .errors import InputError
 from .evaluation import NaFlexEval, eval_loader
 from .sample_seeds import SeededCollateMixup, SeededSamples, key_samples
@@ -242,7 +242,7 @@ def check_first_target(dataset, name: str, split: str, target_key: Optional[str]
 
 def mixup_kwargs(args) -> Optional[dict]:
     """timm's Mixup/CutMix arguments, or None when neither is on."""
-    if not (args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None):
+    if not mixup_active(args):
         return None
     return dict(
         mixup_alpha=args.mixup,

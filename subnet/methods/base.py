@@ -23,6 +23,7 @@ import torch.nn as nn
 from timm.task import ClassificationTask
 
 from ..batchnorm import frozen_running_stats, recalibrate
+from ..criterion import is_multilabel
 from ..depth import DepthEngine
 from ..errors import InputError
 from ..results import ResultPart
@@ -187,7 +188,7 @@ class DistillFromFullNet(SubnetTask):
     @classmethod
     def check_args(cls, args) -> None:
         super().check_args(args)
-        if getattr(args, 'task', 'classification') == 'multilabel':
+        if is_multilabel(args):
             raise InputError(f'--method {args.method} distils softmax distributions, which a multi-label head does '
                              f'not have: it cannot train --task multilabel (cosub can)')
         check_distillation_args(args)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..blocks import UNITS
+from ..criterion import is_multilabel, mixup_active
 from ..depth import DepthEngine
 from ..errors import InputError
 from ..fastest import FastestChoice
@@ -94,8 +95,7 @@ class CosubTask(SubnetTask):
     @classmethod
     def check_args(cls, args) -> None:
         super().check_args(args)
-        multilabel = getattr(args, 'task', 'classification') == 'multilabel'
-        if not multilabel and not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        if not is_multilabel(args) and not mixup_active(args):
             raise InputError('cosub needs dense targets: turn on --mixup and/or --cutmix (as DeiT III does), or '
                              'train multi-hot targets (--task multilabel)')
         if getattr(args, 'loss', None) not in (None, 'bce') or any(
@@ -155,8 +155,7 @@ class CosubTask(SubnetTask):
         """Smoothing cosub applies to multi-hot label targets itself: ``--smoothing`` for multi-label targets
         without mixup/cutmix, towards 0.5 as timm's multi-label losses do; mixup (and single-label targets, which
         always come through mixup here) have it applied already."""
-        mixed = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-        return args.smoothing if getattr(args, 'task', '') == 'multilabel' and not mixed else 0.0
+        return args.smoothing if is_multilabel(args) and not mixup_active(args) else 0.0
 
     @contextlib.contextmanager
     def submodels(self, batch: int):

@@ -6,6 +6,7 @@ their defaults (``Method``): nothing of the step changes.
 from timm.task import (ClassificationTask, FeatureDistillationTask, LogitDistillationTask,
                        MultiLabelClassificationTask, TokenDistillationTask)
 
+from ..criterion import is_multilabel
 from ..errors import InputError
 
 from ..results import loss_part
@@ -47,13 +48,13 @@ class PlainTask(Method, ClassificationTask):
 
     @classmethod
     def check_args(cls, args) -> None:
-        if args.kd_model_name is not None and getattr(args, 'task', '') == 'multilabel':
+        if args.kd_model_name is not None and is_multilabel(args):
             raise InputError("--kd-model-name: timm's distillation tasks distil softmax distributions, which a "
                              'multi-label head does not have: drop it for --task multilabel')
 
     @classmethod
     def from_args(cls, args, model, criterion, *, device=None, dtype=None, input_size=None, verbose=True):
-        if getattr(args, 'task', '') == 'multilabel':
+        if is_multilabel(args):
             return PlainMultiLabelTask(model=model, criterion=criterion, threshold=args.multilabel_threshold,
                                        device=device, dtype=dtype, verbose=verbose)
         if args.kd_model_name is None:
