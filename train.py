@@ -56,7 +56,7 @@ from subnet.data import (Loaders, build_loaders, check_dataset_root, check_multi
 from subnet.device import (check_precision_args, limit_workers, model_dtype as dtype_of, training_device,
                            training_precision, use_default_device)
 from subnet.divergence import DivergenceLimit
-from subnet.errors import EXIT_USAGE, InputError, RunStopped, UsageError, WriteFailed
+from subnet.errors import InputError, RunStopped, UsageError, WriteFailed, report_bad_input
 from subnet.evaluation import SubnetMonitor, evaluate, evaluator_class
 from subnet.guard import RunGuard
 from subnet.loop import LoopOptions, StepSetup, train_one_epoch
@@ -87,8 +87,7 @@ def _parse_args(argv=None) -> tuple:
         args, args_text = parse_train_args(argv)
         check_command_line(args)
     except (UsageError, InputError) as e:  # the -c file, --extra-methods, check_command_line
-        print(f'train.py: error: {e}', file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
+        raise SystemExit(report_bad_input('train.py', e)) from None
     return args, args_text
 
 
@@ -711,11 +710,7 @@ def cli(argv=None) -> int:
     try:
         return main(argv)
     except (UsageError, InputError) as e:
-        message = str(e)
-        if 'Original Traceback' in message:  # raised in a DataLoader worker: keep the original line
-            message = message.strip().splitlines()[-1].split('Error: ', 1)[-1]  # drop 'subnet.errors.InputError: '
-        print(f'train.py: error: {message}', file=sys.stderr)
-        return EXIT_USAGE
+        return report_bad_input('train.py', e)
     except SystemExit as e:  # the parse's own exit (its line already printed), or --help
         return e.code
 

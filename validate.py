@@ -46,7 +46,7 @@ from subnet.data import (FixedSample, check_dataset_root, check_first_target, ch
                          loader_images, target_options)
 from subnet.device import (autocast_for, check_precision_args, limit_workers, model_dtype as dtype_of,
                            use_default_device, validation_device)
-from subnet.errors import InputError, UsageError
+from subnet.errors import InputError, UsageError, report_bad_input
 from subnet.spec import SubnetSpecError
 from subnet.unreadable import readable
 from subnet.models import check_state_dict_fits, load_checkpoint_file, naflex_patch_size, resolve_model_name
@@ -449,8 +449,7 @@ def cli(argv=None) -> int:
     try:
         return main(argv)
     except (UsageError, InputError) as e:
-        print(f'validate.py: error: {e}', file=sys.stderr)
-        return 2
+        return report_bad_input('validate.py', e)
     except SystemExit as e:  # argparse's own exit (its line already printed), or --help
         return e.code
 

@@ -16,6 +16,7 @@
 
 Anything else is a bug and keeps its traceback.
 """
+import sys
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
@@ -26,6 +27,17 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none), for one-line reports."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def report_bad_input(script: str, error: ValueError) -> int:
+    """A script's command line on a UsageError or InputError: its one ``<script>: error:`` line on stderr, and the
+    exit status (2). An error raised in a DataLoader worker arrives wrapped in the worker's traceback: its last
+    line is the original message."""
+    message = str(error)
+    if 'Original Traceback' in message:
+        message = message.strip().splitlines()[-1].split('Error: ', 1)[-1]  # drop 'subnet.errors.InputError: '
+    print(f'{script}: error: {message}', file=sys.stderr)
+    return EXIT_USAGE
 
 
 class UsageError(ValueError):
