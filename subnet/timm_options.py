@@ -23,10 +23,10 @@ from typing import List, Optional, Set, Tuple
 import yaml
 from timm.data.readers.targets import TARGET_FORMATS
 from timm.loss import LOSS_TYPES
-from timm.task.evaluator import ClassificationEvaluator, MultiLabelClassificationEvaluator
 from timm.utils import ParseKwargs
 
-from .criterion import TASKS, is_multilabel, resolve_loss_args
+from .criterion import TASKS, resolve_loss_args
+from .evaluation import task_metric
 from .methods import import_extra_methods
 from .option_ranges import check_ranges
 from .subnet_options import add_train_options, add_validate_options
@@ -388,8 +388,7 @@ def resolve_task_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
     multi-label; ``--smoothing`` 0.1, or 0 for multi-label), the legacy loss flags mapped onto ``--loss``, and the
     loss refusals, each one parser error."""
     if args.eval_metric is None:
-        evaluator = MultiLabelClassificationEvaluator if is_multilabel(args) else ClassificationEvaluator
-        args.eval_metric = evaluator.default_metric
+        args.eval_metric = task_metric(args)
     try:
         check_ranges(args, _LOSS_VALUES)  # before the loss is built on paper, which would assert on them
         resolve_loss_args(args)
