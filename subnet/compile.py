@@ -126,7 +126,7 @@ def compile_task(task, scope: str, *, backend='inductor', mode: Optional[str] = 
         raise ValueError(f"compile scope must be one of {', '.join(SCOPES)}, not {scope!r}")
     if verbose and backend == 'inductor' and getattr(task, 'varies_input_size', False):
         _logger.warning('--torchcompile with inputs resized per subnet (ST++): inductor compiles again for new '
-                        'input sides (measured on the CPU: 160 graphs in 16 steps, later steps 4x eager at 224 px); '
+                        'input sides (measured on the CPU: 160 graphs in 24 steps, the last half 4x eager at 224 px); '
                         'train ST++ without --torchcompile for now (README, Speed)')
     if scope == 'model':
         if verbose:
