@@ -17,9 +17,8 @@ recipe; a run that was interrupted is continued with ``--resume auto``), and eva
 ``study-eval.json`` (validate.py's rows for the run, with the same command, since it was last trained).
 Nothing already written is overwritten but the report, which is written under a temporary name and renamed.
 
-    python benchmarks/accuracy.py --jobs 2    # the study, 7 arms x 3 seeds -> docs/results.*: its 6 arms of
-                                              # 2026-11-24 took 57 min on a quiet 2-core CPU; with the floored
-                                              # ST++ and gkt-sample arms' measured costs, about 1 h 40 min
+    python benchmarks/accuracy.py --jobs 2    # the study, 7 arms x 3 seeds -> docs/results.*: 1 h 48 min on a
+                                              # 2-core CPU (2026-12-07; another job shared it for 40 min)
     python benchmarks/accuracy.py --study vit --jobs 2  # the second study, plain, stochastic depth and cosub on
                                               # a small ViT -> docs/results-vit.*: 55 min of training and 2 of
                                               # evaluation on a 2-core CPU shared with other work

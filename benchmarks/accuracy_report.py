@@ -409,7 +409,20 @@ TRIED = '''\
   does.
 - **Method settings.** Each method's defaults, which are the papers' (ST: one subnet per step; ST++: six, at
   least 3 blocks kept per stage, inputs down to 43 % of the side, KL-; GKT: 3 nested groups, 2 loops). The
-  quickstarts cut ST++ to 2 subnets and GKT to 1 loop to save time; the study does not, and reports their cost.'''
+  quickstarts cut ST++ to 2 subnets and GKT to 1 loop to save time; the study does not, and reports their cost.
+- **ST++'s input sizes (second round, 2026-12-07).** The first round's ST++ arm (2026-11-24, commit 152ce8e) used
+  the official ratio alone: sides from `int(0.43 · 32)` = 13 to 32 px, which a stride-32 ResNet reduces to 1×1
+  maps by its third stage; it was 3.4 points below plain (83.9 ± 0.3 against 87.3 ± 0.2). The arm now runs with
+  ST++'s floor said explicitly, `--st-min-side 64` (the default: twice the model's output stride), which is capped
+  at the crop: at 32 px every ST++ subnet sees the full crop, so the arm tests ST++'s other parts (6 subnets, at
+  least 3 blocks kept per stage, KL-, standardised logits) without its smaller inputs, with everything else
+  unchanged. On the official 200 to 224 px crops the floor changes nothing (sides from 86 px); `tests/test_methods.py`
+  holds both.
+- **GKT's other reading.** `gkt-sample` is GKT with `--gkt-knowledge sample`: each group's knowledge is kept per
+  training image across steps (updated with the EMA each time the image is seen), where `gkt` (the default,
+  `--gkt-knowledge step`) aggregates the subnets of one step only. Its other settings are GKT's defaults.
+- **Records.** Every run's `args.yaml`, `summary.csv`, `study-train.json` and `study-eval.json` are kept in
+  `docs/results-runs/`: the run folders, with their checkpoints, are not.'''
 
 PAPERS = '''\
 The papers measure their gains at a scale a 2-core CPU cannot reach:
