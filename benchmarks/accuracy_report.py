@@ -498,8 +498,8 @@ VIT_PAPERS = '''\
 cosub (Touvron et al., "Co-training 2^L submodels for visual recognition") is added to the DeiT III recipes: ViTs
 on ImageNet-1k for 800 epochs (LAMB, batch 2048, mixup 0.8 with cutmix 1.0, 3-Augment, binarised BCE targets,
 layer scale 1e-4, a constant drop-path rate from 0.05 for ViT-S to 0.6 for ViT-H), or ImageNet-21k pretraining
-then fine-tuning; its headline is ViT-B at 87.4 % (21k pretraining, 448 px; DeiT III's ViT-B with the same pretraining: 86.7 % at
-384 px).
+then fine-tuning; its headline is ViT-B at 87.4 % (21k pretraining, 448 px; DeiT III's ViT-B with the same
+pretraining: 86.7 % at 384 px).
 Our copies: `hparams/cosub_deit3_vit_*.yaml`. This study sees some 30,000 times fewer images (500 images, 60 epochs,
 from scratch): it tests whether cosub's co-training helps a small ViT that has few images, not the
 paper's ImageNet numbers. To test those, train one of the recipes above with `--method cosub` and with

@@ -19,7 +19,8 @@ from timm.loss import create_classification_loss, load_class_stats, resolve_clas
 
 from .errors import InputError
 
-__all__ = ['TASKS', 'is_multilabel', 'mixup_active', 'check_target_format', 'resolve_loss_args', 'loss_kwargs', 'build_criterion']
+__all__ = ['TASKS', 'is_multilabel', 'mixup_active', 'check_target_format', 'resolve_loss_args', 'loss_kwargs',
+           'build_criterion']
 
 TASKS = ('classification', 'multilabel')
 # --smoothing when not given: timm's 0.1 for softmax classification; 0 for multi-label (timm 1.0.31's README, "What's
