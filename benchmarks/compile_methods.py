@@ -16,10 +16,12 @@ is counted): on a machine shared with other jobs, wall time mostly measures thei
     python benchmarks/compile_methods.py --methods st,st++,gkt                  # both scopes, inductor
     python benchmarks/compile_methods.py --scopes model --steps 3 --methods st++,gkt   # the whole model: slow
     python benchmarks/compile_methods.py --backend eager                        # dynamo's decisions alone, fast
+    python benchmarks/compile_methods.py --methods st++ --scopes blocks --options='--st-side-step 1'  # every side
 """
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 
@@ -40,7 +42,9 @@ METHODS = {
     'none': [],
     'cosub': ['--mixup', '0.2', '--torchcompile', '--cosub-impl', 'skip'],
     'st': [],
-    'st++': ['--st-min-keep', '1'],  # ResNet-18's stages hold 2 blocks: ST++'s 3 would keep them all
+    # ResNet-18's stages hold 2 blocks: ST++'s 3 would keep them all; --torchcompile: its sides snapped to multiples
+    # of 32 (--st-side-step), as train.py does with --torchcompile
+    'st++': ['--st-min-keep', '1', '--torchcompile'],
     'gkt': [],
 }
 DEFAULT_SCOPES = {'none': 'model', 'cosub': 'model', 'st': 'blocks', 'st++': 'blocks', 'gkt': 'blocks'}
@@ -72,6 +76,11 @@ def steps_for(cli) -> int:
     return cli.model_steps if scope == 'model' and getattr(cli, 'model_steps', None) else cli.steps
 
 
+def method_options(method: str, cli) -> list:
+    """The method's train.py options, then ``--options``."""
+    return METHODS[method] + shlex.split(getattr(cli, 'options', '') or '')
+
+
 def train_steps(method: str, task, optimizer, args, cli, after_step=None, steps=None) -> list:
     """Step times of ``steps`` (``cli.steps``) steps on seeded random batches (the same batches every run)."""
     setup, times = StepSetup(device=torch.device('cpu')), []
@@ -91,7 +100,7 @@ def measure(method: str, cli) -> dict:
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
-    task, optimizer, args = method_training(method, METHODS[method], cli.img_size)
+    task, optimizer, args = method_training(method, method_options(method, cli), cli.img_size)
     scope = getattr(cli, 'scope', 'model')
     # the block scope's inductor options (subnet/compile.py), which torch.compile cannot pass to a backend callable
     backend = CompileCounter(cli.backend, {'layout_optimization': False} if scope == 'blocks' else None)
@@ -106,11 +115,12 @@ def measure(method: str, cli) -> dict:
     return dict(graphs=graphs[-1], frames=frames[-1], recompiles=frames[-1] - frames[0], graphs_per_step=graphs,
                 late_graphs=graphs[-1] - graphs[len(graphs) // 2 - 1] if len(graphs) > 1 else 0,
                 breaks=breaks, subnets=len(subnets), times=times,
-                impl=getattr(task, 'impl', ''), rows=getattr(task, 'row_sampling', ''), limit=backend.hit_limit)
+                impl=getattr(task, 'impl', ''), rows=getattr(task, 'row_sampling', ''), limit=backend.hit_limit,
+                sides=len(task.sides(cli.img_size)) if getattr(task, 'varies_input_size', False) else 0)
 
 
 def eager_times(method: str, cli) -> list:
-    task, optimizer, args = method_training(method, METHODS[method], cli.img_size)
+    task, optimizer, args = method_training(method, method_options(method, cli), cli.img_size)
     return train_steps(method, task, optimizer, args, cli)
 
 
@@ -131,6 +141,8 @@ def main():
     parser.add_argument('--model-steps', type=int, default=None,
                         help='steps of the whole-model scope rows (default: --steps)')
     parser.add_argument('--backend', default='inductor')
+    parser.add_argument('--options', default='',
+                        help="train.py options added to every method's, e.g. '--st-side-step 1' (ST++ at every side)")
     # 224 px: the crop timm trains ResNets at (its default input size, ImageNet's); batch 8 keeps a step about a
     # second on one CPU thread. At 64 px, batch 4 (a 30 ms step) each compiled region's fixed call cost shows
     parser.add_argument('--img-size', type=int, default=224)
@@ -162,6 +174,7 @@ def main():
             r = measure(method, cli)
             later, last = mean_later(r['times']), mean_last_half(r['times'])
             label = f'{method} ({r["impl"]}, {r["rows"]} rows)' if r['impl'] else method
+            label += f' ({r["sides"]} input sides)' if r['sides'] else ''
             star = '*' if DEFAULT_SCOPES[method] == scope else ''
             print(f'| {label} | {scope}{star} | {len(r["times"])} | {r["subnets"] or "-"} | {r["frames"]} | '
                   f'{r["graphs"]} | {r["recompiles"]} | {r["late_graphs"]} | {r["times"][0]:.1f} s | '

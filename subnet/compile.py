@@ -8,10 +8,11 @@ instance-level forward in front of a block it skips or runs on some rows and cal
 (``InstanceForward.previous``), so which blocks run is plain Python around compiled code and a new subnet compiles
 nothing. Each region is its own dynamo frame (``_own_forward``), so the graphs are bounded by the regions and
 their variants (full net, inside a subnet, BatchNorm statistics frozen or not, training or eval), not by the
-subnets; sizes that vary from step to step (ST++'s subnet inputs, per-row skipping) are made symbolic by dynamo's
-automatic dynamic shapes after the second size a region sees (dynamic shapes, not a set of sizes: ST++'s sizes
-stay exactly its uniform draw), so they add a few graphs per region (dynamo specializes a size of 1), not one per
-size. Each compiled region costs a fixed amount per call (dynamo's guard check, AOTAutograd's forward and backward
+subnets. Sizes that vary from step to step (per-row skipping, ST++'s subnet inputs drawn at every side) are made
+symbolic by dynamo's automatic dynamic shapes after the second size a region sees; inductor specialises them
+again, a graph per side (README, Speed), so ST++ under ``--torchcompile`` snaps its sides to a few
+(``--st-side-step``, its ``compile_dynamic`` is False) and each region compiles a static graph per side. Each
+compiled region costs a fixed amount per call (dynamo's guard check, AOTAutograd's forward and backward
 wrappers): tiny steps are slower compiled (README, Speed).
 
 The compiled forward is a bound method in the module's ``__dict__``: ``deepcopy`` (EMA) binds it to the copy,
@@ -89,7 +90,8 @@ def _own_forward(cls: type, name: str):
     sizes change from block to block and made them symbolic (guards evaluated in Python, slower kernels), and each
     call walked the cache entries of every block (timm's drop-path rates differ per block, so each block had its
     own graphs anyway). Per region, a fixed input size keeps static shapes and a call checks only its own entries
-    (full net, subnet with BN frozen, eval); ST++'s varying sizes still make that region's sizes symbolic.
+    (full net, subnet with BN frozen, eval); ST++'s inputs at every side of its draw (``--st-side-step 1``) still make
+    them symbolic.
     """
     forward = cls.forward
 
@@ -124,10 +126,11 @@ def compile_task(task, scope: str, *, backend='inductor', mode: Optional[str] = 
     The block scope uses the task's depth engine's blocks, or finds them (``--method none``)."""
     if scope not in SCOPES:
         raise ValueError(f"compile scope must be one of {', '.join(SCOPES)}, not {scope!r}")
-    if verbose and backend == 'inductor' and getattr(task, 'varies_input_size', False):
-        _logger.warning('--torchcompile with inputs resized per subnet (ST++): inductor compiles again for new '
-                        'input sides (measured on the CPU: 160 graphs in 24 steps, the last half 4x eager at 224 px); '
-                        'train ST++ without --torchcompile for now (README, Speed)')
+    dynamic = getattr(task, 'compile_dynamic', None)
+    if verbose and backend == 'inductor' and getattr(task, 'varies_input_size', False) and dynamic is not False:
+        _logger.warning('--torchcompile with inputs resized per subnet at every side (ST++ with --st-side-step 1): '
+                        'inductor compiles again for new input sides (measured on the CPU: 160 graphs in 24 steps, '
+                        'the last half 4x eager at 224 px); leave --st-side-step to its default (README, Speed)')
     if scope == 'model':
         if verbose:
             _logger.info(f'Compiling the whole model (--compile-scope model) with backend={backend}, mode={mode}')
@@ -136,7 +139,8 @@ def compile_task(task, scope: str, *, backend='inductor', mode: Optional[str] = 
     model = task.get_trainable_module()
     depth = getattr(task, 'depth', None)
     block_map = depth.block_map if depth is not None else find_blocks(model, input_size)
-    regions = compile_regions(model, [b.module for b in block_map.blocks], backend=backend, mode=mode)
+    regions = compile_regions(model, [b.module for b in block_map.blocks], backend=backend, mode=mode,
+                              dynamic=dynamic)
     if verbose:
         kinds = sorted({type(r).__name__ for r in regions})
         _logger.info(f'Compiling each block (--compile-scope blocks) with backend={backend}, mode={mode}: '

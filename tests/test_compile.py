@@ -18,7 +18,7 @@ import torch
 
 import train  # noqa: F401  train.py's imports, and so its dynamo settings
 from subnet.batchnorm import frozen_running_stats
-from subnet.compile import compile_regions, compile_scope, compiled_regions
+from subnet.compile import compile_regions, compile_scope, compile_task, compiled_regions
 from subnet.depth import DepthEngine
 from subnet.loop import LoopOptions, StepSetup, train_one_epoch
 from subnet.methods import method_class
@@ -173,17 +173,68 @@ def test_block_scope_trains_as_eager_within_float_tolerance(method, single_threa
 
 
 @pytest.mark.parametrize('method, extra, warned', [('st++', ['--st-min-keep', '1', '--st-min-size', '0.5'], True),
+                                                    ('st++', ['--st-min-keep', '1', '--torchcompile'], False),
                                                     ('st++', ['--st-min-keep', '1', '--st-min-size', '1'], False),
                                                     ('st', [], False)])
 def test_inductor_with_inputs_resized_per_subnet_warns_that_it_recompiles(method, extra, warned, caplog):
-    """ST++ under inductor compiles again for each new input side (README, Speed): said once, as the run starts."""
-    from subnet.compile import compile_task
+    """ST++ under inductor at every side of its draw compiles again for each new side (README, Speed): said once,
+    as the run starts; with --torchcompile its sides are snapped to a few (--st-side-step) and nothing is said."""
     task, _, _ = method_training(method, extra, 64)
     with caplog.at_level('INFO', logger='train'):
         compile_task(task, 'blocks', backend='inductor', input_size=(3, 64, 64))  # wraps; nothing compiles yet
     torch._dynamo.reset()
     said = [r for r in caplog.records if 'inductor compiles again for new input sides' in r.getMessage()]
     assert len(said) == int(warned) and all(r.levelname == 'WARNING' for r in said)
+
+
+def _st_plus_plus_symbolic_sizes(options, steps=4):
+    """ST++ (sides from 27 to 64 px) trained ``steps`` steps under the block scope with a recording eager backend:
+    (graphs compiled, sizes among their inputs that were symbolic)."""
+    torch._dynamo.reset()
+    graphs, symbolic = [], []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        sizes = [size for value in example_inputs
+                 for size in (value.shape if torch.is_tensor(value) else (value,))]
+        symbolic.extend(size for size in sizes if isinstance(size, torch.SymInt))
+        return graph_module.forward
+
+    task, optimizer, args = method_training('st++', ['--st-min-keep', '1', '--st-min-side', '0', *options], 64)
+    compile_task(task, 'blocks', backend=backend, verbose=False)
+    for step in range(steps):
+        train_one_epoch(0, task, [random_batch('st++', 64, 4, seed=step)], optimizer, LoopOptions.from_args(args),
+                        StepSetup(device=torch.device('cpu')))
+    torch._dynamo.reset()
+    return len(graphs), len(symbolic)
+
+
+def test_st_plus_plus_snapped_sides_compile_static_graphs_and_every_side_symbolic_ones(single_thread):
+    """--st-side-step (ST++'s default under --torchcompile) compiles the regions with ``dynamic=False``: a static
+    graph per side, nothing symbolic for inductor to specialise again; at every side dynamo makes sizes symbolic."""
+    graphs, symbolic = _st_plus_plus_symbolic_sizes(['--torchcompile', '--st-side-step', '8'])
+    assert graphs > 11 and symbolic == 0
+    graphs, symbolic = _st_plus_plus_symbolic_sizes(['--st-side-step', '1'])
+    assert graphs > 11 and symbolic > 0
+
+
+def test_inductor_compiles_a_static_region_once_per_side_and_then_nothing(single_thread):
+    """What snapped sides buy under inductor: regions compiled with ``dynamic=False`` and met at 3 sides compile a
+    graph per side and region, and nothing when the sides come again (at every side of ST++'s draw inductor
+    compiles a graph per new side: README, Speed)."""
+    import torch.nn.functional as F
+    torch._dynamo.reset()
+    counter = CompileCounter('inductor', {'layout_optimization': False})
+    counter.label = 'regions'
+    layers = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8))
+    assert len(compile_regions(layers, [], backend=counter, dynamic=False)) == 2
+    images, counts = torch.randn(2, 8, 32, 32), []
+    for _ in range(2):
+        for side in (16, 24, 32):
+            layers(F.interpolate(images, size=(side, side), mode='bilinear', align_corners=False)).sum().backward()
+        counts.append(counter.counts['regions'])
+    torch._dynamo.reset()
+    assert counts == [2 * 3, 2 * 3]
 
 
 @pytest.fixture(scope='module')

@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,31 @@ def test_st_plus_plus_recipe_draws_the_official_sizes_on_imagenet_crops():
     assert _drawn_sides(task, 224) == set(range(96, 225))
 
 
+def test_st_plus_plus_under_torchcompile_snaps_its_sides_to_a_few_with_the_official_range_and_mean():
+    """Under --torchcompile (inductor compiles a graph per side) the recipe's sides snap to multiples of the
+    output stride or the range's ends: 5 sides at 224 px, 6 at 200, the uniform draw's mean side and a mean area
+    within 1 %; a static graph per side (``compile_dynamic``). Without --torchcompile every side is drawn."""
+    def build(*extra):
+        args, _ = parse_train_args(['-c', str(ROOT / 'hparams' / 'stpp_resnet50_200ep.yaml'), *extra])
+        model = timm.create_model(args.model, num_classes=10, **args.model_kwargs)
+        return method_class(args.method).from_args(args, model, nn.CrossEntropyLoss(), input_size=(3, 64, 64),
+                                                   verbose=False)
+    compiled, eager, explicit = build('--torchcompile'), build(), build('--torchcompile', '--st-side-step', '1')
+    assert (compiled.side_step, compiled.compile_dynamic) == (32, False)
+    assert (eager.side_step, eager.compile_dynamic) == (explicit.side_step, explicit.compile_dynamic) == (1, None)
+    assert _drawn_sides(compiled, 224) == set(compiled.sides(224)) == {96, 128, 160, 192, 224}
+    assert _drawn_sides(compiled, 200) == set(compiled.sides(200)) == {86, 96, 128, 160, 192, 200}
+    assert eager.sides(224) == list(range(96, 225))
+    for crop in (224, 200):
+        low, high = compiled.side_range(crop)
+        official = range(low, high + 1)
+        snapped = [compiled.snapped_side(side, low, high) for side in official]
+        assert abs(statistics.mean(snapped) - statistics.mean(official)) < 0.2
+        area = statistics.mean(s * s for s in snapped) / statistics.mean(s * s for s in official)
+        assert 1 <= area < 1.01
+    assert statistics.mean(compiled.snapped_side(s, 96, 224) for s in range(96, 225)) == 160
+
+
 def test_st_plus_plus_floor_keeps_small_crops_from_collapsing_to_one_by_one_maps():
     """At 32 px the official ratio alone feeds 13-px inputs (a stride-32 ResNet's last stage: 1x1); the default floor
     (twice the output stride, capped at the crop) keeps a ResNet's subnets at the crop and a patch-4 ViT's at
@@ -370,6 +396,7 @@ def test_task_state_carries_the_step_so_a_resume_replays_the_subnets():
      "--cosub-impl timm is timm's own DropPath"),
     (['--method', 'cosub', '--mixup', '0.8', '--cosub-impl', 'timm', '--cosub-rows', 'fixed'], 'Bernoulli rows'),
     (['--method', 'st++', '--st-min-size', '0'], '--st-min-size'),
+    (['--method', 'st++', '--st-side-step', '0'], '--st-side-step must be >= 1'),
     (['--method', 'st', '--st-subnets', '0'], '--st-subnets'),
     (['--method', 'gkt', '--gkt-groups', '0'], '--gkt-groups'),
     (['--method', 'gkt', '--gkt-ema', '0'], '--gkt-ema'),

@@ -234,8 +234,8 @@ def measure(b: Built) -> dict:
 
 METHOD_KEYS = {
     'cosub': ('cosub_label_weight',),
-    'st': ('st_subnets', 'st_min_keep', 'st_loss', 'st_norm_ce', 'st_min_size', 'st_min_side', 'st_amplitude',
-           'subnet_temperature', 'subnet_kd_weight', 'subnet_bn', 'subnet_bn_images'),
+    'st': ('st_subnets', 'st_min_keep', 'st_loss', 'st_norm_ce', 'st_min_size', 'st_min_side', 'st_side_step',
+           'st_amplitude', 'subnet_temperature', 'subnet_kd_weight', 'subnet_bn', 'subnet_bn_images'),
     'gkt': ('gkt_groups', 'gkt_loops', 'gkt_drop', 'gkt_ema', 'gkt_knowledge', 'subnet_temperature', 'subnet_kd_weight',
             'subnet_bn', 'subnet_bn_images'),
 }
@@ -390,6 +390,8 @@ ST_KNOBS = dict(
     st_min_side=Fact(None, 'not in the ST code: our floor, by default twice the output stride (64 px on ResNet-50), '
                            'below the official smallest side (86 px), so the official sides are drawn '
                            '(tests/test_methods.py pins them)'),
+    st_side_step=Fact(None, 'not in the ST code: ours, resolved as the task is built: 1 (every side of the '
+                            'official draw) without --torchcompile, the output stride with it (tests/test_methods.py)'),
     subnet_temperature=Fact(1.0, 'ST train.py:51: --Temp 1'),
     st_amplitude=Fact(1.0, 'ST train.py:50: --amplitude 1'),
     subnet_kd_weight=Fact(1.0, 'ST train.py:33: --kl_coef 1'),
@@ -489,8 +491,8 @@ SOURCES = {
         layer_scale_init=Fact(0.1, "CaiT's rule for depth <= 18 (Touvron et al. 2021, sec. 2), chosen by the study's "
                                    'pilot (docs/results-vit.md) over DeiT III\'s 1e-4'),
         lr=Fact(3e-3, STUDY + " --study vit: its pilot (docs/results-vit.md)"),
-        global_batch=Fact(32, STUDY + ' --study vit: 500 images in batches of 32 (docs/results-vit.md)'),
-        epochs=Fact(60, STUDY + ' --study vit: what fitted 3 arms x 3 seeds on the shared CPU (docs/results-vit.md)'),
+        global_batch=Fact(32, STUDY + ' --study vit: 100 images in batches of 32 (docs/results-vit.md)'),
+        epochs=Fact(1000, STUDY + ' --study vit: the pilot in which plain training over-fits (docs/results-vit.md)'),
         start_lr=Fact(1e-5, "timm's default --warmup-lr"),
         warmup_epochs=Fact(5, STUDY + ' --study vit'), mixup=Fact(0.8, 'DeiT III README_revenge.md: --mixup .8'),
         cutmix=Fact(1.0, 'DeiT III README_revenge.md: --cutmix 1.0'),
