@@ -252,6 +252,21 @@ def test_st_plus_plus_under_torchcompile_snaps_its_sides_to_a_few_with_the_offic
     assert statistics.mean(compiled.snapped_side(s, 96, 224) for s in range(96, 225)) == 160
 
 
+def test_st_plus_plus_logs_its_subnet_input_sides_once(caplog):
+    """The log names the sides a run will draw, or says the floor leaves only the full crop (the 32-px studies)."""
+    args, _ = parse_train_args(['-c', str(ROOT / 'hparams' / 'stpp_resnet50_200ep.yaml'), '--torchcompile'])
+    model = timm.create_model(args.model, num_classes=10, **args.model_kwargs)
+    for crop in (224, 32):
+        caplog.clear()
+        with caplog.at_level('INFO', logger='train'):
+            method_class(args.method).from_args(args, model, nn.CrossEntropyLoss(), input_size=(3, crop, crop),
+                                                verbose=True)
+        lines = [r.getMessage() for r in caplog.records if 'subnet inputs' in r.getMessage()]
+        assert lines == (['st++ subnet inputs: 5 sides from 96 to 224 px at the 224-px crop, snapped to multiples '
+                          'of 32 px (--st-side-step)'] if crop == 224 else
+                         ['st++ subnet inputs: the full 32-px crop (--st-min-side 64 is not below it)'])
+
+
 def test_st_plus_plus_floor_keeps_small_crops_from_collapsing_to_one_by_one_maps():
     """At 32 px the official ratio alone feeds 13-px inputs (a stride-32 ResNet's last stage: 1x1); the default floor
     (twice the output stride, capped at the crop) keeps a ResNet's subnets at the crop and a patch-4 ViT's at

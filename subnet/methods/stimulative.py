@@ -170,11 +170,13 @@ class StimulativeTask(DistillFromFullNet):
                    min_side=args.st_min_side, side_step=args.st_side_step, seed=args.seed, device=device,
                    dtype=dtype, verbose=verbose, **cls.distillation_kwargs(args))
         if verbose and input_size is not None and task.varies_input_size:
-            sides = task.sides(input_size[-1])
+            crop, sides = input_size[-1], task.sides(input_size[-1])
             how = (f'snapped to multiples of {task.side_step} px (--st-side-step)' if task.side_step > 1 else
                    'every side of the official draw (--st-side-step 1)')
             _logger.info(f'{cls.method} subnet inputs: {len(sides)} sides from {sides[0]} to {sides[-1]} px at the '
-                         f'{input_size[-1]}-px crop, {how}')
+                         f'{crop}-px crop, {how}' if len(sides) > 1 else
+                         f'{cls.method} subnet inputs: the full {crop}-px crop (--st-min-side {task.min_side} is not '
+                         f'below it)')
         return task
 
     # ---- the step
