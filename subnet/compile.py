@@ -11,7 +11,9 @@ their variants (full net, inside a subnet, BatchNorm statistics frozen or not, t
 subnets. Sizes that vary from step to step (per-row skipping, ST++'s subnet inputs drawn at every side) are made
 symbolic by dynamo's automatic dynamic shapes after the second size a region sees; inductor specialises them
 again, a graph per side (README, Speed), so ST++ under ``--torchcompile`` snaps its sides to a few
-(``--st-side-step``, its ``compile_dynamic`` is False) and each region compiles a static graph per side. Each
+(``--st-side-step``, its ``compile_dynamic`` is False) and each region compiles a static graph per side. Before
+the first step the loop runs ``compile_ahead``: one pass of each variant the method lists (``compile_variants``:
+a subnet that keeps every block, at each side), so that no graph compiles after the first step. Each
 compiled region costs a fixed amount per call (dynamo's guard check, AOTAutograd's forward and backward
 wrappers): tiny steps are slower compiled (README, Speed).
 
@@ -21,6 +23,7 @@ and ``state_dict`` does not see it.
 from __future__ import annotations
 
 import logging
+import time
 import types
 import weakref
 from typing import List, Optional, Sequence
@@ -30,7 +33,7 @@ from torch import nn
 
 from .blocks import find_blocks, unwrap_model
 
-__all__ = ['SCOPES', 'compile_scope', 'compile_regions', 'compile_task', 'compiled_regions']
+__all__ = ['SCOPES', 'compile_ahead', 'compile_scope', 'compile_regions', 'compile_task', 'compiled_regions']
 
 _logger = logging.getLogger('train')
 
@@ -136,6 +139,7 @@ def compile_task(task, scope: str, *, backend='inductor', mode: Optional[str] = 
             _logger.info(f'Compiling the whole model (--compile-scope model) with backend={backend}, mode={mode}')
         task.compile(backend=backend, mode=mode)
         return
+    task.compile_ahead_pending = True  # the loop calls compile_ahead before its first step
     model = task.get_trainable_module()
     depth = getattr(task, 'depth', None)
     block_map = depth.block_map if depth is not None else find_blocks(model, input_size)
@@ -146,3 +150,32 @@ def compile_task(task, scope: str, *, backend='inductor', mode: Optional[str] = 
         _logger.info(f'Compiling each block (--compile-scope blocks) with backend={backend}, mode={mode}: '
                      f'{len(block_map.blocks)} blocks and {len(regions) - len(block_map.blocks)} other modules, '
                      f'{len(kinds)} classes ({", ".join(kinds)}); a new subnet compiles nothing')
+
+
+def compile_ahead(task, input: torch.Tensor, step) -> None:
+    """One forward and backward of each of ``task.compile_variants(input)``, before the block scope's first step:
+    every region graph the later steps meet compiles now, not in the middle of the run, where it stalls that step
+    (and every DDP rank waiting for it). Nothing the run keeps changes: the random states and BN buffers are
+    restored, the gradients are taken with ``torch.autograd.grad`` (``.grad`` is left alone), and the passes run
+    on the model itself, outside DDP."""
+    variants = task.compile_variants(input)
+    if not variants:
+        return
+    model = unwrap_model(task.get_trainable_module())
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = [b.clone() for b in model.buffers()]
+    devices = [input.device.index if input.device.index is not None else torch.cuda.current_device()] \
+        if input.device.type == 'cuda' else []
+    start = time.time()
+    with torch.random.fork_rng(devices=devices):
+        for context, variant_input in variants:
+            with context():
+                with step.autocast():
+                    logits = model(variant_input)
+                    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+                torch.autograd.grad(logits.float().sum(), params, allow_unused=True)
+    with torch.no_grad():
+        for saved, buffer in zip(buffers, model.buffers()):
+            buffer.copy_(saved)
+    passes = f'{len(variants)} subnet pass' + ('es' if len(variants) > 1 else '')
+    _logger.info(f'Compiled ahead of the first step (--compile-scope blocks): {passes} in {time.time() - start:.1f} s')

@@ -22,6 +22,7 @@ import torch
 import torchvision.utils
 from timm import utils
 
+from .compile import compile_ahead
 from .guard import EpochPosition, RunGuard
 from .progress import EpochProgress, format_duration
 from .results import COUNTER, LOOP_COUNTERS, ResultPart
@@ -311,6 +312,9 @@ class _TrainingEpoch:
         loss_scale, global_batch_size = _batch_scale(batch_size, options, setup)
         step = Step(setup.amp_autocast, loss_scale / self.windows.size(batch_idx), need_update, self.update)
         no_sync = options.distributed and hasattr(task.get_trainable_module(), 'no_sync') and not need_update
+        if getattr(task, 'compile_ahead_pending', False):  # --torchcompile --compile-scope blocks
+            task.compile_ahead_pending = False
+            compile_ahead(task, input, step)
         with task.no_sync() if no_sync else nullcontext():
             result = task.train_step(input, target, step)
         applied = self.update.apply() if need_update else True

@@ -143,8 +143,39 @@ def test_block_scope_counts_a_bounded_number_of_graphs_over_many_distinct_subnet
                                                              scope='blocks'))
     assert counts['breaks'] == 0 and not counts['limit']
     assert counts['subnets'] >= 6  # whole-model compilation would compile a graph for each
-    # per region class, input width and variant (full net or subnet, BN frozen or not): not per subnet
-    assert counts['graphs'] <= 24 and counts['late_graphs'] <= 1
+    # per region class, input width and variant (full net or subnet, BN frozen or not): not per subnet; every one
+    # of them compiled in the first step (compile_ahead)
+    assert counts['graphs'] <= 24 and counts['recompiles'] == counts['late_graphs'] == 0
+
+
+@pytest.mark.parametrize('bn', ['freeze', 'recal'])
+def test_compile_ahead_compiles_every_later_graph_first_and_changes_nothing_the_run_keeps(bn, single_thread):
+    """ST++ at 6 snapped sides (27 to 64 px, --st-side-step 8): without compile_ahead the regions compile new
+    graphs in later steps (a side or a block first met then); with it, all in the first step, and the losses and
+    weights are bit for bit those of the run without it (random states, BN buffers and .grad left as they were;
+    --subnet-bn recal: the subnet passes update BN statistics)."""
+    runs = []
+    for ahead in (False, True):
+        torch._dynamo.reset()
+        counter = CompileCounter('eager')
+        counter.label = 'st++'
+        task, optimizer, args = method_training('st++', ['--st-min-keep', '1', '--st-min-side', '0', '--torchcompile',
+                                                         '--st-side-step', '8', '--subnet-bn', bn], 64)
+        assert task.sides(64) == [27, 32, 40, 48, 56, 64]
+        compile_task(task, 'blocks', backend=counter, verbose=False)
+        task.compile_ahead_pending = ahead
+        losses, graphs = [], []
+        for step in range(4):
+            metrics = train_one_epoch(0, task, [random_batch('st++', 64, 4, seed=step)], optimizer,
+                                      LoopOptions.from_args(args), StepSetup(device=torch.device('cpu')))
+            losses.append(metrics['loss'])
+            graphs.append(counter.counts['st++'])
+        runs.append((losses, graphs, copy.deepcopy(task.get_trainable_module().state_dict())))
+    torch._dynamo.reset()
+    (losses, late, weights), (ahead_losses, ahead, ahead_weights) = runs
+    assert late[-1] > late[0] and ahead[-1] == ahead[0] >= late[-1]
+    assert ahead_losses == losses
+    assert_same_weights(weights, ahead_weights)
 
 
 @pytest.mark.parametrize('method', ['st', 'st++'])
@@ -243,12 +274,15 @@ def data(tmp_path_factory):
 
 
 def test_train_py_block_scope_logs_once_and_resumes_bit_for_bit(data, tmp_path, caplog, single_thread):
-    """``--method st --torchcompile aot_eager``: the block scope (st's default), 2 epochs straight and as 1 + 1."""
+    """``--method st --torchcompile aot_eager``: the block scope (st's default), 2 epochs straight and as 1 + 1 (each
+    process compiles ahead before its first step, which changes nothing the run keeps)."""
     torch._dynamo.reset()
     extra = ('--method', 'st', '--torchcompile', 'aot_eager', '--epochs', '2', '-b', '8')
     with caplog.at_level('INFO', logger='train'):
         straight = run_train(train_argv(data, tmp_path, 'straight', *extra))
-    assert sum('--compile-scope blocks' in r.getMessage() for r in caplog.records) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith('Compiling each block (--compile-scope blocks)') for m in messages) == 1
+    assert sum(m.startswith('Compiled ahead of the first step') for m in messages) == 1
     assert len(compiled_regions(straight.task.get_trainable_module())) == 11
     run_train(train_argv(data, tmp_path, 'split', *extra, '--resume', 'auto', '--stop-epoch', '1'))
     resumed = run_train(train_argv(data, tmp_path, 'split', *extra, '--resume', 'auto'))

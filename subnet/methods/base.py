@@ -51,6 +51,7 @@ class Method:
     # --torchcompile's default --compile-scope (subnet/compile.py): 'model' (timm's), or 'blocks' for a method
     # whose subnet changes every step, where compiling the whole model would compile every new subnet
     compile_scope: str = 'model'
+    compile_ahead_pending: bool = False  # set by subnet.compile.compile_task; the loop runs compile_ahead once
     result_parts: Tuple[ResultPart, ...] = ()  # the scalars train_step returns besides loss, output
 
     @classmethod
@@ -79,6 +80,12 @@ class Method:
             result = self(input, target)
         step.backward(result['loss'])
         return result
+
+    def compile_variants(self, input: torch.Tensor) -> Sequence[Tuple[Callable, torch.Tensor]]:
+        """The passes, beyond the first step's own, in which later steps run the model: (a context-manager
+        factory, its input) each. Under ``--compile-scope blocks`` one forward and backward of each runs before the
+        first step (``subnet.compile.compile_ahead``), so that every region graph compiles then and none later."""
+        return ()
 
     def attach_train_loader(self, loader) -> None:
         """Called once the training loader and the run guard exist, for a method that follows samples across
@@ -214,6 +221,12 @@ class DistillFromFullNet(SubnetTask):
         bn = frozen_running_stats(self.depth.model) if self.bn_mode == 'freeze' else contextlib.nullcontext()
         with sync, bn, self.depth.subnet(keep):
             yield
+
+    def compile_variants(self, input: torch.Tensor) -> Sequence[Tuple[Callable, torch.Tensor]]:
+        """A subnet pass that keeps every block: each block's graph with BN as subnet passes have it, which a
+        block kept only by later steps' subnets would otherwise compile then (ST: 2 of 22 graphs)."""
+        every_block = torch.ones(self.depth.num_blocks, dtype=torch.bool)
+        return [(lambda: self.subnet_pass(every_block, last=False), input)]
 
     def before_eval(self, batches) -> None:
         """``--subnet-bn recal``: the official ST code re-estimates BN statistics with the full net first."""

@@ -211,14 +211,24 @@ class StimulativeTask(DistillFromFullNet):
 
     def subnet_input(self, input: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The batch resized to a random side (``snapped_side``)."""
-        crop = input.shape[-1]
-        low, high = self.side_range(crop)
+        low, high = self.side_range(input.shape[-1])
         if low >= high:
             return input
-        side = self.snapped_side(int(torch.randint(low, high + 1, (1,), generator=generator)), low, high)
-        if side == crop:
+        return self.resized(input, self.snapped_side(int(torch.randint(low, high + 1, (1,), generator=generator)),
+                                                     low, high))
+
+    @staticmethod
+    def resized(input: torch.Tensor, side: int) -> torch.Tensor:
+        if side == input.shape[-1]:
             return input
         return F.interpolate(input, size=(side, side), mode='bilinear', align_corners=False)
+
+    def compile_variants(self, input: torch.Tensor):
+        """Every block's subnet-pass graph at each side a subnet input may have, when the sides are snapped to a
+        few (``compile_dynamic`` False); at every side of the draw only the crop's (a graph per side: 129)."""
+        (context, _), = super().compile_variants(input)
+        sides = self.sides(input.shape[-1]) if self.compile_dynamic is False else [input.shape[-1]]
+        return [(context, self.resized(input, side)) for side in sides]
 
     def train_step(self, input: torch.Tensor, target: torch.Tensor, step: Step) -> dict:
         generator = self.next_generator()
