@@ -3,11 +3,13 @@
 ``--compile-scope`` (the whole model, or each block: ``subnet/compile.py``), in one process.
 
 Each method's task is built as train.py builds it and compiled as ``--torchcompile --compile-scope S`` does, then
-trained for ``--steps`` steps through the real epoch loop on random batches; the same steps also run uncompiled.
+trained for ``--steps`` steps through the real epoch loop on random batches; the same steps also run uncompiled,
+interleaved with the compiled ones (a step of each in turn), so a change in the machine's speed touches both.
 Columns: the distinct subnets the depth engine was given; the frames dynamo compiled (``unique_graphs``); the graphs
 the backend was handed (a counting wrapper around it); recompiles, the frames compiled after the first step (a new
 subnet, input size or region variant that needed a graph); the graphs compiled in the second half of the steps (0:
-the count has stopped growing); the first step (compilation included), the mean of the later steps (the later
+the count has stopped growing); the first step (compilation included; the block scope compiles ahead then: every
+region variant the later steps meet, ``subnet.compile.compile_ahead``), the mean of the later steps (the later
 compilations included) and of the last half of the steps, the mean eager step (its first step left out too) and
 the ratios. train.py imports ``timm.optim``, which raises dynamo's recompile limit to 1,000,000, and so does this
 script. By default one thread and the process's CPU time (inductor then compiles in this process, so compilation
@@ -81,22 +83,26 @@ def method_options(method: str, cli) -> list:
     return METHODS[method] + shlex.split(getattr(cli, 'options', '') or '')
 
 
-def train_steps(method: str, task, optimizer, args, cli, after_step=None, steps=None) -> list:
-    """Step times of ``steps`` (``cli.steps``) steps on seeded random batches (the same batches every run)."""
-    setup, times = StepSetup(device=torch.device('cpu')), []
+def train_steps(method: str, runs, cli, after_step=None, steps=None) -> list:
+    """Step times of each of ``runs`` ((task, optimizer, args) each) over ``steps`` (``cli.steps``) steps on seeded
+    random batches (the same batches every run), their steps interleaved: one step of each in turn, so that the
+    machine's changing speed (other jobs, its clock) touches them alike."""
+    setup, times = StepSetup(device=torch.device('cpu')), [[] for _ in runs]
     clock = time.process_time if getattr(cli, 'clock', 'wall') == 'cpu' else time.perf_counter
     for step in range(steps or cli.steps):
-        batch = random_batch(method, cli.img_size, cli.batch_size, seed=step)
-        start = clock()
-        train_one_epoch(0, task, [batch], optimizer, LoopOptions.from_args(args), setup)
-        times.append(clock() - start)
+        for (task, optimizer, args), run_times in zip(runs, times):
+            batch = random_batch(method, cli.img_size, cli.batch_size, seed=step)
+            start = clock()
+            train_one_epoch(0, task, [batch], optimizer, LoopOptions.from_args(args), setup)
+            run_times.append(clock() - start)
         if after_step is not None:
             after_step()
     return times
 
 
 def measure(method: str, cli) -> dict:
-    """Compiled at ``cli.scope`` (default 'model'): counts and step times."""
+    """Compiled at ``cli.scope`` (default 'model'): counts and step times; with ``cli.eager``, also the step times
+    of the same task uncompiled, its steps interleaved with the compiled ones (``eager_times``)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
@@ -107,21 +113,19 @@ def measure(method: str, cli) -> dict:
     backend.label = method
     compile_task(task, scope, backend=backend, verbose=False)
     subnets = record_subnets(task)
+    runs = [(task, optimizer, args)]
+    if getattr(cli, 'eager', False):
+        runs.append(method_training(method, method_options(method, cli), cli.img_size))
     frames, graphs = [], []
-    times = train_steps(method, task, optimizer, args, cli, steps=steps_for(cli), after_step=lambda: (
+    times = train_steps(method, runs, cli, steps=steps_for(cli), after_step=lambda: (
         frames.append(counters['stats'].get('unique_graphs', 0)), graphs.append(backend.counts.get(method, 0))))
     breaks = sum(counters['graph_break'].values())
     torch._dynamo.reset()  # the next measurement starts from nothing compiled
     return dict(graphs=graphs[-1], frames=frames[-1], recompiles=frames[-1] - frames[0], graphs_per_step=graphs,
                 late_graphs=graphs[-1] - graphs[len(graphs) // 2 - 1] if len(graphs) > 1 else 0,
-                breaks=breaks, subnets=len(subnets), times=times,
+                breaks=breaks, subnets=len(subnets), times=times[0], eager_times=times[1] if len(times) > 1 else [],
                 impl=getattr(task, 'impl', ''), rows=getattr(task, 'row_sampling', ''), limit=backend.hit_limit,
                 sides=len(task.sides(cli.img_size)) if getattr(task, 'varies_input_size', False) else 0)
-
-
-def eager_times(method: str, cli) -> list:
-    task, optimizer, args = method_training(method, method_options(method, cli), cli.img_size)
-    return train_steps(method, task, optimizer, args, cli)
 
 
 def mean_later(times: list) -> float:
@@ -167,12 +171,12 @@ def main():
           'first step | later steps (mean) | last half (mean) | eager step (mean) | later / eager | '
           'last half / eager |')
     print('|---|---|' + '---:|' * 12)
+    cli.eager = True
     for method in cli.methods.split(','):
-        eager = mean_later(eager_times(method, cli))
         for scope in cli.scopes.split(','):
             cli.scope = scope
             r = measure(method, cli)
-            later, last = mean_later(r['times']), mean_last_half(r['times'])
+            later, last, eager = mean_later(r['times']), mean_last_half(r['times']), mean_later(r['eager_times'])
             label = f'{method} ({r["impl"]}, {r["rows"]} rows)' if r['impl'] else method
             label += f' ({r["sides"]} input sides)' if r['sides'] else ''
             star = '*' if DEFAULT_SCOPES[method] == scope else ''
