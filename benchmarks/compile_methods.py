@@ -19,6 +19,7 @@ is counted): on a machine shared with other jobs, wall time mostly measures thei
     python benchmarks/compile_methods.py --scopes model --steps 3 --methods st++,gkt   # the whole model: slow
     python benchmarks/compile_methods.py --backend eager                        # dynamo's decisions alone, fast
     python benchmarks/compile_methods.py --methods st++ --scopes blocks --options='--st-side-step 1'  # every side
+    python benchmarks/compile_methods.py --methods st,st++,gkt --scopes blocks --regions-only  # no whole full net
 """
 import argparse
 import logging
@@ -111,6 +112,7 @@ def measure(method: str, cli) -> dict:
     # the block scope's inductor options (subnet/compile.py), which torch.compile cannot pass to a backend callable
     backend = CompileCounter(cli.backend, {'layout_optimization': False} if scope == 'blocks' else None)
     backend.label = method
+    task.runs_full_net &= not getattr(cli, 'regions_only', False)
     compile_task(task, scope, backend=backend, verbose=False)
     subnets = record_subnets(task)
     runs = [(task, optimizer, args)]
@@ -145,6 +147,8 @@ def main():
     parser.add_argument('--model-steps', type=int, default=None,
                         help='steps of the whole-model scope rows (default: --steps)')
     parser.add_argument('--backend', default='inductor')
+    parser.add_argument('--regions-only', action='store_true',
+                        help="the block scope without the full net's pass as one graph: its regions run it too")
     parser.add_argument('--options', default='',
                         help="train.py options added to every method's, e.g. '--st-side-step 1' (ST++ at every side)")
     # 224 px: the crop timm trains ResNets at (its default input size, ImageNet's); batch 8 keeps a step about a
@@ -179,6 +183,7 @@ def main():
             later, last, eager = mean_later(r['times']), mean_last_half(r['times']), mean_later(r['eager_times'])
             label = f'{method} ({r["impl"]}, {r["rows"]} rows)' if r['impl'] else method
             label += f' ({r["sides"]} input sides)' if r['sides'] else ''
+            label += ' (regions only)' if cli.regions_only and scope == 'blocks' else ''
             star = '*' if DEFAULT_SCOPES[method] == scope else ''
             print(f'| {label} | {scope}{star} | {len(r["times"])} | {r["subnets"] or "-"} | {r["frames"]} | '
                   f'{r["graphs"]} | {r["recompiles"]} | {r["late_graphs"]} | {r["times"][0]:.1f} s | '

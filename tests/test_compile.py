@@ -27,6 +27,7 @@ from train_helpers import (ROOT, assert_same_weights, make_subset, method_traini
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import compile_methods  # noqa: E402
+from compile_methods import record_subnets  # noqa: E402
 from _common import CompileCounter  # noqa: E402
 
 
@@ -148,6 +149,35 @@ def test_block_scope_counts_a_bounded_number_of_graphs_over_many_distinct_subnet
     assert counts['graphs'] <= 24 and counts['recompiles'] == counts['late_graphs'] == 0
 
 
+def test_block_scope_runs_the_full_nets_pass_as_one_graph_of_the_whole_model(single_thread):
+    """ST's label pass, the full net unchanged in every step, is one graph that holds every parameter, compiled in
+    the first step; the subnet passes (a new subnet each step) and evaluation run the regions, never that graph."""
+    torch._dynamo.reset()
+    graphs = []  # per graph compiled: how many of the model's parameters it takes
+
+    def backend(graph_module, example_inputs):
+        graphs.append(sum(isinstance(value, torch.nn.Parameter) for value in example_inputs))
+        return graph_module.forward
+
+    task, optimizer, args = method_training('st', [], 64)
+    model = task.get_trainable_module()
+    compile_task(task, 'blocks', backend=backend, verbose=False)
+    whole = len(list(model.parameters()))
+    subnets = record_subnets(task)
+    for step in range(4):
+        train_one_epoch(0, task, [random_batch('st', 64, 4, seed=step)], optimizer, LoopOptions.from_args(args),
+                        StepSetup(device=torch.device('cpu')))
+        if step == 0:
+            first = list(graphs)
+    assert len(subnets) >= 3 and graphs == first and first.count(whole) == 1
+    assert max(g for g in first if g != whole) < whole / 2  # the rest are regions
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    torch._dynamo.reset()
+    assert len(graphs) > len(first) and graphs.count(whole) == 1 and not task.full_net_graph.on
+
+
 @pytest.mark.parametrize('bn', ['freeze', 'recal'])
 def test_compile_ahead_compiles_every_later_graph_first_and_changes_nothing_the_run_keeps(bn, single_thread):
     """ST++ at 6 snapped sides (27 to 64 px, --st-side-step 8): without compile_ahead the regions compile new
@@ -178,18 +208,18 @@ def test_compile_ahead_compiles_every_later_graph_first_and_changes_nothing_the_
     assert_same_weights(weights, ahead_weights)
 
 
-@pytest.mark.parametrize('method', ['st', 'st++'])
+@pytest.mark.parametrize('method', ['st', 'st++', 'gkt'])
 def test_block_scope_trains_as_eager_within_float_tolerance(method, single_thread):
-    """The same steps (ST++: inputs of varying size) on a block-compiled copy through AOTAutograd and eagerly."""
+    """The same steps (ST++: inputs of varying size) block-compiled through AOTAutograd (the regions, the full net's
+    pass as one graph, compile-ahead) and eagerly."""
     torch._dynamo.reset()
     extra = ['--st-min-keep', '1', '--st-min-size', '0.5'] if method == 'st++' else []
     runs = []
     for compiled in (False, True):
         task, optimizer, args = method_training(method, extra, 64)
         if compiled:
-            regions = compile_regions(task.get_trainable_module(), [b.module for b in task.depth.block_map.blocks],
-                                      backend='aot_eager')
-            assert len(regions) == 11
+            compile_task(task, 'blocks', backend='aot_eager', verbose=False)
+            assert len(compiled_regions(task.get_trainable_module())) == 11 and task.full_net_graph is not None
         losses = []
         for step in range(2):
             metrics = train_one_epoch(0, task, [random_batch(method, 64, 4, seed=step)], optimizer,

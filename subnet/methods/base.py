@@ -52,6 +52,10 @@ class Method:
     # whose subnet changes every step, where compiling the whole model would compile every new subnet
     compile_scope: str = 'model'
     compile_ahead_pending: bool = False  # set by subnet.compile.compile_task; the loop runs compile_ahead once
+    # True: every step runs the full net unchanged (a label pass) inside ``full_net()``; the block scope compiles
+    # that pass as one graph of the whole model (subnet.compile.FullNetGraph, set by compile_task)
+    runs_full_net: bool = False
+    full_net_graph = None
     result_parts: Tuple[ResultPart, ...] = ()  # the scalars train_step returns besides loss, output
 
     @classmethod
@@ -86,6 +90,10 @@ class Method:
         factory, its input) each. Under ``--compile-scope blocks`` one forward and backward of each runs before the
         first step (``subnet.compile.compile_ahead``), so that every region graph compiles then and none later."""
         return ()
+
+    def full_net(self):
+        """A context for a pass of the full net, unchanged: one graph of the whole model under the block scope."""
+        return self.full_net_graph.running() if self.full_net_graph is not None else contextlib.nullcontext()
 
     def attach_train_loader(self, loader) -> None:
         """Called once the training loader and the run guard exist, for a method that follows samples across
@@ -185,6 +193,7 @@ class DistillFromFullNet(SubnetTask):
     """
 
     options = (distillation_options,)
+    runs_full_net = True
 
     def __init__(self, model, criterion, depth: DepthEngine, bn_mode: str = 'freeze', recal_images: int = 2048,
                  **kwargs):
@@ -208,7 +217,7 @@ class DistillFromFullNet(SubnetTask):
     def label_pass(self, input: torch.Tensor, target: torch.Tensor, step: Step, normalize=None):
         """Full net on the batch: label loss back-propagated at once (its graph freed), logits returned."""
         with self.no_sync():
-            with step.autocast():
+            with step.autocast(), self.full_net():
                 logits = self.forward_pass(input)
                 label_loss = self.criterion(logits if normalize is None else normalize(logits), target)
             step.backward(label_loss)
