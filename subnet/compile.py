@@ -219,8 +219,7 @@ def compile_ahead(task, input: torch.Tensor, step) -> None:
         for context, variant_input in variants:
             with context():
                 with step.autocast():
-                    logits = model(variant_input)
-                    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+                    logits = task.logits(model(variant_input))
                 torch.autograd.grad(logits.float().sum(), params, allow_unused=True)
     with torch.no_grad():
         for saved, buffer in zip(buffers, model.buffers()):

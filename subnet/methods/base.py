@@ -91,6 +91,12 @@ class Method:
         first step (``subnet.compile.compile_ahead``), so that every region graph compiles then and none later."""
         return ()
 
+    @staticmethod
+    def logits(output) -> torch.Tensor:
+        """The logits of a model's output: the first of a tuple (a model with a second head or an auxiliary
+        output)."""
+        return output[0] if isinstance(output, (tuple, list)) else output
+
     def full_net(self):
         """A context for a pass of the full net, unchanged: one graph of the whole model under the block scope."""
         return self.full_net_graph.running() if self.full_net_graph is not None else contextlib.nullcontext()
@@ -153,8 +159,7 @@ class SubnetTask(Method, ClassificationTask):
             self.step = int(state.get('step', 0))
 
     def forward_pass(self, input: torch.Tensor) -> torch.Tensor:
-        logits = self.trainable_module(input)
-        return logits[0] if isinstance(logits, (tuple, list)) else logits
+        return self.logits(self.trainable_module(input))
 
 
 # ---------------------------------------------------------------------------------------- distilling subnets
@@ -233,7 +238,7 @@ class DistillFromFullNet(SubnetTask):
 
     def compile_variants(self, input: torch.Tensor) -> Sequence[Tuple[Callable, torch.Tensor]]:
         """A subnet pass that keeps every block: each block's graph with BN as subnet passes have it, which a
-        block kept only by later steps' subnets would otherwise compile then (ST: 2 of 22 graphs)."""
+        block skipped by the first step's subnet would otherwise compile in a later step."""
         every_block = torch.ones(self.depth.num_blocks, dtype=torch.bool)
         return [(lambda: self.subnet_pass(every_block, last=False), input)]
 
