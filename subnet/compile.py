@@ -129,7 +129,7 @@ class FullNetGraph:
     ST, ST++ and GKT run the full net unchanged in every step (their label pass): a graph that never changes, which
     the whole model compiles best. One graph lets inductor fuse across the blocks and compile what lies between
     them (a ResNet's stem ReLU and max-pool, the pooling before the head), which the regions leave eager: at the
-    benchmark's defaults ST's steps ran at 0.82x to 0.90x eager with it, 0.97x to 1.04x without (README, Speed).
+    benchmark's defaults ST's steps ran at 0.80x to 0.91x eager with it, 1.02x to 1.09x without (README, Speed).
     Only calls made inside ``running()`` take it; the subnets, evaluation and an EMA copy run the
     model's class forward around the compiled regions, so no new subnet reaches this graph. The switch sits in the
     model's instance-level ``forward``, under DDP's, so DDP still runs the pass.
